@@ -1,0 +1,198 @@
+"""Typed, frozen configuration dataclasses.
+
+`ModelConfig` describes the frozen base (read from a Hugging Face config), `AdapterConfig` the
+diffusion view, `GenerationConfig` one generate call. Every dataclass validates itself in
+``__post_init__`` and round-trips through plain JSON dicts (``to_dict`` / ``from_dict``), so that
+every checkpoint carries its config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from orthrus.errors import OrthrusError
+
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise OrthrusError(msg)
+
+
+class _Serializable:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass(frozen=True)
+class RopeConfig(_Serializable):
+    """Rotary embedding parameters. ``kind``: default | linear | llama3."""
+
+    theta: float = 10000.0
+    kind: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("default", "linear", "llama3"),
+               f"unsupported rope scaling '{self.kind}': supported are default, linear, llama3")
+        _check(self.theta > 0 and self.factor > 0, "rope theta and factor must be positive")
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Serializable):
+    """The frozen Llama-family base model (llama, qwen2, qwen3, mistral)."""
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False      # qwen2 (and llama with attention_bias)
+    o_bias: bool = False        # llama with attention_bias
+    mlp_bias: bool = False
+    qk_norm: bool = False       # qwen3
+    sliding_window: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.arch in SUPPORTED_ARCHS,
+               f"unsupported architecture '{self.arch}': supported are {', '.join(SUPPORTED_ARCHS)}")
+        _check(self.num_heads % self.num_kv_heads == 0,
+               f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if isinstance(self.rope, dict):  # from_dict
+            object.__setattr__(self, "rope", RopeConfig.from_dict(self.rope))
+
+    @property
+    def max_context(self) -> int:
+        """Longest sequence (prompt + generated) the model is used for."""
+        if self.sliding_window:
+            return min(self.max_position_embeddings, self.sliding_window)
+        return self.max_position_embeddings
+
+    @classmethod
+    def from_hf(cls, hf: Any) -> "ModelConfig":
+        """Build from a transformers ``PretrainedConfig`` (public attributes only)."""
+        arch = getattr(hf, "model_type", None)
+        _check(arch in SUPPORTED_ARCHS,
+               f"unsupported architecture '{arch}': supported are {', '.join(SUPPORTED_ARCHS)}")
+        act = getattr(hf, "hidden_act", "silu")
+        _check(act == "silu", f"unsupported activation '{act}': only silu (SwiGLU) is supported")
+        rp = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
+        theta = rp.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
+        kind = rp.get("rope_type", rp.get("type", "default"))
+        rope = RopeConfig(
+            theta=float(theta), kind=kind, factor=float(rp.get("factor", 1.0)),
+            low_freq_factor=float(rp.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(rp.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(rp.get("original_max_position_embeddings", 8192)),
+        )
+        heads = hf.num_attention_heads
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+        attn_bias = bool(getattr(hf, "attention_bias", False))
+        sliding = None
+        if arch == "mistral" or (arch in ("qwen2", "qwen3") and getattr(hf, "use_sliding_window", False)):
+            sliding = getattr(hf, "sliding_window", None)
+        return cls(
+            arch=arch, vocab_size=hf.vocab_size, hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size, num_layers=hf.num_hidden_layers,
+            num_heads=heads, num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
+            head_dim=head_dim, rms_norm_eps=float(hf.rms_norm_eps), rope=rope,
+            max_position_embeddings=int(getattr(hf, "max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            qkv_bias=(arch == "qwen2") or attn_bias,
+            o_bias=attn_bias and arch in ("llama", "qwen3"),
+            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+            qk_norm=(arch == "qwen3"),
+            sliding_window=sliding,
+        )
+
+
+ADAPTER_KINDS = ("full", "lora")
+
+
+@dataclass(frozen=True)
+class AdapterConfig(_Serializable):
+    """The diffusion view: its kind, block size and the base it belongs to.
+
+    ``kind`` is ``full`` (own copies of q/k/v/o, as in the paper) or ``lora`` (a rank-``lora_rank``
+    delta on the frozen projections, zero-initialised). ``base_fingerprint`` ties an adapter to the
+    exact base weights it was made for.
+    """
+
+    kind: str = "full"
+    block_size: int = 32
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    base_fingerprint: str = ""
+    base_arch: str = ""
+    num_layers: int = 0
+    hidden_size: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ADAPTER_KINDS, f"unknown adapter kind '{self.kind}': use full or lora:R")
+        _check(self.block_size >= 1, f"block size must be >= 1, got {self.block_size}")
+        if self.kind == "lora":
+            _check(self.lora_rank >= 1, f"lora rank must be >= 1, got {self.lora_rank}")
+
+    @staticmethod
+    def parse_kind(spec: str) -> tuple[str, int]:
+        """``"full"`` -> ("full", 0); ``"lora:16"`` -> ("lora", 16)."""
+        if spec == "full":
+            return "full", 0
+        if spec.startswith("lora:") and spec[5:].isdigit() and int(spec[5:]) > 0:
+            return "lora", int(spec[5:])
+        raise OrthrusError(f"adapter kind '{spec}' is not valid: use 'full' or 'lora:R' with R >= 1")
+
+
+@dataclass(frozen=True)
+class GenerationConfig(_Serializable):
+    """One generate call.
+
+    ``temperature == 0`` is greedy. ``top_k == 0`` and ``top_p == 1`` switch those filters off.
+    ``stop`` strings end a row (not included in the text). ``mode``: ``ar`` or ``parallel``.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    mode: str = "ar"
+    block_size: int | None = None   # parallel mode; None: the adapter's
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0,
+               f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        _check(math.isfinite(self.temperature) and self.temperature >= 0,
+               f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        _check(self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k!r}")
+        _check(math.isfinite(self.top_p) and 0 < self.top_p <= 1,
+               f"top_p must be in (0, 1], got {self.top_p!r}")
+        _check(self.mode in ("ar", "parallel"), f"mode must be 'ar' or 'parallel', got {self.mode!r}")
+        _check(self.block_size is None or self.block_size >= 1,
+               f"block size must be >= 1, got {self.block_size!r}")
+        _check(0 <= self.seed < 2**63, f"seed must be in [0, 2^63), got {self.seed!r}")
+        if isinstance(self.stop, (list, str)):
+            object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")

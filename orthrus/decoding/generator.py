@@ -1,0 +1,294 @@
+"""The decoding loop: a fixed set of batch *slots* over one static KV cache.
+
+One code path for every case: AR decoding is a cycle with block size 1 and no draft; batch 1 is
+B = 1; offline ``generate`` and the server both add requests into free slots (continuous batching)
+and call :meth:`Decoder.step` until the slots drain.
+
+One cycle (METHOD.md), for all active rows at once:
+
+1. draft: the diffusion view reads ``[x_t, MASK x (K-1)]`` at ``t..t+K-1`` -> drafts ``d_1..d_{K-1}``;
+2. verify: the frozen model reads ``[x_t, d_1..d_{K-1}]``, writing K/V at ``t..t+K-1``;
+3. consensus: greedy prefix match, or speculative rejection sampling (same code for both);
+4. commit: each row's length moves by ``a + 1`` on the device; the correction token is the new x_t.
+
+The device part has no Python loop over rows or tokens and no host sync; the single sync per cycle
+is the copy of the emitted tokens to the host (marked below), after which the host does the per-row
+bookkeeping (EOS, max tokens, stop strings, streaming text).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from orthrus.adapter import DiffusionAdapter
+from orthrus.config import GenerationConfig
+from orthrus.decoding.sampling import (STREAM_ACCEPT, STREAM_BONUS, STREAM_DRAFT, STREAM_RESIDUAL,
+                                       process_logits, sample, uniform)
+from orthrus.decoding.stats import DecodeStats
+from orthrus.decoding.verify import greedy_accept, rejection_accept
+from orthrus.models.llama import Transformer
+
+KV_BUCKET = 64  # attend over the cache in multiples of this many slots (fewer distinct shapes)
+
+
+@dataclass
+class Row:
+    """Host-side state of one request in a slot."""
+
+    request_id: Any
+    prompt_ids: list[int]
+    gen: GenerationConfig
+    block_size: int
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    stats: DecodeStats = field(default_factory=DecodeStats)
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Event:
+    """What one row produced in one step: new final tokens and text, and whether it finished."""
+
+    request_id: Any
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    row: Row
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+class Decoder:
+    """Batched AR / parallel decoding over ``max_batch`` slots of a static cache.
+
+    Args:
+        model: the frozen base (AR view).
+        adapter: the diffusion view, or None (then only ``mode='ar'`` is possible).
+        eos_ids: token ids that end a row.
+        decode: ``list[int] -> str`` (the tokenizer's decode, special tokens skipped), for stop
+            strings and streamed text.
+        max_batch: number of slots.
+        capacity: cache positions per slot (prompt + new tokens + one block must fit).
+    """
+
+    def __init__(self, model: Transformer, adapter: DiffusionAdapter | None, eos_ids: tuple[int, ...],
+                 decode: Callable[[list[int]], str], max_batch: int, capacity: int) -> None:
+        self.model, self.adapter, self.eos_ids, self.decode = model, adapter, set(eos_ids), decode
+        self.capacity = capacity
+        dev = model.device
+        self.cache = model.new_cache(max_batch, capacity)
+        self.rows: list[Row | None] = [None] * max_batch
+        self.lengths_host = [0] * max_batch
+        # device state, one entry per slot
+        self.lengths = torch.zeros(max_batch, dtype=torch.long, device=dev)  # committed K/V per row
+        self.x_t = torch.zeros(max_batch, dtype=torch.long, device=dev)      # last token, not cached
+        self.active = torch.zeros(max_batch, dtype=torch.long, device=dev)   # 1 while decoding
+        self.seeds = torch.zeros(max_batch, dtype=torch.long, device=dev)
+        self.temperature = torch.zeros(max_batch, dtype=torch.float32, device=dev)
+        self.top_k = torch.zeros(max_batch, dtype=torch.long, device=dev)
+        self.top_p = torch.ones(max_batch, dtype=torch.float32, device=dev)
+
+    # ---- slots --------------------------------------------------------------------------------
+
+    @property
+    def max_batch(self) -> int:
+        return len(self.rows)
+
+    def free_slots(self) -> list[int]:
+        return [i for i, r in enumerate(self.rows) if r is None]
+
+    def busy(self) -> bool:
+        return any(r is not None for r in self.rows)
+
+    def add(self, requests: list[tuple[Any, list[int], GenerationConfig, int]]) -> list[Event]:
+        """Prefill ``(request_id, prompt_ids, gen, block_size)`` requests into free slots.
+
+        Consecutive free slots are prefilled together (one padded forward each group). Returns the
+        first generated token of each request as an event.
+        """
+        free = self.free_slots()
+        if len(requests) > len(free):
+            raise ValueError(f"{len(requests)} requests but only {len(free)} free slots")
+        for (rid, ids, gen, k), slot in zip(requests, free):
+            need = len(ids) + gen.max_new_tokens + k
+            if need > self.capacity:
+                raise ValueError(f"request needs {need} cache positions, the decoder holds {self.capacity}")
+            self.rows[slot] = Row(rid, list(ids), gen, k)
+        slots = free[: len(requests)]
+        events: list[Event] = []
+        start = 0
+        while start < len(slots):  # groups of consecutive slots share one prefill forward
+            stop = start + 1
+            while stop < len(slots) and slots[stop] == slots[stop - 1] + 1:
+                stop += 1
+            events += self._prefill(slots[start], slots[stop - 1] + 1)
+            start = stop
+        return events
+
+    @torch.inference_mode()
+    def _prefill(self, a: int, b: int) -> list[Event]:
+        rows = [self.rows[i] for i in range(a, b)]
+        dev = self.model.device
+        n = torch.tensor([len(r.prompt_ids) for r in rows], device=dev)  # [B]
+        t_max = int(max(len(r.prompt_ids) for r in rows))
+        pad = torch.zeros(len(rows), t_max, dtype=torch.long)
+        for i, r in enumerate(rows):
+            pad[i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
+        tokens = pad.to(dev)
+        positions = torch.arange(t_max, device=dev).expand(len(rows), t_max)
+        # right padding: pad K/V lands beyond each row's length, where it is dead (never attended)
+        hidden = self.model(tokens, positions, self.cache.rows(a, b), kv_len=t_max)
+        last = hidden[torch.arange(len(rows), device=dev), n - 1]  # [B, C]
+        logits = self.model.logits(last)[:, None]  # [B, 1, V]
+        g = [r.gen for r in rows]
+        sl = slice(a, b)
+        self.seeds[sl] = torch.tensor([x.seed for x in g], device=dev)
+        self.temperature[sl] = torch.tensor([x.temperature for x in g], device=dev)
+        self.top_k[sl] = torch.tensor([x.top_k for x in g], device=dev)
+        self.top_p[sl] = torch.tensor([x.top_p for x in g], device=dev)
+        if all(x.temperature == 0 for x in g):
+            first = logits[:, 0].argmax(-1)
+        else:
+            probs = process_logits(logits, self.temperature[sl], self.top_k[sl], self.top_p[sl],
+                                   use_filters=any(x.top_k or x.top_p < 1 for x in g))
+            first = sample(probs, uniform(self.seeds[sl], (n - 1)[:, None], STREAM_BONUS))[:, 0]
+        self.lengths[sl] = n
+        self.x_t[sl] = first
+        self.active[sl] = 1
+        for i, r in enumerate(rows):
+            self.lengths_host[a + i] = len(r.prompt_ids)
+            r.stats.prefill_passes += 1
+        first_host = first.tolist()  # host sync: once per prefill
+        return [self._emit(a + i, [tok], 0) for i, tok in enumerate(first_host)]
+
+    # ---- one cycle ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _cycle(self, hi: int, k: int, kv_len: int, greedy: bool, filters: bool) -> Tensor:
+        """Device part of one cycle over slots ``[0, hi)`` with block size ``k``.
+
+        Returns ``[hi, k + 1]`` int64: the ``k`` emitted-token slots (accepted drafts then the
+        correction/bonus token; the rest is junk) and, last, the number of accepted drafts ``a``.
+        """
+        model, dev = self.model, self.model.device
+        cache = self.cache.rows(0, hi)
+        t, x = self.lengths[:hi], self.x_t[:hi]  # [B]
+        seeds = self.seeds[:hi]
+        steps = torch.arange(k, device=dev)
+        positions = t[:, None] + steps  # [B, K]
+        sampled = not greedy
+        if sampled:
+            temp, top_k, top_p = self.temperature[:hi], self.top_k[:hi], self.top_p[:hi]
+        if k > 1:
+            assert self.adapter is not None
+            embeds = self.adapter.block_embeds(model, x, k)  # [B, K, C]
+            ctx_mask = (torch.arange(kv_len, device=dev) < t[:, None])[:, None, None, :]  # [B,1,1,S]
+            hidden = self.adapter(model, embeds, positions, cache, kv_len, ctx_mask, None)
+            q_logits = model.logits(hidden[:, :-1])  # [B, K-1, V]: slot i drafts position t+i+1
+            if sampled:
+                q = process_logits(q_logits, temp, top_k, top_p, use_filters=filters)
+                drafts = sample(q, uniform(seeds, positions[:, 1:], STREAM_DRAFT))
+            else:
+                drafts = q_logits.argmax(-1)
+        else:
+            drafts = x.new_zeros(hi, 0)
+            q = None
+        verify_in = torch.cat((x[:, None], drafts), dim=1)  # [B, K]
+        p_logits = model.logits(model(verify_in, positions, cache, kv_len))  # [B, K, V]
+        if sampled:
+            p = process_logits(p_logits, temp, top_k, top_p, use_filters=filters)
+            if k > 1:
+                u_acc = uniform(seeds, positions[:, 1:], STREAM_ACCEPT)
+            else:
+                u_acc, q = p.new_zeros(hi, 0), p.new_zeros(hi, 0, p.shape[-1])
+            u_res = uniform(seeds, t[:, None], STREAM_RESIDUAL)[:, 0]
+            u_bonus = uniform(seeds, t[:, None], STREAM_BONUS)[:, 0]
+            n_acc, nxt = rejection_accept(drafts, q, p, u_acc, u_res, u_bonus)
+        else:
+            n_acc, nxt = greedy_accept(drafts, p_logits)
+        out = torch.cat((drafts, drafts.new_zeros(hi, 1)), dim=1)  # [B, K]
+        out.scatter_(1, n_acc[:, None], nxt[:, None])
+        # commit: rows still decoding advance by a + 1; finished rows stay where they are
+        act = self.active[:hi]
+        self.lengths[:hi] += (n_acc + 1) * act
+        self.x_t[:hi] = torch.where(act.bool(), nxt, x)
+        return torch.cat((out, n_acc[:, None]), dim=1)
+
+    def step(self) -> list[Event]:
+        """Run one cycle for every active slot; return what each row produced."""
+        live = [i for i, r in enumerate(self.rows) if r is not None and r.finish_reason is None]
+        if not live:
+            return []
+        hi = live[-1] + 1  # slots are filled lowest-first, so [0, hi) is mostly live
+        rows = [self.rows[i] for i in live]
+        k = max(r.block_size for r in rows)
+        kv_len = min(self.capacity, _round_up(max(self.lengths_host[i] for i in live) + k, KV_BUCKET))
+        greedy = all(r.gen.temperature == 0 for r in rows)
+        filters = any(r.gen.top_k or r.gen.top_p < 1 for r in rows)
+        result = self._cycle(hi, k, kv_len, greedy, filters).tolist()  # host sync: once per cycle
+        events = []
+        for i in live:
+            row_out = result[i]
+            a = row_out[k]
+            r = self.rows[i]
+            self.lengths_host[i] += a + 1
+            r.stats.record_cycle(a + 1, a, k, drafted=k > 1)
+            events.append(self._emit(i, row_out[: a + 1], a))
+        return events
+
+    # ---- host bookkeeping -----------------------------------------------------------------------
+
+    def _emit(self, slot: int, new: list[int], accepted: int) -> Event:
+        """Apply EOS / max tokens / stop strings to ``new`` tokens of ``slot`` and build its event."""
+        r = self.rows[slot]
+        assert r is not None
+        g = r.gen
+        eos_at = None if g.ignore_eos else next((j for j, tok in enumerate(new) if tok in self.eos_ids), None)
+        if eos_at is not None:
+            new = new[: eos_at + 1]
+        room = g.max_new_tokens - len(r.tokens)
+        if len(new) > room:  # max_new_tokens ends mid-block (an EOS past it does not count)
+            new, eos_at = new[:room], None
+        finish = "stop" if eos_at is not None else ("length" if len(new) == room else None)
+        before = r.text
+        r.tokens += new
+        text = self.decode(r.tokens)
+        if g.stop:
+            cut = self._find_stop(text, g.stop, len(before))
+            if cut is not None:
+                # keep the fewest tokens whose text reaches the stop string (same in AR and parallel)
+                base = len(r.tokens) - len(new)
+                for j in range(1, len(new) + 1):
+                    if self._find_stop(self.decode(r.tokens[: base + j]), g.stop, len(before)) is not None:
+                        r.tokens = r.tokens[: base + j]
+                        new = new[:j]
+                        break
+                text, finish = text[:cut], "stop"
+        # hold back a trailing partial UTF-8 character until it is complete
+        if finish is None and text.endswith("\ufffd"):
+            text = before
+        r.text = text
+        if finish is not None:
+            r.finish_reason = finish
+            r.stats.seconds = time.perf_counter() - r.started
+            self.active[slot] = 0
+        return Event(r.request_id, new, text[len(before):], finish, r)
+
+    @staticmethod
+    def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
+        window = max(0, start - max(len(s) for s in stops))
+        hits = [i for i in (text.find(s, window) for s in stops) if i >= 0]
+        return min(hits) if hits else None
+
+    def release(self, slot: int) -> None:
+        """Free a slot (finished or cancelled); its cache rows are simply overwritten later."""
+        self.rows[slot] = None
+        self.active[slot] = 0

@@ -1,0 +1,186 @@
+"""The Python API: ``Orthrus.from_pretrained(model, adapter=...)`` then ``.generate`` / ``.stream``.
+
+>>> o = Orthrus.from_pretrained("smollm2-135m", adapter="init")
+>>> [c.text for c in o.generate(["Write a haiku."], mode="parallel", max_new_tokens=32)]
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+
+from orthrus.adapter import DiffusionAdapter
+from orthrus.config import AdapterConfig, GenerationConfig
+from orthrus.decoding.generator import Decoder, Event
+from orthrus.decoding.stats import DecodeStats
+from orthrus.errors import ContextLengthError, OrthrusError
+from orthrus.models.loading import DEFAULT_MODEL, LoadedModel, load_base
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ADAPTERS = {DEFAULT_MODEL: Path(__file__).parent / "adapters" / "smollm2-135m"}
+
+
+@dataclass
+class Completion:
+    """One finished request."""
+
+    id: Any
+    prompt: str | list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    stats: DecodeStats
+    prompt_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "prompt": self.prompt, "text": self.text, "token_ids": self.token_ids,
+                "finish_reason": self.finish_reason, "stats": self.stats.to_dict()}
+
+
+class Orthrus:
+    """A frozen base model plus (optionally) its diffusion adapter."""
+
+    def __init__(self, base: LoadedModel, adapter: DiffusionAdapter | None) -> None:
+        self.base = base
+        self.model = base.model
+        self.tokenizer = base.tokenizer
+        self.adapter = adapter
+
+    @classmethod
+    def from_pretrained(cls, model: str = DEFAULT_MODEL, adapter: str | None = None, device: str = "cpu",
+                        dtype: str = "float32", adapter_kind: str = "full",
+                        block_size: int | None = None) -> "Orthrus":
+        """Load a base model and an adapter.
+
+        Args:
+            model: ``smollm2-135m``, a Hugging Face folder or a ``.gguf`` file.
+            adapter: a folder saved by ``DiffusionAdapter.save``, ``"init"`` (fresh, untrained), or
+                None (the shipped default adapter for the default model, if any; else no adapter).
+            adapter_kind: for ``init``: ``full`` or ``lora:R``.
+            block_size: for ``init``: the adapter's block size (default 32).
+        """
+        base = load_base(model, device=device, dtype=dtype)
+        ad = None
+        if adapter == "init":
+            kind, rank = AdapterConfig.parse_kind(adapter_kind)
+            ad = DiffusionAdapter.init(base.model, base.fingerprint, kind=kind, block_size=block_size or 32,
+                                       lora_rank=rank)
+        elif adapter is not None:
+            ad = DiffusionAdapter.load(adapter, base.model, base.fingerprint)
+        elif model in DEFAULT_ADAPTERS and (DEFAULT_ADAPTERS[model] / "adapter.safetensors").is_file():
+            ad = DiffusionAdapter.load(DEFAULT_ADAPTERS[model], base.model, base.fingerprint)
+        if ad is not None:
+            ad = ad.to(device=base.model.device, dtype=base.model.dtype).eval().requires_grad_(False)
+        return cls(base, ad)
+
+    # ---- prompts ------------------------------------------------------------------------------
+
+    def encode(self, prompt: str | list[int] | list[dict], chat_template: bool = True) -> list[int]:
+        """Token ids of a prompt: a string (chat-templated as one user turn by default), a list of
+        chat messages, or ids as they are."""
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            ids = list(prompt)
+        elif isinstance(prompt, str) or isinstance(prompt, list):
+            if isinstance(prompt, str) and not prompt.strip():
+                raise OrthrusError("the prompt is empty: give some text")
+            tok = self.tokenizer
+            if chat_template and tok.chat_template:
+                msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+                out = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+                ids = list(out["input_ids"] if hasattr(out, "keys") else out)
+            elif isinstance(prompt, str):
+                ids = tok(prompt)["input_ids"]
+            else:
+                raise OrthrusError("chat messages need a tokenizer with a chat template")
+        else:
+            raise OrthrusError(f"a prompt must be a string, chat messages or token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise OrthrusError("the prompt is empty after tokenisation")
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @property
+    def max_context(self) -> int:
+        return self.model.config.max_context
+
+    def _block_size(self, gen: GenerationConfig) -> int:
+        if gen.mode == "ar":
+            return 1
+        if self.adapter is None:
+            raise OrthrusError("parallel mode needs an adapter: pass --adapter PATH or --adapter init")
+        return gen.block_size or self.adapter.config.block_size
+
+    def check_fits(self, n_prompt: int, gen: GenerationConfig) -> None:
+        if n_prompt + gen.max_new_tokens > self.max_context:
+            raise ContextLengthError(
+                f"prompt ({n_prompt} tokens) + max_new_tokens ({gen.max_new_tokens}) exceeds the model's "
+                f"context of {self.max_context} tokens")
+
+    def new_decoder(self, max_batch: int, capacity: int) -> Decoder:
+        return Decoder(self.model, self.adapter, self.base.eos_ids, self.decode, max_batch, capacity)
+
+    # ---- generation ---------------------------------------------------------------------------
+
+    def stream(self, prompts: Iterable[str | list[int]], config: GenerationConfig | None = None,
+               batch_size: int = 8, chat_template: bool = True, ids: list[Any] | None = None,
+               **kwargs: Any) -> Iterator[Event]:
+        """Yield :class:`Event` s (new final tokens and text per request) as decoding proceeds.
+
+        Requests are decoded ``batch_size`` at a time with continuous batching: a finished row's
+        slot is refilled with the next prompt at once.
+        """
+        gen = config or GenerationConfig(**kwargs)
+        prompts = list(prompts)
+        if batch_size < 1:
+            raise OrthrusError(f"batch size must be >= 1, got {batch_size}")
+        encoded = [self.encode(p, chat_template) for p in prompts]
+        k = self._block_size(gen)
+        for n in encoded:
+            self.check_fits(len(n), gen)
+        ids = ids if ids is not None else list(range(len(prompts)))
+        if not encoded:
+            return
+        capacity = max(len(n) for n in encoded) + gen.max_new_tokens + k
+        dec = self.new_decoder(min(batch_size, len(encoded)), capacity)
+        pending = list(zip(ids, encoded))
+        while pending or dec.busy():
+            free = dec.free_slots()
+            if free and pending:
+                batch, pending = pending[: len(free)], pending[len(free):]
+                yield from self._finish(dec, dec.add([(rid, n, gen, k) for rid, n in batch]))
+            yield from self._finish(dec, dec.step())
+
+    @staticmethod
+    def _finish(dec: Decoder, events: list[Event]) -> Iterator[Event]:
+        for ev in events:
+            yield ev
+            if ev.finish_reason is not None:
+                dec.release(dec.rows.index(ev.row))
+
+    def generate(self, prompts: Iterable[str | list[int]] | str, config: GenerationConfig | None = None,
+                 batch_size: int = 8, chat_template: bool = True, **kwargs: Any) -> list[Completion]:
+        """Generate for every prompt; returns completions in prompt order."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        rows: dict[Any, Any] = {}
+        for ev in self.stream(prompts, config, batch_size, chat_template, **kwargs):
+            if ev.finish_reason is not None:
+                rows[ev.request_id] = ev.row
+        return [Completion(i, p, rows[i].text, rows[i].tokens, rows[i].finish_reason, rows[i].stats,
+                           len(rows[i].prompt_ids)) for i, p in enumerate(prompts)]
+
+
+def run_stats(completions: list[Completion], seconds: float) -> DecodeStats:
+    """Sum the per-row stats of a run; ``seconds`` is the run's wall time."""
+    total = DecodeStats()
+    for c in completions:
+        total = total.merge(c.stats)
+    total.seconds = seconds
+    return total
