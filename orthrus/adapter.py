@@ -18,6 +18,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -81,7 +82,8 @@ class DiffusionAdapter(nn.Module):
         return cls(base, cfg)
 
     def forward(self, base: Transformer, embeds: Tensor, positions: Tensor, cache: KVCache, kv_len: int,
-                ctx_mask: Tensor, block_mask: Tensor | None) -> Tensor:
+                ctx_mask: Tensor | None, block_mask: Tensor | None,
+                attn_fn: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor] | None = None) -> Tensor:
         """Run the diffusion view over a set of blocks; nothing is written to the cache.
 
         Args:
@@ -91,6 +93,10 @@ class DiffusionAdapter(nn.Module):
             cache: the AR cache; read only, slots ``[0, kv_len)``.
             ctx_mask: ``[B, 1, Q|1, kv_len]`` bool: which cache slots each query may see.
             block_mask: ``[B|1, 1, Q, Q]`` bool among the blocks' own queries/keys, None: all.
+            attn_fn: optional replacement for the dense :func:`joint_attention` (training on CUDA
+                uses flex attention, see ``orthrus.train.masks``): ``attn_fn(q, k_cache, v_cache,
+                k_block, v_block) -> [B, H, Q, D]`` with its own mask; ``ctx_mask`` and
+                ``block_mask`` are then unused.
         Returns:
             Final-normed hidden states ``[B, Q, C]``.
         """
@@ -99,7 +105,11 @@ class DiffusionAdapter(nn.Module):
         for i, (layer, attn) in enumerate(zip(base.model.layers, self.layers)):
             q, k, v = attn.project(layer.input_layernorm(h), cos, sin)
             kc, vc = cache.layer(i, kv_len)
-            h = layer.ffn(h + attn.out(joint_attention(q, kc, vc, ctx_mask, k, v, block_mask)))
+            if attn_fn is None:
+                y = joint_attention(q, kc, vc, ctx_mask, k, v, block_mask)
+            else:
+                y = attn_fn(q, kc, vc, k, v)
+            h = layer.ffn(h + attn.out(y))
         return base.model.norm(h)
 
     def block_embeds(self, base: Transformer, anchors: Tensor, block_size: int) -> Tensor:

@@ -161,7 +161,7 @@ class Orthrus:
         for ev in events:
             yield ev
             if ev.finish_reason is not None:
-                dec.release(dec.rows.index(ev.row))
+                dec.release(ev.row.slot)
 
     def generate(self, prompts: Iterable[str | list[int]] | str, config: GenerationConfig | None = None,
                  batch_size: int = 8, chat_template: bool = True, **kwargs: Any) -> list[Completion]:

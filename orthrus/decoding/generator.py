@@ -36,11 +36,12 @@ from orthrus.models.llama import Transformer
 KV_BUCKET = 64  # attend over the cache in multiples of this many slots (fewer distinct shapes)
 
 
-@dataclass
+@dataclass(eq=False)
 class Row:
     """Host-side state of one request in a slot."""
 
     request_id: Any
+    slot: int
     prompt_ids: list[int]
     gen: GenerationConfig
     block_size: int
@@ -121,7 +122,7 @@ class Decoder:
             need = len(ids) + gen.max_new_tokens + k
             if need > self.capacity:
                 raise ValueError(f"request needs {need} cache positions, the decoder holds {self.capacity}")
-            self.rows[slot] = Row(rid, list(ids), gen, k)
+            self.rows[slot] = Row(rid, slot, list(ids), gen, k)
         slots = free[: len(requests)]
         events: list[Event] = []
         start = 0
@@ -171,6 +172,31 @@ class Decoder:
 
     # ---- one cycle ----------------------------------------------------------------------------
 
+    def _draft(self, hi: int, k: int, kv_len: int, positions: Tensor, sampled: bool,
+               filters: bool) -> tuple[Tensor, Tensor | None]:
+        """Draft step of one cycle (diffusion view, one forward pass) over slots ``[0, hi)``.
+
+        Args:
+            positions: ``[hi, K]`` absolute positions of the block ``[x_t, MASK x (K-1)]``.
+            sampled: some row samples (else all rows are greedy); filters: some row uses top-k/p.
+        Returns:
+            drafts ``[hi, K-1]`` int64 for positions ``positions[:, 1:]``, and the distributions
+            they were drawn from ``[hi, K-1, V]`` when ``sampled`` (None when greedy).
+        """
+        assert self.adapter is not None
+        model, dev = self.model, self.model.device
+        cache = self.cache.rows(0, hi)
+        t, x = positions[:, 0], self.x_t[:hi]  # [B]
+        embeds = self.adapter.block_embeds(model, x, k)  # [B, K, C]
+        ctx_mask = (torch.arange(kv_len, device=dev) < t[:, None])[:, None, None, :]  # [B,1,1,S]
+        hidden = self.adapter(model, embeds, positions, cache, kv_len, ctx_mask, None)
+        q_logits = model.logits(hidden[:, :-1])  # [B, K-1, V]: slot i drafts position t+i+1
+        if not sampled:
+            return q_logits.argmax(-1), None
+        q = process_logits(q_logits, self.temperature[:hi], self.top_k[:hi], self.top_p[:hi],
+                           use_filters=filters)
+        return sample(q, uniform(self.seeds[:hi], positions[:, 1:], STREAM_DRAFT)), q
+
     @torch.inference_mode()
     def _cycle(self, hi: int, k: int, kv_len: int, greedy: bool, filters: bool) -> Tensor:
         """Device part of one cycle over slots ``[0, hi)`` with block size ``k``.
@@ -188,16 +214,7 @@ class Decoder:
         if sampled:
             temp, top_k, top_p = self.temperature[:hi], self.top_k[:hi], self.top_p[:hi]
         if k > 1:
-            assert self.adapter is not None
-            embeds = self.adapter.block_embeds(model, x, k)  # [B, K, C]
-            ctx_mask = (torch.arange(kv_len, device=dev) < t[:, None])[:, None, None, :]  # [B,1,1,S]
-            hidden = self.adapter(model, embeds, positions, cache, kv_len, ctx_mask, None)
-            q_logits = model.logits(hidden[:, :-1])  # [B, K-1, V]: slot i drafts position t+i+1
-            if sampled:
-                q = process_logits(q_logits, temp, top_k, top_p, use_filters=filters)
-                drafts = sample(q, uniform(seeds, positions[:, 1:], STREAM_DRAFT))
-            else:
-                drafts = q_logits.argmax(-1)
+            drafts, q = self._draft(hi, k, kv_len, positions, sampled, filters)
         else:
             drafts = x.new_zeros(hi, 0)
             q = None
@@ -240,8 +257,10 @@ class Decoder:
             a = row_out[k]
             r = self.rows[i]
             self.lengths_host[i] += a + 1
-            r.stats.record_cycle(a + 1, a, k, drafted=k > 1)
-            events.append(self._emit(i, row_out[: a + 1], a))
+            ev = self._emit(i, row_out[: a + 1], a)
+            # count the tokens kept, not those cut by EOS / max tokens / a stop string (TPF)
+            r.stats.record_cycle(len(ev.token_ids), a, k, drafted=k > 1)
+            events.append(ev)
         return events
 
     # ---- host bookkeeping -----------------------------------------------------------------------
@@ -264,22 +283,30 @@ class Decoder:
         if g.stop:
             cut = self._find_stop(text, g.stop, len(before))
             if cut is not None:
-                # keep the fewest tokens whose text reaches the stop string (same in AR and parallel)
+                # keep the fewest tokens whose text reaches a stop string, and cut that text at its
+                # first stop string (as AR would: a stop string that starts earlier but completes
+                # later in this block must not count)
                 base = len(r.tokens) - len(new)
                 for j in range(1, len(new) + 1):
-                    if self._find_stop(self.decode(r.tokens[: base + j]), g.stop, len(before)) is not None:
-                        r.tokens = r.tokens[: base + j]
-                        new = new[:j]
+                    part = self.decode(r.tokens[: base + j])
+                    cut = self._find_stop(part, g.stop, len(before))
+                    if cut is not None:
+                        r.tokens, new, text = r.tokens[: base + j], new[:j], part
                         break
                 text, finish = text[:cut], "stop"
-        # hold back a trailing partial UTF-8 character until it is complete
-        if finish is None and text.endswith("\ufffd"):
-            text = before
+        if finish is None:
+            # hold back a trailing partial UTF-8 character until it is complete, and a tail that may
+            # grow into a stop string (it may yet be cut: streamed text is never taken back)
+            keep = len(before) if text.endswith("\ufffd") else len(text)
+            for s in g.stop:
+                m = next((m for m in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:m])), 0)
+                keep = min(keep, len(text) - m)
+            text = text[:keep] if keep > len(before) else before
         r.text = text
         if finish is not None:
             r.finish_reason = finish
             r.stats.seconds = time.perf_counter() - r.started
-            self.active[slot] = 0
+            self._park(slot)
         return Event(r.request_id, new, text[len(before):], finish, r)
 
     @staticmethod
@@ -291,4 +318,11 @@ class Decoder:
     def release(self, slot: int) -> None:
         """Free a slot (finished or cancelled); its cache rows are simply overwritten later."""
         self.rows[slot] = None
+        self._park(slot)
+
+    def _park(self, slot: int) -> None:
+        # A slot that is not decoding still runs through cycles (static shapes) when a live slot
+        # lies above it; at length 0 its junk writes stay inside its own first K cache slots.
         self.active[slot] = 0
+        self.lengths[slot] = 0
+        self.lengths_host[slot] = 0

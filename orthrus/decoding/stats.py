@@ -12,7 +12,11 @@ from dataclasses import dataclass, field
 
 @dataclass
 class DecodeStats:
-    """Counters for one row (or, summed, for a run)."""
+    """Counters for one row (or, summed, for a run).
+
+    ``tokens`` counts tokens kept from decode cycles; the first generated token comes from the
+    prefill pass and, like that pass, is reported apart (so ``tokens == len(token_ids) - 1``).
+    """
 
     tokens: int = 0
     prefill_passes: int = 0

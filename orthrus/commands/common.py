@@ -1,0 +1,211 @@
+"""Options shared by the subcommands, and turning them into an engine and a generation config.
+
+A command that generates text does::
+
+    add_model_args(parser); add_generation_args(parser)
+    ...
+    gen = generation_config(args)   # cheap checks first: errors are instant
+    engine = load_engine(args)      # then the model (~3 s for the default one)
+
+Everything cheap (device, dtype, model name, adapter path, adapter kind, mode, generation values,
+prompt files) is checked before any weights are read, so bad input fails at once with one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from orthrus.adapter import WEIGHTS
+from orthrus.config import DTYPES, AdapterConfig, GenerationConfig
+from orthrus.engine import DEFAULT_ADAPTERS, Orthrus
+from orthrus.errors import OrthrusError
+from orthrus.models.loading import DEFAULT_MODEL, parse_device, parse_dtype, resolve_model
+
+log = logging.getLogger(__name__)
+
+
+# ---- options --------------------------------------------------------------------------------------
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """``--model --adapter --adapter-kind --device --dtype``."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"a known name ({DEFAULT_MODEL}), a Hugging Face folder or a .gguf file "
+                        f"(default: {DEFAULT_MODEL})")
+    g.add_argument("--adapter", default=None, metavar="PATH|init",
+                   help="diffusion adapter folder, or 'init' for a fresh untrained one (exact output, "
+                        "little speedup); default: the shipped adapter of the model, if there is one")
+    g.add_argument("--adapter-kind", default=None, metavar="full|lora:R",
+                   help="with --adapter init: full (own q/k/v/o copies, default) or lora:R")
+    g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    g.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype (default: float32)")
+
+
+def add_generation_args(parser: argparse.ArgumentParser) -> None:
+    """``--mode --block-size --max-new-tokens --temperature --top-k --top-p --seed --stop``."""
+    g = parser.add_argument_group("generation")
+    g.add_argument("--mode", choices=("ar", "parallel"), default=None,
+                   help="parallel: draft a block with the adapter, verify with the frozen model; ar: "
+                        "one token per pass. Default: parallel when an adapter is available "
+                        "(--adapter given, or the model's shipped adapter exists), else ar")
+    g.add_argument("--block-size", type=int, default=None, metavar="K",
+                   help="tokens drafted per cycle in parallel mode (default: the adapter's; 32 for init)")
+    g.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="(default: 256)")
+    g.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default: 0)")
+    g.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off (default: 0)")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1 = off (default: 1)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    g.add_argument("--stop", action="append", default=[], metavar="STR",
+                   help="end a completion at this string (not included); repeatable")
+
+
+# ---- cheap checks ----------------------------------------------------------------------------------
+
+def has_adapter(args: argparse.Namespace) -> bool:
+    """True if the engine built from ``args`` will have an adapter (given, or the shipped default)."""
+    if getattr(args, "adapter", None) is not None:
+        return True
+    default = DEFAULT_ADAPTERS.get(args.model)
+    return default is not None and (default / WEIGHTS).is_file()
+
+
+def resolve_mode(args: argparse.Namespace) -> str:
+    """``--mode``, or its default: ``parallel`` if an adapter is available, else ``ar``."""
+    mode = getattr(args, "mode", None)
+    if mode is None:
+        return "parallel" if has_adapter(args) else "ar"
+    if mode == "parallel" and not has_adapter(args):
+        raise OrthrusError(f"--mode parallel needs an adapter and model '{args.model}' has none shipped: "
+                           "pass --adapter PATH, or --adapter init (untrained: exact, but no speedup)")
+    return mode
+
+
+def check_model_args(args: argparse.Namespace) -> None:
+    """Validate the model options without reading any weights."""
+    parse_device(args.device)
+    parse_dtype(args.dtype)
+    resolve_model(args.model)
+    adapter, kind = args.adapter, args.adapter_kind
+    if kind is not None:
+        AdapterConfig.parse_kind(kind)
+        if adapter != "init":
+            raise OrthrusError("--adapter-kind only applies to a fresh adapter: use it with --adapter init")
+    if adapter is not None and adapter != "init":
+        path = Path(adapter).expanduser()
+        if not path.is_dir():
+            raise OrthrusError(f"adapter '{adapter}' is not a folder: give a folder saved by orthrus "
+                               "train (holding adapter.safetensors), or 'init'")
+        if not (path / WEIGHTS).is_file():
+            raise OrthrusError(f"adapter folder '{adapter}' has no {WEIGHTS}: give a folder saved by "
+                               "orthrus train, or 'init'")
+    block = getattr(args, "block_size", None)
+    if block is not None and block < 1:
+        raise OrthrusError(f"--block-size must be >= 1, got {block}")
+
+
+def generation_config(args: argparse.Namespace) -> GenerationConfig:
+    """The :class:`GenerationConfig` the options describe (validated; the mode resolved)."""
+    if args.max_new_tokens <= 0:
+        raise OrthrusError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()), mode=resolve_mode(args),
+        block_size=getattr(args, "block_size", None))
+
+
+# ---- loading ---------------------------------------------------------------------------------------
+
+def _stamp(path: Path | None) -> tuple[int, int] | None:
+    """(mtime, size) of a file or folder, so a changed file is not served from the engine cache."""
+    try:
+        st = path.stat() if path is not None else None
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size) if st else None
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_engine(model: str, adapter: str | None, device: str, dtype: str, adapter_kind: str,
+                   block_size: int | None, stamps: tuple[Any, ...]) -> Orthrus:
+    del stamps  # part of the cache key only
+    return Orthrus.from_pretrained(model, adapter=adapter, device=device, dtype=dtype,
+                                   adapter_kind=adapter_kind, block_size=block_size)
+
+
+def load_engine(args: argparse.Namespace, reuse: bool = True) -> Orthrus:
+    """Check the model options, then load the base model and its adapter.
+
+    With ``reuse`` (default) the same options in one process give back the same engine (one kept),
+    which makes repeated in-process calls (tests, notebooks) cheap; callers that change the
+    engine's weights must pass ``reuse=False``.
+    """
+    check_model_args(args)
+    kind = args.adapter_kind or "full"
+    block = getattr(args, "block_size", None) if args.adapter == "init" else None
+    model_path = resolve_model(args.model).path
+    adapter_path = (Path(args.adapter).expanduser() / WEIGHTS if args.adapter not in (None, "init")
+                    else DEFAULT_ADAPTERS.get(args.model, Path("-")) / WEIGHTS)
+    key = (args.model, args.adapter, args.device, args.dtype, kind, block,
+           (_stamp(model_path), _stamp(adapter_path)))
+    log.info("loading %s (adapter: %s) on %s in %s", args.model, args.adapter or "default",
+             args.device, args.dtype)
+    t0 = time.perf_counter()
+    engine = _cached_engine(*key) if reuse else _cached_engine.__wrapped__(*key)
+    log.info("ready in %.1f s (adapter: %s)", time.perf_counter() - t0,
+             "none" if engine.adapter is None else engine.adapter.config.kind)
+    return engine
+
+
+# ---- prompts ---------------------------------------------------------------------------------------
+
+def read_prompts_jsonl(path: str, start: int = 0) -> list[tuple[Any, str]]:
+    """Read ``(id, prompt)`` pairs from a JSON Lines file (``-``: stdin).
+
+    Each non-blank line is an object with a string ``prompt`` and an optional ``id`` (string or
+    integer); a row without an id gets ``start`` + its 0-based index among the rows. Errors name
+    the line.
+    """
+    try:
+        if path == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise OrthrusError(f"prompts file '{path}' does not exist") from None
+    except IsADirectoryError:
+        raise OrthrusError(f"prompts file '{path}' is a folder, not a .jsonl file") from None
+    except UnicodeDecodeError as e:
+        raise OrthrusError(f"prompts file '{path}' is not UTF-8 text: {e.reason}") from None
+    except OSError as e:
+        raise OrthrusError(f"cannot read prompts file '{path}': {e.strerror}") from None
+    rows: list[tuple[Any, str]] = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise OrthrusError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise OrthrusError(f"{where}: each line must be a JSON object like {{\"prompt\": \"...\"}}")
+        prompt = obj.get("prompt")
+        if not isinstance(prompt, str):
+            got = "missing" if prompt is None else f"a {type(prompt).__name__}"
+            raise OrthrusError(f"{where}: 'prompt' must be a string, it is {got}")
+        if not prompt.strip():
+            raise OrthrusError(f"{where}: the prompt is empty")
+        rid = obj.get("id", start + len(rows))
+        if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+            raise OrthrusError(f"{where}: 'id' must be a string or an integer")
+        rows.append((rid, prompt))
+    if not rows:
+        raise OrthrusError(f"prompts file '{path}' has no prompts")
+    return rows

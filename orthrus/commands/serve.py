@@ -1,0 +1,64 @@
+"""``orthrus serve``: the OpenAI-compatible HTTP server (see :mod:`orthrus.serve.app`).
+
+    orthrus serve --model smollm2-135m --port 8000
+    curl localhost:8000/v1/chat/completions -d '{"model": "smollm2-135m", "messages": [...]}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+from typing import Any
+
+from orthrus.commands.common import add_model_args, check_model_args, load_engine, resolve_mode
+from orthrus.errors import OrthrusError
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "serve", help="OpenAI-compatible HTTP server with continuous batching",
+        description="Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics. "
+                    "Concurrent requests are decoded together; greedy output (temperature 0) is "
+                    "identical to the frozen model's own.")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="(default: 8000)")
+    add_model_args(p)
+    g = p.add_argument_group("serving")
+    g.add_argument("--mode", choices=("ar", "parallel"), default=None,
+                   help="decoding for every request (default: parallel when an adapter is available, else ar)")
+    g.add_argument("--block-size", type=int, default=None, metavar="K",
+                   help="tokens drafted per cycle in parallel mode (default: the adapter's; 32 for init)")
+    g.add_argument("--max-batch-size", type=int, default=8, metavar="N",
+                   help="requests decoded together; more wait in a queue (default: 8)")
+    g.add_argument("--max-seq-len", type=int, default=None, metavar="N",
+                   help="prompt + completion tokens per request (default: min(model context, 2048)); "
+                        "the KV cache holds N positions per slot")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise OrthrusError(f"orthrus serve needs {' and '.join(missing)}: pip install 'orthrus-lm[serve]'")
+    if not 0 <= args.port < 65536:
+        raise OrthrusError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_batch_size < 1:
+        raise OrthrusError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
+    if args.max_seq_len is not None and args.max_seq_len < 2:
+        raise OrthrusError(f"--max-seq-len must be >= 2, got {args.max_seq_len}")
+    check_model_args(args)
+    mode = resolve_mode(args)
+    engine = load_engine(args)
+
+    import uvicorn
+
+    from orthrus.serve.app import create_app
+
+    app = create_app(engine, model_name=args.model, mode=mode, max_batch_size=args.max_batch_size,
+                     max_seq_len=args.max_seq_len, block_size=args.block_size)
+    log.info("listening on http://%s:%d/v1", args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

@@ -1,0 +1,244 @@
+"""Continuous batching for the server: one thread owns the engine's :class:`Decoder`.
+
+HTTP handlers (on the asyncio event loop) :meth:`Scheduler.submit` requests; the scheduler thread
+loops::
+
+    release the slots of cancelled requests
+    move queued requests into free slots (Decoder.add: prefill, first token)
+    Decoder.step()  (one draft + verify cycle for every live row)
+    route each Event to its request's asyncio queue; release the slots of finished rows
+
+so a new request joins the running batch at the next cycle instead of waiting for the batch to
+drain. Greedy rows do not depend on their neighbours (each row attends only to its own cache), so a
+greedy request's text is the same alone or in a batch. The thread sleeps on a condition when idle.
+
+Everything the decoder does happens on this one thread (the decoder is not thread-safe); the event
+loop only ever sees finished :class:`Event` objects, handed over with ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+from orthrus.config import GenerationConfig
+from orthrus.decoding.generator import Event
+from orthrus.engine import Orthrus
+
+log = logging.getLogger(__name__)
+
+
+class SchedulerError(RuntimeError):
+    """The decoder failed while this request was in it (the request is dropped, the server goes on)."""
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request as the scheduler sees it.
+
+    ``queue`` receives :class:`Event` s, then ends with an event whose ``finish_reason`` is set, or
+    with a :class:`SchedulerError`. ``cancelled`` is set by the HTTP side (client gone); the slot is
+    released before the next cycle.
+    """
+
+    prompt_ids: list[int]
+    gen: GenerationConfig
+    block_size: int
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    cancelled: bool = False
+    finished: bool = False
+    slot: int | None = None
+    # DecodeStats already counted into the server metrics: (tokens, prefill, draft, verify passes)
+    _seen: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+
+@dataclass
+class Metrics:
+    """Server counters (written by the scheduler thread, read by /metrics).
+
+    ``stat_tokens``, ``forward_passes`` and ``verify_passes`` are summed per row, as in
+    :class:`~orthrus.decoding.stats.DecodeStats`, so TPF and acceptance length mean what they mean
+    offline (METHOD.md); ``decode_steps`` counts batched cycles (one draft + one verify forward
+    for the whole batch).
+    """
+
+    requests: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    rejected: int = 0            # 4xx replies (counted by the app)
+    prompt_tokens: int = 0
+    generated_tokens: int = 0    # tokens sent to clients
+    stat_tokens: int = 0         # tokens emitted by decode cycles (DecodeStats.tokens)
+    prefill_passes: int = 0
+    forward_passes: int = 0
+    verify_passes: int = 0
+    decode_steps: int = 0
+
+    @property
+    def tpf(self) -> float:
+        return self.stat_tokens / self.forward_passes if self.forward_passes else 0.0
+
+    @property
+    def acceptance_length(self) -> float:
+        return self.stat_tokens / self.verify_passes if self.verify_passes else 0.0
+
+
+class Scheduler:
+    """Owns a :class:`Decoder` of ``max_batch`` slots x ``capacity`` positions and its thread."""
+
+    def __init__(self, engine: Orthrus, max_batch: int, capacity: int) -> None:
+        self.engine = engine
+        self.decoder = engine.new_decoder(max_batch, capacity)
+        self.metrics = Metrics()
+        self._cond = threading.Condition()
+        self._pending: deque[Request] = deque()  # guarded by _cond
+        self._live: dict[str, Request] = {}       # in a slot; scheduler thread only
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ---- called from the event loop -----------------------------------------------------------
+
+    def start(self) -> None:
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="orthrus-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, req: Request) -> None:
+        """Queue ``req``; it joins the running batch at the next cycle with a free slot."""
+        with self._cond:
+            self.metrics.requests += 1
+            self.metrics.prompt_tokens += len(req.prompt_ids)
+            self._pending.append(req)
+            self._cond.notify()
+
+    def cancel(self, req: Request) -> None:
+        """Drop ``req`` (its client went away); its slot is freed before the next cycle."""
+        if req.finished or req.cancelled:
+            return
+        with self._cond:
+            req.cancelled = True
+            self._cond.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def active(self) -> int:
+        """Requests holding a slot."""
+        return len(self._live)
+
+    @property
+    def max_batch(self) -> int:
+        return self.decoder.max_batch
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ---- the scheduler thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._pending and not self._live:
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                self._drop_cancelled_pending()
+            self._release_cancelled()
+            with self._cond:
+                n = min(len(self.decoder.free_slots()), len(self._pending))
+                admit = [self._pending.popleft() for _ in range(n)]
+            try:
+                if admit:
+                    self._admit(admit)
+                if self._live:
+                    events = self.decoder.step()
+                    self.metrics.decode_steps += 1
+                    self._route(events)
+            except Exception as e:  # a decoder failure must not take the server down
+                log.exception("decoder failure; dropping the %d requests in the batch", len(self._live))
+                self._fail_all(SchedulerError(f"generation failed: {e}"))
+        self._fail_all(SchedulerError("the server is shutting down"))
+        with self._cond:
+            pending, self._pending = list(self._pending), deque()
+        for req in pending:
+            self._deliver(req, SchedulerError("the server is shutting down"))
+
+    def _admit(self, admit: list[Request]) -> None:
+        for req in admit:
+            self._live[req.id] = req
+        events = self.decoder.add([(r.id, r.prompt_ids, r.gen, r.block_size) for r in admit])
+        for slot, row in enumerate(self.decoder.rows):
+            if row is not None and row.request_id in self._live:
+                self._live[row.request_id].slot = slot
+        self._route(events)
+
+    def _route(self, events: list[Event]) -> None:
+        m = self.metrics
+        for ev in events:
+            req = self._live[ev.request_id]
+            s = ev.row.stats
+            tok, prefills, drafts, verifies = req._seen
+            m.stat_tokens += s.tokens - tok
+            m.prefill_passes += s.prefill_passes - prefills
+            m.forward_passes += s.draft_passes - drafts + s.verify_passes - verifies
+            m.verify_passes += s.verify_passes - verifies
+            req._seen = (s.tokens, s.prefill_passes, s.draft_passes, s.verify_passes)
+            m.generated_tokens += len(ev.token_ids)
+            if ev.finish_reason is not None:
+                m.finished += 1
+                req.finished = True
+                self._free(req)
+            if not req.cancelled:
+                self._deliver(req, ev)
+
+    def _drop_cancelled_pending(self) -> None:
+        """(holding ``_cond``) forget queued requests whose client left before they got a slot."""
+        if any(r.cancelled for r in self._pending):
+            kept = deque(r for r in self._pending if not r.cancelled)
+            self.metrics.cancelled += len(self._pending) - len(kept)
+            self._pending = kept
+
+    def _release_cancelled(self) -> None:
+        for req in [r for r in self._live.values() if r.cancelled]:
+            self.metrics.cancelled += 1
+            self._free(req)
+
+    def _free(self, req: Request) -> None:
+        self._live.pop(req.id, None)
+        if req.slot is not None:
+            self.decoder.release(req.slot)
+            req.slot = None
+
+    def _fail_all(self, err: SchedulerError) -> None:
+        for req in list(self._live.values()):
+            self.metrics.failed += 1
+            self._free(req)
+            self._deliver(req, err)
+        # a failure mid-add can leave rows that never reached _live; free every slot
+        for slot, row in enumerate(self.decoder.rows):
+            if row is not None:
+                self.decoder.release(slot)
+
+    @staticmethod
+    def _deliver(req: Request, item: Event | BaseException) -> None:
+        try:
+            req.loop.call_soon_threadsafe(req.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed (server shutting down): nobody is listening
+            pass

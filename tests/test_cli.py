@@ -1,0 +1,296 @@
+"""``orthrus generate``: its contract, its output formats and its errors.
+
+Most tests call :func:`orthrus.cli.main` in-process (fast). Bad input is checked with model loading
+forbidden, which proves that cheap errors come before the ~3 s model load. The output logic (input
+order under continuous batching, live streaming) is checked against a scripted fake engine. The real
+default model is used for: one subprocess run compared token for token with transformers'
+``generate``, parallel == AR on uneven prompts, and the context-length error (these share one
+engine through ``load_engine``'s in-process cache).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import torch
+
+from orthrus.cli import main
+from orthrus.commands import common, generate
+from orthrus.config import GenerationConfig
+from orthrus.decoding.generator import Event, Row
+from orthrus.errors import OrthrusError
+
+REPO = Path(__file__).resolve().parents[1]
+STAT_KEYS = {"forward_passes", "prefill_passes", "draft_passes", "verify_passes", "seconds",
+             "tokens_per_second", "tpf", "acceptance_length"}
+ROW_KEYS = {"id", "prompt", "text", "token_ids", "finish_reason", "stats"}
+# every real in-process run uses these options, so that they share one cached engine
+REAL = ["--adapter", "init", "--block-size", "8"]
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    """``main(argv)`` in-process -> (exit code, stdout, stderr); argparse's exits count too."""
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_line_error(rc: int, out: str, err: str, *needles: str) -> None:
+    assert rc == 2, (rc, err)
+    assert out == ""
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("INFO ")]
+    assert len(lines) == 1 and lines[0].startswith("orthrus: error: "), err
+    for n in needles:
+        assert n.lower() in lines[0].lower(), (n, lines[0])
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+# ---- bad input, rejected before any model is loaded --------------------------------------------
+
+def _folder_with_config(tmp: Path) -> str:
+    (tmp / "m").mkdir()
+    write(tmp / "m" / "config.json", "{}")
+    return str(tmp / "m")
+
+
+BAD: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
+    "unknown model": (lambda t: ["hi", "--model", "no-such-model"], ("unknown model", "smollm2-135m")),
+    "missing gguf": (lambda t: ["hi", "--model", str(t / "x.gguf")], ("does not exist",)),
+    "no prompt": (lambda t: [], ("no prompt",)),
+    "empty prompt": (lambda t: ["  "], ("empty",)),
+    "zero max tokens": (lambda t: ["hi", "--max-new-tokens", "0"], ("max-new-tokens",)),
+    "negative max tokens": (lambda t: ["hi", "--max-new-tokens", "-3"], ("max-new-tokens",)),
+    "negative temperature": (lambda t: ["hi", "--temperature", "-1"], ("temperature",)),
+    "bad top-p": (lambda t: ["hi", "--top-p", "0"], ("top_p",)),
+    "zero batch": (lambda t: ["hi", "--batch-size", "0"], ("batch-size",)),
+    "zero block": (lambda t: ["hi", "--adapter", "init", "--block-size", "0"], ("block",)),
+    "missing file": (lambda t: ["--prompts-file", str(t / "none.jsonl")], ("does not exist",)),
+    "folder as file": (lambda t: ["--prompts-file", str(t)], ("folder",)),
+    "invalid json": (lambda t: ["--prompts-file", write(t / "p.jsonl", '{"prompt": "a"}\n{"prompt": \n')],
+                     (":2:", "invalid JSON")),
+    "no prompt key": (lambda t: ["--prompts-file", write(t / "p.jsonl", '{"prompt": "a"}\n\n{"id": 3}\n')],
+                      (":3:", "'prompt'", "missing")),
+    "prompt not str": (lambda t: ["--prompts-file", write(t / "p.jsonl", '{"prompt": 5}\n')],
+                       (":1:", "string")),
+    "row not object": (lambda t: ["--prompts-file", write(t / "p.jsonl", '["a"]\n')], (":1:", "object")),
+    "empty row prompt": (lambda t: ["--prompts-file", write(t / "p.jsonl", '{"prompt": ""}\n')],
+                         (":1:", "empty")),
+    "bad id": (lambda t: ["--prompts-file", write(t / "p.jsonl", '{"prompt": "a", "id": [1]}\n')],
+               (":1:", "id")),
+    "empty file": (lambda t: ["--prompts-file", write(t / "p.jsonl", "\n\n")], ("no prompts",)),
+    "not utf-8": (lambda t: ["--prompts-file", str(t / "b.jsonl")], ("UTF-8",)),
+    "parallel without adapter": (lambda t: ["hi", "--mode", "parallel", "--model", _folder_with_config(t)],
+                                 ("parallel", "--adapter")),
+    "missing adapter": (lambda t: ["hi", "--adapter", str(t / "nope")], ("adapter", "init")),
+    "adapter without weights": (lambda t: ["hi", "--adapter", str(t)], ("adapter.safetensors",)),
+    "bad adapter kind": (lambda t: ["hi", "--adapter", "init", "--adapter-kind", "lora:0"], ("lora:R",)),
+    "kind without init": (lambda t: ["hi", "--adapter-kind", "lora:4"], ("--adapter init",)),
+    "bad dtype": (lambda t: ["hi", "--dtype", "int8"], ("--dtype",)),
+    "bad mode": (lambda t: ["hi", "--mode", "fast"], ("--mode",)),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_fails_fast_with_one_line(case: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    def no_load(*a: Any, **k: Any) -> None:
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(common.Orthrus, "from_pretrained", no_load)
+    (tmp_path / "b.jsonl").write_bytes(b'{"prompt": "\xff\xfe"}\n')
+    argv, needles = BAD[case]
+    rc, out, err = run_cli(["generate", *argv(tmp_path)], capsys)
+    assert_one_line_error(rc, out, err, *needles)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where there is no CUDA")
+def test_cuda_where_there_is_none(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(common.Orthrus, "from_pretrained", lambda *a, **k: 1 / 0)
+    assert_one_line_error(*run_cli(["generate", "hi", "--device", "cuda"], capsys), "CUDA")
+
+
+def test_corrupt_model_files(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A garbage .gguf and a folder with a broken config.json: one line, exit 2, nothing cached."""
+    monkeypatch.setenv("ORTHRUS_CACHE", str(tmp_path / "cache"))
+    gguf = write(tmp_path / "bad.gguf", "not a gguf file")
+    assert_one_line_error(*run_cli(["generate", "hi", "--model", gguf, "--mode", "ar"], capsys), "bad.gguf")
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    write(folder / "config.json", "{ broken")
+    assert_one_line_error(*run_cli(["generate", "hi", "--model", str(folder)], capsys), "config.json")
+
+
+def test_read_prompts_jsonl(tmp_path: Path) -> None:
+    path = write(tmp_path / "p.jsonl", '{"prompt": "a", "id": "x"}\n\n{"prompt": "b"}\n{"id": 7, "prompt": "c"}\n')
+    assert common.read_prompts_jsonl(path) == [("x", "a"), (1, "b"), (7, "c")]
+    assert common.read_prompts_jsonl(path, start=2) == [("x", "a"), (3, "b"), (7, "c")]
+    with pytest.raises(OrthrusError, match="does not exist"):
+        common.read_prompts_jsonl(str(tmp_path / "missing.jsonl"))
+
+
+def test_default_mode(tmp_path: Path, monkeypatch) -> None:
+    """Parallel when an adapter is available (given, or shipped for the model), else AR."""
+    from orthrus.cli import build_parser
+
+    def mode(*argv: str) -> str:
+        return common.resolve_mode(build_parser().parse_args(["generate", "hi", *argv]))
+
+    monkeypatch.setitem(common.DEFAULT_ADAPTERS, "smollm2-135m", tmp_path / "none")
+    assert mode() == "ar"
+    assert mode("--adapter", "init") == "parallel"
+    assert mode("--adapter", "init", "--mode", "ar") == "ar"
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "adapter.safetensors").write_bytes(b"")
+    assert mode() == "parallel"
+
+
+# ---- output logic, against a scripted engine ----------------------------------------------------
+
+class ScriptedEngine:
+    """Plays back events in a given order; ``check`` runs between events (e.g. to read stdout)."""
+
+    def __init__(self, script: list[tuple[int, str, str | None]], check: Callable[[int], None]) -> None:
+        self.script, self.check = script, check
+
+    def stream(self, prompts: list[str], config: GenerationConfig, batch_size: int = 8,
+               chat_template: bool = True) -> Iterator[Event]:
+        rows = [Row(i, i, [1, 2, 3], config, 1) for i in range(len(prompts))]
+        for step, (i, text, finish) in enumerate(self.script):
+            r = rows[i]
+            tok = len(r.tokens) + 10
+            r.tokens.append(tok)
+            r.text += text
+            r.stats.verify_passes += 1
+            r.stats.tokens += 1
+            r.finish_reason = finish
+            yield Event(i, [tok], text, finish, r)
+            self.check(step)
+
+
+def test_json_rows_in_input_order_as_soon_as_possible(monkeypatch, capsys) -> None:
+    # row 2 finishes first, then 0, then 1: rows print only once every earlier row has
+    script = [(0, "a", None), (2, "c", "stop"), (0, "b", "length"), (1, "d", "stop")]
+    printed: list[list[int]] = []
+
+    def check(step: int) -> None:
+        printed.append([json.loads(ln)["id"] for ln in capsys.readouterr().out.splitlines()])
+
+    monkeypatch.setattr(generate, "load_engine", lambda args: ScriptedEngine(script, check))
+    rc = main(["generate", "p0", "p1", "p2", "--json", "--mode", "ar"])
+    assert rc == 0
+    assert printed == [[], [], [0], [1, 2]]
+
+
+def test_json_ids_from_file_and_arguments(tmp_path: Path, monkeypatch, capsys) -> None:
+    script = [(2, "z", "stop"), (1, "y", "stop"), (0, "x", "length")]
+    monkeypatch.setattr(generate, "load_engine", lambda args: ScriptedEngine(script, lambda s: None))
+    path = write(tmp_path / "p.jsonl", '{"prompt": "from file", "id": "q1"}\n{"prompt": "no id"}\n')
+    rc, out, err = run_cli(["generate", "arg", "--prompts-file", path, "--json", "--mode", "ar"], capsys)
+    assert rc == 0
+    rows = [json.loads(ln) for ln in out.splitlines()]
+    assert [(r["id"], r["prompt"], r["text"]) for r in rows] == [(0, "arg", "x"), ("q1", "from file", "y"),
+                                                                  (2, "no id", "z")]
+    assert all(set(r) == ROW_KEYS and STAT_KEYS <= set(r["stats"]) for r in rows)
+    assert rows[0]["finish_reason"] == "length" and rows[1]["finish_reason"] == "stop"
+    assert err.strip().splitlines()[-1].startswith("orthrus: 3 prompt(s), 3 tokens")
+
+
+def test_plain_output_streams_live(monkeypatch, capsys) -> None:
+    seen: list[str] = []
+    script = [(0, "Hel", None), (0, "lo", None), (0, "!", "stop")]
+    engine = ScriptedEngine(script, lambda s: seen.append(capsys.readouterr().out))
+    monkeypatch.setattr(generate, "load_engine", lambda args: engine)
+    assert main(["generate", "hi", "--mode", "ar"]) == 0
+    assert seen == ["Hel", "lo", "!\n"]  # each delta is on stdout before the next is generated
+
+
+def test_plain_output_several_prompts(monkeypatch, capsys) -> None:
+    script = [(1, "one", None), (0, "zero", "stop"), (1, " more", "length")]
+    monkeypatch.setattr(generate, "load_engine", lambda args: ScriptedEngine(script, lambda s: None))
+    rc, out, _ = run_cli(["generate", "a", "b", "--mode", "ar"], capsys)
+    assert rc == 0
+    assert out == "=== 0 ===\nzero\n=== 1 ===\none more\n"  # each under its header, as it finishes
+
+
+# ---- the real default model ---------------------------------------------------------------------
+
+PROMPTS = ["What is 2+2?", "Write one sentence about the sea.",
+           "List three prime numbers, then explain in two sentences why each of them is prime.", "Hi"]
+
+
+def test_cli_matches_transformers_generate(real_hf) -> None:
+    """A real ``python -m orthrus.cli`` process, greedy AR in fp32 == transformers' own generate."""
+    argv = [sys.executable, "-m", "orthrus.cli", "generate", "--json", "--mode", "ar", "--dtype", "float32",
+            "--max-new-tokens", "16", PROMPTS[0], PROMPTS[2]]
+    # one thread: spinning OpenMP workers on a busy 2-core machine cost far more than they gain here
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    rows = [json.loads(ln) for ln in proc.stdout.splitlines()]
+    assert [r["id"] for r in rows] == [0, 1]
+    summary = proc.stderr.strip().splitlines()[-1]
+    assert summary.startswith("orthrus: 2 prompt(s)") and "tok/s" in summary and "TPF" in summary
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(real_hf.name_or_path)
+    for row, prompt in zip(rows, [PROMPTS[0], PROMPTS[2]]):
+        assert set(row) == ROW_KEYS and row["prompt"] == prompt
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      tokenize=True, return_dict=True)["input_ids"]
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            ref = real_hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False,
+                                   pad_token_id=tok.eos_token_id)[0, len(ids):].tolist()
+        assert row["token_ids"] == ref
+        assert row["text"] == tok.decode(ref, skip_special_tokens=True)
+        assert row["finish_reason"] == ("stop" if len(ref) < 16 else "length")
+        st = row["stats"]
+        assert STAT_KEYS <= set(st)
+        assert st["draft_passes"] == 0 and st["forward_passes"] == st["verify_passes"] > 0
+        assert st["prefill_passes"] >= 1
+
+
+def test_parallel_equals_ar_on_uneven_prompts(tmp_path: Path, capsys) -> None:
+    """--mode parallel (untrained adapter, continuous batching of 4) gives AR's tokens exactly."""
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"id": f"r{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
+    common_args = ["generate", "--prompts-file", str(path), "--json", "--max-new-tokens", "24", *REAL]
+    rc, out_ar, _ = run_cli([*common_args, "--mode", "ar", "--batch-size", "1"], capsys)
+    assert rc == 0
+    rc, out_par, err = run_cli([*common_args, "--mode", "parallel", "--batch-size", "4"], capsys)
+    assert rc == 0
+    ar = [json.loads(ln) for ln in out_ar.splitlines()]
+    par = [json.loads(ln) for ln in out_par.splitlines()]
+    assert [r["id"] for r in par] == [r["id"] for r in ar] == ["r0", "r1", "r2", "r3"]
+    for a, p in zip(ar, par):
+        assert p["token_ids"] == a["token_ids"] and p["text"] == a["text"]
+        assert p["finish_reason"] == a["finish_reason"]
+        s = p["stats"]
+        assert s["forward_passes"] == s["draft_passes"] + s["verify_passes"]
+        assert 0 < s["draft_passes"] <= s["verify_passes"]  # at most one draft per verify
+        assert s["acceptance_length"] >= 1.0
+    assert "acceptance length" in err.strip().splitlines()[-1]
+
+    # plain output of the same request is the JSON row's text, streamed
+    rc, out, _ = run_cli(["generate", PROMPTS[1], "--max-new-tokens", "24", "--mode", "ar", *REAL], capsys)
+    assert rc == 0 and out == ar[1]["text"] + "\n"
+
+
+def test_context_length_error(capsys) -> None:
+    rc, out, err = run_cli(["generate", "hi", "--max-new-tokens", "100000", "--mode", "ar", *REAL], capsys)
+    assert_one_line_error(rc, out, err, "context")
