@@ -1,0 +1,136 @@
+"""Benchmarks: our AR and parallel decoding against transformers, on the same prompts and device.
+
+>>> from orthrus.bench import BenchSettings, run_bench
+>>> report = run_bench(engine, prompts, BenchSettings(modes=("ar", "parallel", "hf")), out="bench/results/x")
+
+* :mod:`orthrus.bench.runner`: the modes and the measurement (interleaved rounds, warm-up apart).
+* :mod:`orthrus.bench.report`: the per-mode summary, the table, JSON and the plot.
+* :mod:`orthrus.bench.blocksize`: :func:`choose_block_size`, the block size chosen by measurement.
+
+The ``orthrus bench`` command (``orthrus/commands/bench.py``) is a thin layer over :func:`run_bench`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import logging
+import os
+import platform
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from orthrus.bench.blocksize import (CALIBRATION_PROMPTS, DEFAULT_CANDIDATES, BlockSizeChoice, PassTimes,
+                                     acceptance_curve, choose_block_size, decide_block_size, expected_tokens,
+                                     measure_pass_times)
+from orthrus.bench.report import SCHEMA, check_plotting, format_table, plot, summarize, write_json
+from orthrus.bench.runner import (MODES, PLD_TOKENS, Bench, BenchSettings, ModeResult, device_name, exact_match,
+                                  parse_modes, peak_rss_bytes, rss_bytes)
+
+if TYPE_CHECKING:
+    from orthrus.engine import Orthrus
+
+__all__ = [
+    "Bench", "BenchSettings", "BlockSizeChoice", "CALIBRATION_PROMPTS", "DEFAULT_CANDIDATES", "MODES",
+    "ModeResult", "PassTimes", "acceptance_curve", "choose_block_size", "decide_block_size", "exact_match",
+    "expected_tokens", "format_table", "measure_pass_times", "parse_modes", "run_bench", "summarize",
+]
+
+log = logging.getLogger(__name__)
+
+AUTO_CALIBRATION_PROMPTS = 4  # --block-size auto calibrates acceptance on this many of the prompts
+
+
+def _load_avg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    from orthrus import __version__ as ours
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "orthrus": ours}
+
+
+def run_bench(engine: "Orthrus", prompts: list[str], settings: BenchSettings, out: str | Path | None = None,
+              block_size_auto: bool = False, prompt_source: str = "", limit: int | None = None,
+              command: str = "", adapter_source: str | None = None) -> dict[str, Any]:
+    """Benchmark ``settings.modes`` on ``prompts``; print nothing, return (and write) the report.
+
+    Args:
+        engine: the loaded engine (its model also seeds the transformers baseline).
+        prompts: user messages; each is chat-templated once and every mode gets the same ids.
+        settings: modes, max new tokens, batch size, warm-up, block size.
+        out: write ``<out>.json`` and ``<out>.png`` (a trailing ``.json`` is dropped); None: nothing.
+        block_size_auto: choose the parallel block size with :func:`choose_block_size` (calibrated
+            on the first few prompts, timed at the batch size and a typical context length).
+        prompt_source, limit, command, adapter_source: recorded in the report as given.
+    Returns:
+        The report dict (schema :data:`orthrus.bench.report.SCHEMA`).
+    """
+    if out is not None:
+        check_plotting()
+    started = _dt.datetime.now(_dt.timezone.utc)
+    load_start = _load_avg()
+    ids = [engine.encode(p) for p in prompts]
+    choice: BlockSizeChoice | None = None
+    if block_size_auto and "parallel" in settings.modes:
+        context = sum(len(x) for x in ids) // len(ids) + settings.max_new_tokens // 2
+        choice = choose_block_size(engine, prompts[:AUTO_CALIBRATION_PROMPTS], batch_size=settings.batch_size,
+                                   context=context, calibration_tokens=min(64, settings.max_new_tokens))
+        settings = dataclasses.replace(settings, block_size=choice.block_size)
+    bench = Bench(engine, settings)
+    results = bench.run(ids)
+    summary = summarize(results)
+    model = engine.model
+    adapter = engine.adapter
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "date": started.isoformat(timespec="seconds"),
+        "command": command,
+        "environment": {
+            "device": str(model.device), "device_name": device_name(model.device),
+            "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "platform": platform.platform(), **_versions(),
+            "load_average_start": load_start, "load_average_end": _load_avg(),
+            "process_rss_bytes": rss_bytes(), "process_peak_rss_bytes": peak_rss_bytes(),
+            "process_memory_note": "whole process: our model and the transformers model are both loaded",
+        },
+        "model": {"name": engine.base.name, "folder": str(engine.base.folder),
+                  "parameters": sum(p.numel() for p in model.parameters()),
+                  "arch": model.config.arch, "fingerprint": engine.base.fingerprint},
+        "adapter": None if adapter is None else {
+            "source": adapter_source, "kind": adapter.config.kind,
+            "trained_block_size": adapter.config.block_size,
+            "parameters": sum(p.numel() for p in adapter.parameters())},
+        "settings": {
+            "prompts": prompt_source, "n_prompts": len(prompts), "limit": limit,
+            "prompt_tokens_mean": round(sum(len(x) for x in ids) / len(ids), 1),
+            "max_new_tokens": settings.max_new_tokens, "batch_size": settings.batch_size,
+            "warmup": settings.warmup, "modes": list(settings.modes),
+            "block_size": bench.block if "parallel" in settings.modes else None,
+            "block_size_auto": block_size_auto, "dtype": str(model.dtype).removeprefix("torch."),
+            "greedy": True, "pld_tokens": PLD_TOKENS if "hf-pld" in settings.modes else None,
+            "timing": "interleaved rounds of batch_size prompts, mode order rotated; warm-up excluded",
+        },
+        "block_size_choice": None if choice is None else choice.to_dict(),
+        "results": summary,
+        "per_prompt": [
+            {"index": i, "prompt_tokens": len(x), "preview": prompts[i][:80],
+             "tokens": {m: len(r.token_ids[i]) for m, r in results.items()},
+             "finish": {m: r.finish_reasons[i] for m, r in results.items()}}
+            for i, x in enumerate(ids)],
+    }
+    if out is not None:
+        base = Path(str(out).removesuffix(".json"))
+        write_json(report, base.with_name(base.name + ".json"))
+        plot(report, base.with_name(base.name + ".png"))
+        log.info("wrote %s.json and %s.png", base, base)
+    return report

@@ -1,0 +1,265 @@
+"""Choosing the block size K by measurement: the K that maximises expected tokens per second.
+
+One parallel cycle with block size K costs a draft pass and a verify pass of K tokens and emits
+``a + 1`` tokens, where ``E[a + 1] = 1 + sum_{i < K-1} P(a >= i + 1)``. One AR step costs one
+1-token pass and emits one token. So, on this device, at this batch size and context length::
+
+    rate(K)  = E[a + 1](K) / (t_draft(K) + t_verify(K))
+    rate(AR) = 1 / t_ar
+
+On a GPU a K-token pass costs about what a 1-token pass does (the weights are read once either
+way) and a large K pays; on a CPU the cost grows with K, and with a weak adapter no K may pay, in
+which case the answer is 1 (plain AR: parallel mode with K = 1 is the AR loop), so that auto never
+makes a user slower than AR. ``P(a >= i + 1)`` is measured, not assumed: it is the fraction of
+calibration cycles in which draft slot i was accepted (``DecodeStats.slot_accepts``).
+
+Use it anywhere a block size is taken::
+
+    choice = choose_block_size(engine)            # a few seconds: timed passes + a short calibration
+    engine.generate(prompts, mode="parallel", block_size=choice.block_size)
+
+:func:`decide_block_size` is the pure decision (timings and acceptance in, K out) and is what the
+tests exercise; :func:`measure_pass_times` and :func:`acceptance_curve` supply its inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from orthrus.adapter import DiffusionAdapter
+from orthrus.cache import KVCache
+from orthrus.decoding.generator import KV_BUCKET
+from orthrus.decoding.stats import DecodeStats
+from orthrus.errors import OrthrusError
+from orthrus.models.llama import Transformer
+
+if TYPE_CHECKING:
+    from orthrus.engine import Orthrus
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CANDIDATES = (2, 4, 8, 16, 32)
+# Short, mixed prompts for calibrating acceptance when the caller has none of its own.
+CALIBRATION_PROMPTS = (
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "Explain in a few sentences how a hash table works.",
+    "List five tips for writing clear emails.",
+    "What is 17 * 23? Show your steps.",
+)
+
+
+@dataclass(frozen=True)
+class PassTimes:
+    """Median seconds of one forward pass (logits included) on one device, batch and context.
+
+    Attributes:
+        ar: one AR step: the frozen model over 1 token per row.
+        draft: K -> the diffusion view over a K-token block per row.
+        verify: K -> the frozen model over K tokens per row.
+    """
+
+    ar: float
+    draft: dict[int, float]
+    verify: dict[int, float]
+
+    def to_dict(self) -> dict:
+        return {"ar": self.ar, "draft": {str(k): v for k, v in self.draft.items()},
+                "verify": {str(k): v for k, v in self.verify.items()}}
+
+
+@dataclass(frozen=True)
+class BlockSizeChoice:
+    """The chosen block size and the numbers behind it.
+
+    Attributes:
+        block_size: the chosen K; 1 means AR (no K was predicted to beat it by ``margin``).
+        predicted: K -> predicted tokens per second (key 1: AR).
+        expected_tokens: K -> predicted tokens per cycle ``E[a + 1]``.
+        curve: ``P(a >= i + 1)`` per draft slot i, as measured.
+        times: the pass timings used (None when no timing was needed, e.g. no adapter).
+        reason: one line for logs and reports.
+    """
+
+    block_size: int
+    predicted: dict[int, float] = field(default_factory=dict)
+    expected_tokens: dict[int, float] = field(default_factory=dict)
+    curve: list[float] = field(default_factory=list)
+    times: PassTimes | None = None
+    margin: float = 0.0
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        return {"block_size": self.block_size, "reason": self.reason, "margin": self.margin,
+                "predicted_tokens_per_second": {str(k): round(v, 4) for k, v in self.predicted.items()},
+                "expected_tokens_per_cycle": {str(k): round(v, 4) for k, v in self.expected_tokens.items()},
+                "acceptance_curve": [round(p, 4) for p in self.curve],
+                "pass_seconds": self.times.to_dict() if self.times else None}
+
+
+def acceptance_curve(stats: DecodeStats) -> list[float]:
+    """``P(a >= i + 1)`` for each draft slot i: cycles in which slot i was accepted / drafting cycles.
+
+    The curve is as long as the calibration's block size minus one; slots beyond it are unknown
+    (and counted as never accepted by :func:`expected_tokens`, which errs towards smaller K).
+    """
+    if stats.draft_passes == 0:
+        return []
+    return [n / stats.draft_passes for n in stats.slot_accepts]
+
+
+def expected_tokens(curve: Sequence[float], k: int) -> float:
+    """``E[a + 1]`` with block size ``k``: the bonus token plus each draft slot's acceptance."""
+    return 1.0 + float(sum(curve[: max(0, k - 1)]))
+
+
+def decide_block_size(times: PassTimes, curve: Sequence[float], candidates: Sequence[int] = DEFAULT_CANDIDATES,
+                      margin: float = 0.05) -> BlockSizeChoice:
+    """Pick the K with the highest predicted tokens per second, or 1 if none beats AR by ``margin``.
+
+    Args:
+        times: pass timings; ``times.draft`` and ``times.verify`` must cover every candidate.
+        curve: ``P(a >= i + 1)`` per draft slot (see :func:`acceptance_curve`).
+        candidates: block sizes >= 2 to consider (smaller K wins ties).
+        margin: a K must be predicted faster than AR by this fraction (timing noise is a few %).
+    """
+    if times.ar <= 0:
+        raise ValueError(f"AR pass time must be positive, got {times.ar}")
+    predicted = {1: 1.0 / times.ar}
+    expected = {1: 1.0}
+    for k in sorted({int(k) for k in candidates if k >= 2}):
+        if k not in times.draft or k not in times.verify:
+            raise ValueError(f"no pass timing for block size {k}")
+        expected[k] = expected_tokens(curve, k)
+        predicted[k] = expected[k] / (times.draft[k] + times.verify[k])
+    best = max((k for k in predicted if k > 1), key=lambda k: (predicted[k], -k), default=1)
+    if best > 1 and predicted[best] > predicted[1] * (1.0 + margin):
+        reason = (f"K={best}: {predicted[best]:.2f} tok/s predicted vs AR {predicted[1]:.2f} "
+                  f"({expected[best]:.2f} tokens per cycle)")
+        chosen = best
+    else:
+        reason = (f"AR: no block size beats AR ({predicted[1]:.2f} tok/s) by {margin:.0%}"
+                  + (f"; best was K={best} at {predicted[best]:.2f}" if best > 1 else ""))
+        chosen = 1
+    return BlockSizeChoice(chosen, predicted, expected, list(curve), times, margin, reason)
+
+
+def _kv_len(context: int, k: int) -> int:
+    """Cache slots a pass attends over: like the decoder, a multiple of KV_BUCKET covering the block."""
+    return -(-(context + k) // KV_BUCKET) * KV_BUCKET
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int, warmup: int, sync: Callable[[], None]) -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def _verify_pass(model: Transformer, tokens: Tensor, positions: Tensor, cache: KVCache, kv_len: int) -> None:
+    """The frozen model over ``tokens [B, K]`` and its LM head (as in a decode cycle)."""
+    model.logits(model(tokens, positions, cache, kv_len)).argmax(-1)
+
+
+def _draft_pass(model: Transformer, adapter: DiffusionAdapter, anchors: Tensor, positions: Tensor, cache: KVCache,
+                kv_len: int, ctx_mask: Tensor) -> None:
+    """The diffusion view over ``[x_t, MASK x (K-1)]`` (``anchors [B]``, ``positions [B, K]``) and the
+    LM head on its K-1 draft slots."""
+    embeds = adapter.block_embeds(model, anchors, positions.shape[1])  # [B, K, C]
+    hidden = adapter(model, embeds, positions, cache, kv_len, ctx_mask, None)
+    model.logits(hidden[:, :-1]).argmax(-1)
+
+
+@torch.inference_mode()
+def measure_pass_times(engine: "Orthrus", candidates: Sequence[int] = DEFAULT_CANDIDATES, batch_size: int = 1,
+                       context: int = 256, repeats: int = 5, warmup: int = 2) -> PassTimes:
+    """Time one AR step and, per candidate K, one draft and one verify pass, on a dummy cache.
+
+    The passes are the decoder's own (``orthrus.decoding.generator``): the frozen model over
+    ``[B, K]`` tokens at positions ``context..context+K-1`` with its LM head, and the diffusion
+    view over ``[x_t, MASK x (K-1)]`` with the LM head on its K-1 draft slots. The cache holds
+    ``context`` positions of zeros: attention costs the same whatever the values.
+
+    Args:
+        batch_size: rows per pass (B).
+        context: committed cache length the passes attend over (cost grows with it).
+        repeats, warmup: timed and untimed repetitions; the median is kept.
+    """
+    if engine.adapter is None and any(k > 1 for k in candidates):
+        raise OrthrusError("timing draft passes needs an adapter: pass --adapter PATH or --adapter init")
+    model, adapter = engine.model, engine.adapter
+    dev = model.device
+    ks = sorted({1, *(int(k) for k in candidates if k >= 2)})
+    cache = model.new_cache(batch_size, _kv_len(context, max(ks)))
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    t = torch.full((batch_size,), context, dtype=torch.long, device=dev)  # [B]
+    x = torch.zeros(batch_size, dtype=torch.long, device=dev)  # [B] anchor tokens
+    verify: dict[int, float] = {}
+    draft: dict[int, float] = {}
+    for k in ks:
+        kv_len = _kv_len(context, k)
+        positions = t[:, None] + torch.arange(k, device=dev)  # [B, K]
+        tokens = torch.zeros(batch_size, k, dtype=torch.long, device=dev)  # [B, K]
+        verify[k] = _median_seconds(functools.partial(_verify_pass, model, tokens, positions, cache, kv_len),
+                                    repeats, warmup, sync)
+        if k > 1:
+            assert adapter is not None
+            ctx_mask = (torch.arange(kv_len, device=dev) < t[:, None])[:, None, None, :]  # [B, 1, 1, S]
+            draft[k] = _median_seconds(functools.partial(_draft_pass, model, adapter, x, positions, cache,
+                                                         kv_len, ctx_mask), repeats, warmup, sync)
+    times = PassTimes(ar=verify.pop(1), draft=draft, verify=verify)
+    log.info("pass times (B=%d, context=%d): AR %.2f ms; %s", batch_size, context, 1e3 * times.ar,
+             ", ".join(f"K={k} draft {1e3 * draft[k]:.2f} + verify {1e3 * verify[k]:.2f} ms" for k in draft))
+    return times
+
+
+def choose_block_size(engine: "Orthrus", prompts: Sequence[str | list[int]] | None = None,
+                      candidates: Sequence[int] = DEFAULT_CANDIDATES, batch_size: int = 1,
+                      context: int = 256, stats: DecodeStats | None = None, calibration_tokens: int = 64,
+                      margin: float = 0.05, repeats: int = 5) -> BlockSizeChoice:
+    """Measure, then pick the block size that maximises expected tokens per second (1 = AR).
+
+    Args:
+        engine: the engine whose model and adapter will decode.
+        prompts: calibration prompts for the acceptance curve (default: :data:`CALIBRATION_PROMPTS`);
+            ignored when ``stats`` is given.
+        candidates: block sizes to consider; those above the adapter's own block size are dropped.
+        batch_size, context: the decoding conditions to time the passes under.
+        stats: acceptance statistics of an earlier greedy parallel run (its block size should be
+            the largest candidate's); None: a short greedy calibration run at the largest candidate.
+        calibration_tokens: new tokens per calibration prompt.
+        margin: how much faster than AR a K must be predicted to be chosen.
+        repeats: timed repetitions per pass.
+    """
+    if engine.adapter is None:
+        return BlockSizeChoice(1, reason="AR: no adapter")
+    cands = sorted({int(k) for k in candidates if 2 <= k <= engine.adapter.config.block_size})
+    if not cands:
+        return BlockSizeChoice(1, reason=f"AR: no candidate block size in 2..{engine.adapter.config.block_size}")
+    if stats is None:
+        t0 = time.perf_counter()
+        runs = engine.generate(list(prompts or CALIBRATION_PROMPTS), mode="parallel", block_size=max(cands),
+                               max_new_tokens=calibration_tokens, batch_size=batch_size)
+        stats = DecodeStats()
+        for c in runs:
+            stats = stats.merge(c.stats)
+        log.info("calibration at K=%d: acceptance length %.2f over %d cycles (%.1f s)", max(cands),
+                 stats.acceptance_length, stats.verify_passes, time.perf_counter() - t0)
+    curve = acceptance_curve(stats)
+    times = measure_pass_times(engine, cands, batch_size=batch_size, context=context, repeats=repeats)
+    choice = decide_block_size(times, curve, cands, margin)
+    log.info("block size: %s", choice.reason)
+    return choice

@@ -1,0 +1,119 @@
+"""``orthrus bench``: tokens per second, TPF, acceptance and exactness of every mode on one prompt set.
+
+    orthrus bench --prompts humaneval --limit 10 --modes ar,parallel,hf --adapter init \\
+        --block-size 4 --max-new-tokens 128 --out bench/results/NAME
+
+prints one fixed table and writes ``NAME.json`` and ``NAME.png`` (see ``bench/README.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from typing import Any
+
+import torch
+
+from orthrus.commands.common import add_model_args, check_model_args, has_adapter, load_engine
+from orthrus.errors import OrthrusError
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "bench", help="benchmark AR, parallel and transformers decoding on a prompt set",
+        description="Run the same prompts (greedy, same max new tokens) through each mode and report "
+                    "tokens/s, TPF, acceptance length, speedups, exact match vs AR and peak memory.")
+    p.add_argument("--prompts", default="humaneval", metavar="humaneval|mtbench|sharegpt|FILE.jsonl",
+                   help="a named prompt set or a JSONL file with a 'prompt' field per line (default: humaneval)")
+    p.add_argument("--limit", type=int, default=10, metavar="N",
+                   help="first N prompts of the set (default: 10; 0 = all)")
+    p.add_argument("--modes", default="ar,parallel,hf", metavar="LIST",
+                   help="comma list of ar, parallel, hf, hf-pld (default: ar,parallel,hf)")
+    add_model_args(p)
+    p.add_argument("--block-size", default=None, metavar="K|auto",
+                   help="parallel block size; 'auto': measured on this device (1 = AR when nothing "
+                        "pays); default: the adapter's (32 for --adapter init)")
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="(default: 256)")
+    p.add_argument("--batch-size", type=int, default=1, metavar="N", help="prompts per round (default: 1)")
+    p.add_argument("--warmup", type=int, default=1, metavar="N",
+                   help="run the first N prompts through every mode first, untimed (default: 1)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (default: torch's own choice); recorded in the report")
+    p.add_argument("--out", default=None, metavar="PATH",
+                   help="write PATH.json and PATH.png (e.g. bench/results/NAME); default: table only")
+    p.set_defaults(func=run)
+
+
+def _block_size(spec: str | None) -> tuple[int | None, bool]:
+    """``--block-size`` -> (K or None, auto?)."""
+    if spec is None:
+        return None, False
+    if spec == "auto":
+        return None, True
+    if not spec.isdigit() or int(spec) < 1:
+        raise OrthrusError(f"--block-size must be a positive integer or 'auto', got {spec!r}")
+    return int(spec), False
+
+
+def _command(args: argparse.Namespace, block: int | str | None) -> str:
+    """The command line that reproduces this run, every option spelled out (for the report)."""
+    parts = ["orthrus", "bench", "--prompts", args.prompts, "--limit", str(args.limit), "--modes", args.modes,
+             "--model", args.model, "--device", args.device, "--dtype", args.dtype,
+             "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size),
+             "--warmup", str(args.warmup)]
+    if args.adapter is not None:
+        parts += ["--adapter", args.adapter]
+    if args.adapter_kind is not None:
+        parts += ["--adapter-kind", args.adapter_kind]
+    if block is not None:
+        parts += ["--block-size", str(block)]
+    if args.threads is not None:
+        parts += ["--threads", str(args.threads)]
+    if args.out:
+        parts += ["--out", args.out]
+    return shlex.join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    from orthrus.bench import BenchSettings, format_table, parse_modes, run_bench
+    from orthrus.bench.report import check_plotting
+    from orthrus.datasets import load_prompts
+
+    # cheap checks first: bad input fails before the model loads
+    modes = parse_modes(args.modes)
+    block, auto = _block_size(args.block_size)
+    for name in ("max_new_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            raise OrthrusError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.limit < 0 or args.warmup < 0:
+        raise OrthrusError("--limit and --warmup must be >= 0")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise OrthrusError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if "parallel" in modes and not has_adapter(args):
+        raise OrthrusError("mode 'parallel' needs an adapter: pass --adapter PATH or --adapter init, "
+                           "or drop it from --modes")
+    args.block_size = block  # load_engine reads it (the block size of a fresh --adapter init)
+    check_model_args(args)
+    if args.out:
+        check_plotting()
+    prompts = load_prompts(args.prompts, limit=args.limit or None)
+    engine = load_engine(args)
+    settings = BenchSettings(modes=modes, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                             warmup=args.warmup, block_size=block)
+    command = _command(args, block="auto" if auto else block)
+    report = run_bench(engine, prompts, settings, out=args.out, block_size_auto=auto,
+                       prompt_source=args.prompts, limit=args.limit or None, command=command,
+                       adapter_source=args.adapter)
+    st, env = report["settings"], report["environment"]
+    n = env["cpu_threads"]
+    print(f"{report['model']['name']} {st['dtype']} on {env['device_name']} ({env['device']}, "
+          f"{n} CPU thread{'s' * (n != 1)}) | {st['prompts']}: {st['n_prompts']} prompts, "
+          f"{st['max_new_tokens']} new tokens, batch {st['batch_size']}, warm-up {st['warmup']}")
+    if report["block_size_choice"]:
+        print(f"block size auto: {report['block_size_choice']['reason']}")
+    print(format_table(report["results"]))
+    if args.out:
+        print(f"wrote {args.out}.json and {args.out}.png")
+    return 0
