@@ -166,13 +166,19 @@ async def _collect(server: Server, req: GenRequest, http: Request) -> tuple[str,
     """Wait for a non-streamed request to finish: (text, finish_reason, last event). If the client
     goes away meanwhile, cancel the request (freeing its slot) and return None."""
     text: list[str] = []
+    checked = time.monotonic()
     try:
         while True:
             try:
                 item = await asyncio.wait_for(req.queue.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
+                item = None
+            # poll on a clock, not only when idle: a busy request yields events faster than the poll
+            if time.monotonic() - checked >= DISCONNECT_POLL_S:
+                checked = time.monotonic()
                 if await http.is_disconnected():
                     return None
+            if item is None:
                 continue
             if isinstance(item, SchedulerError):
                 raise APIError(500, str(item), type_="server_error", code="generation_failed")
