@@ -294,3 +294,20 @@ def test_parallel_equals_ar_on_uneven_prompts(tmp_path: Path, capsys) -> None:
 def test_context_length_error(capsys) -> None:
     rc, out, err = run_cli(["generate", "hi", "--max-new-tokens", "100000", "--mode", "ar", *REAL], capsys)
     assert_one_line_error(rc, out, err, "context")
+
+
+def test_block_size_auto_applies_the_measured_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--block-size auto``: K = 1 means plain AR; another K becomes the parallel block size."""
+    import argparse
+
+    from orthrus.bench import blocksize
+    from orthrus.commands.common import apply_auto_block_size
+
+    gen = GenerationConfig(mode="parallel", max_new_tokens=8)
+    args = argparse.Namespace(block_size="auto", batch_size=2)
+    for k, mode, block in ((1, "ar", None), (4, "parallel", 4)):
+        monkeypatch.setattr(blocksize, "choose_block_size",
+                            lambda engine, batch_size, k=k: blocksize.BlockSizeChoice(k, reason="test"))
+        out = apply_auto_block_size(args, object(), gen)
+        assert (out.mode, out.block_size) == (mode, block)
+    assert apply_auto_block_size(argparse.Namespace(block_size=8), object(), gen) is gen

@@ -14,6 +14,7 @@ prompt files) is checked before any weights are read, so bad input fails at once
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import logging
@@ -55,8 +56,10 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
                    help="parallel: draft a block with the adapter, verify with the frozen model; ar: "
                         "one token per pass. Default: parallel when an adapter is available "
                         "(--adapter given, or the model's shipped adapter exists), else ar")
-    g.add_argument("--block-size", type=int, default=None, metavar="K",
-                   help="tokens drafted per cycle in parallel mode (default: the adapter's; 32 for init)")
+    g.add_argument("--block-size", type=_block_size, default=None, metavar="K|auto",
+                   help="tokens drafted per cycle in parallel mode (default: the adapter's; 32 for init); "
+                        "auto: measure the pass costs and the adapter's acceptance here and pick the "
+                        "fastest K, or plain AR decoding when no K would be faster")
     g.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="(default: 256)")
     g.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default: 0)")
     g.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off (default: 0)")
@@ -64,6 +67,15 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     g.add_argument("--stop", action="append", default=[], metavar="STR",
                    help="end a completion at this string (not included); repeatable")
+
+
+def _block_size(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 or 'auto', got {value!r}") from None
 
 
 # ---- cheap checks ----------------------------------------------------------------------------------
@@ -106,7 +118,7 @@ def check_model_args(args: argparse.Namespace) -> None:
             raise OrthrusError(f"adapter folder '{adapter}' has no {WEIGHTS}: give a folder saved by "
                                "orthrus train, or 'init'")
     block = getattr(args, "block_size", None)
-    if block is not None and block < 1:
+    if block is not None and block != "auto" and block < 1:
         raise OrthrusError(f"--block-size must be >= 1, got {block}")
 
 
@@ -117,7 +129,19 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
     return GenerationConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()), mode=resolve_mode(args),
-        block_size=getattr(args, "block_size", None))
+        block_size=None if getattr(args, "block_size", None) in (None, "auto") else args.block_size)
+
+
+def apply_auto_block_size(args: argparse.Namespace, engine: Orthrus, gen: GenerationConfig) -> GenerationConfig:
+    """For ``--block-size auto`` in parallel mode: the measured choice (block size 1 means AR)."""
+    if getattr(args, "block_size", None) != "auto" or gen.mode != "parallel":
+        return gen
+    from orthrus.bench.blocksize import choose_block_size
+
+    choice = choose_block_size(engine, batch_size=min(getattr(args, "batch_size", 1) or 1, 8))  # logs why
+    if choice.block_size <= 1:
+        return dataclasses.replace(gen, mode="ar", block_size=None)
+    return dataclasses.replace(gen, block_size=choice.block_size)
 
 
 # ---- loading ---------------------------------------------------------------------------------------
@@ -149,6 +173,7 @@ def load_engine(args: argparse.Namespace, reuse: bool = True) -> Orthrus:
     check_model_args(args)
     kind = args.adapter_kind or "full"
     block = getattr(args, "block_size", None) if args.adapter == "init" else None
+    block = None if block == "auto" else block  # auto picks a K <= the adapter's own (32 for init)
     model_path = resolve_model(args.model).path
     adapter_path = (Path(args.adapter).expanduser() / WEIGHTS if args.adapter not in (None, "init")
                     else DEFAULT_ADAPTERS.get(args.model, Path("-")) / WEIGHTS)

@@ -15,7 +15,8 @@ import sys
 import time
 from typing import Any, TextIO
 
-from orthrus.commands.common import (add_generation_args, add_model_args, generation_config, load_engine,
+from orthrus.commands.common import (add_generation_args, add_model_args, apply_auto_block_size,
+                                     generation_config, load_engine,
                                      read_prompts_jsonl)
 from orthrus.engine import Completion, run_stats
 from orthrus.errors import OrthrusError
@@ -63,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     rows = collect_prompts(args)
     gen = generation_config(args)
     engine = load_engine(args)
+    gen = apply_auto_block_size(args, engine, gen)
 
     ids = [rid for rid, _ in rows]
     prompts = [p for _, p in rows]
