@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from orthrus.errors import OrthrusError
+from orthrus.jsonl import iter_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -122,34 +123,20 @@ def iter_sharegpt(path: str | Path | None = None) -> Iterator[str]:
                 break
 
 
-def _iter_jsonl(path: Path, opener: Any = open) -> Iterator[dict]:
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise OrthrusError(f"{path}:{lineno} is not valid JSON: {e.msg}") from e
-            if not isinstance(obj, dict):
-                raise OrthrusError(f"{path}:{lineno} is not a JSON object")
-            yield obj
-
-
 def _iter_named(name: str) -> Iterator[str]:
     path = data_file(name)
     if name == "humaneval":
-        for obj in _iter_jsonl(path, gzip.open):
+        for _, obj in iter_jsonl(path, "prompt set", gzip.open):
             yield HUMANEVAL_TEMPLATE.format(prompt=obj["prompt"])
     elif name == "mtbench":
-        for obj in _iter_jsonl(path):
+        for _, obj in iter_jsonl(path, "prompt set"):
             yield obj["turns"][0]
     else:
         yield from iter_sharegpt(path)
 
 
 def _iter_file(path: Path) -> Iterator[str]:
-    for i, obj in enumerate(_iter_jsonl(path), 1):
+    for i, (_, obj) in enumerate(iter_jsonl(path, "prompt set"), 1):
         p = obj.get("prompt")
         if not isinstance(p, str) or not p.strip():
             raise OrthrusError(f"{path}: entry {i} has no non-empty string field 'prompt'")

@@ -104,7 +104,7 @@ def test_jsonl_file_with_prompt_field(tmp_path):
 @pytest.mark.parametrize("body, message", [
     ('{"text": "x"}\n', "no non-empty string field 'prompt'"),
     ('{"prompt": ""}\n', "no non-empty string field 'prompt'"),
-    ("not json\n", "not valid JSON"),
+    ("not json\n", "invalid JSON"),
     ('["a"]\n', "not a JSON object"),
     ("\n", "has no prompts"),
 ])

@@ -24,13 +24,8 @@ from orthrus.config import GenerationConfig
 from orthrus.decoding.generator import Decoder
 from orthrus.models.llama import Transformer
 from tiny import FAMILIES
+from chi2 import chi2_critical  # tests/chi2.py: alpha = 1e-4 per test
 
-try:
-    from scipy.stats import chi2 as _chi2
-except ImportError:  # pragma: no cover
-    _chi2 = None
-
-ALPHA = 1e-4  # false-alarm rate of each chi-square test (the seeds are fixed, so it is deterministic)
 VOCAB = 97
 
 
@@ -323,12 +318,6 @@ def test_bf16_parallel_runs():
 # ---------------------------------------------------------------- sampling
 
 
-def chi2_critical(dof: int) -> float:
-    if _chi2 is not None:
-        return float(_chi2.ppf(1 - ALPHA, dof))
-    # Wilson-Hilferty approximation of the chi-square quantile (z at 1 - 1e-4 = 3.719)
-    z = 3.719016
-    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
 
 
 def filtered_probs(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import struct
 
-import pytest
 import torch
 
 from orthrus.decoding.sampling import (
@@ -17,20 +16,10 @@ from orthrus.decoding.sampling import (
     sample,
     uniform,
 )
-
-try:
-    from scipy.stats import chi2 as _chi2
-except ImportError:  # pragma: no cover
-    _chi2 = None
-
-ALPHA = 1e-4  # false-alarm rate of each statistical test (deterministic with fixed seeds)
+from chi2 import chi2_critical  # tests/chi2.py: alpha = 1e-4 per test
 
 
-def chi2_critical(dof: int) -> float:
-    if _chi2 is not None:
-        return float(_chi2.ppf(1 - ALPHA, dof))
-    # Hard-coded chi-square quantiles at 1 - 1e-4 for the dofs used here.
-    return {3: 21.108, 4: 23.513, 5: 25.745}[dof]
+
 
 
 def params(B: int, temperature=1.0, top_k=0, top_p=1.0):

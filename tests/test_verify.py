@@ -15,20 +15,10 @@ from orthrus.decoding.sampling import (
     uniform,
 )
 from orthrus.decoding.verify import greedy_accept, rejection_accept
-
-try:
-    from scipy.stats import chi2 as _chi2
-except ImportError:  # pragma: no cover
-    _chi2 = None
-
-ALPHA = 1e-4  # false-alarm rate of each statistical test (deterministic with fixed seeds)
+from chi2 import chi2_critical  # tests/chi2.py: alpha = 1e-4 per test
 
 
-def chi2_critical(dof: int) -> float:
-    if _chi2 is not None:
-        return float(_chi2.ppf(1 - ALPHA, dof))
-    # Hard-coded chi-square quantiles at 1 - 1e-4 for the dofs used here.
-    return {3: 21.108, 4: 23.513}[dof]
+
 
 
 def logits_with_argmax(tokens: torch.Tensor, V: int) -> torch.Tensor:

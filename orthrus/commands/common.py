@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from orthrus.adapter import WEIGHTS
 from orthrus.config import DTYPES, AdapterConfig, GenerationConfig
 from orthrus.engine import DEFAULT_ADAPTERS, Orthrus
 from orthrus.errors import OrthrusError
+from orthrus.jsonl import iter_jsonl
 from orthrus.models.loading import DEFAULT_MODEL, parse_device, parse_dtype, resolve_model
 
 log = logging.getLogger(__name__)
@@ -197,30 +196,8 @@ def read_prompts_jsonl(path: str, start: int = 0) -> list[tuple[Any, str]]:
     integer); a row without an id gets ``start`` + its 0-based index among the rows. Errors name
     the line.
     """
-    try:
-        if path == "-":
-            lines = sys.stdin.read().splitlines()
-        else:
-            lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise OrthrusError(f"prompts file '{path}' does not exist") from None
-    except IsADirectoryError:
-        raise OrthrusError(f"prompts file '{path}' is a folder, not a .jsonl file") from None
-    except UnicodeDecodeError as e:
-        raise OrthrusError(f"prompts file '{path}' is not UTF-8 text: {e.reason}") from None
-    except OSError as e:
-        raise OrthrusError(f"cannot read prompts file '{path}': {e.strerror}") from None
     rows: list[tuple[Any, str]] = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise OrthrusError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise OrthrusError(f"{where}: each line must be a JSON object like {{\"prompt\": \"...\"}}")
+    for where, obj in iter_jsonl(path, "prompts file"):
         prompt = obj.get("prompt")
         if not isinstance(prompt, str):
             got = "missing" if prompt is None else f"a {type(prompt).__name__}"

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from orthrus.errors import OrthrusError
+from orthrus.jsonl import iter_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -164,39 +165,25 @@ def read_documents(path: str | Path, tokenizer: Any | None, vocab_size: int) -> 
     by ``orthrus distill``; preferred) or ``prompt`` and ``response`` strings (tokenised with the
     chat template). Errors name the line.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise OrthrusError(f"training data '{path}' does not exist (expected a .jsonl file, e.g. from "
-                           "orthrus distill)")
     docs: list[Document] = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise OrthrusError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise OrthrusError(f"{where}: each line must be a JSON object")
-            p_ids, r_ids = _as_ids(row.get("prompt_ids")), _as_ids(row.get("response_ids"))
-            if p_ids is None or r_ids is None:
-                prompt, response = row.get("prompt"), row.get("response")
-                if not isinstance(prompt, str) or not isinstance(response, str):
-                    raise OrthrusError(f"{where}: a row needs 'prompt_ids' and 'response_ids' (token id "
-                                       "lists) or 'prompt' and 'response' strings")
-                if tokenizer is None:
-                    raise OrthrusError(f"{where}: text rows need the model's tokenizer")
-                p_ids, r_ids = tokenize_text(tokenizer, prompt, response)
-            bad = next((t for t in p_ids + r_ids if not 0 <= t < vocab_size), None)
-            if bad is not None:
-                raise OrthrusError(f"{where}: token id {bad} is outside the model's vocabulary "
-                                   f"(0..{vocab_size - 1}): was the file made with another model?")
-            if not p_ids or not r_ids:
-                log.debug("%s: empty prompt or response, skipped", where)
-                continue
-            docs.append(Document(tuple(p_ids + r_ids), len(p_ids)))
+    for where, row in iter_jsonl(path, "training data"):
+        p_ids, r_ids = _as_ids(row.get("prompt_ids")), _as_ids(row.get("response_ids"))
+        if p_ids is None or r_ids is None:
+            prompt, response = row.get("prompt"), row.get("response")
+            if not isinstance(prompt, str) or not isinstance(response, str):
+                raise OrthrusError(f"{where}: a row needs 'prompt_ids' and 'response_ids' (token id "
+                                   "lists) or 'prompt' and 'response' strings")
+            if tokenizer is None:
+                raise OrthrusError(f"{where}: text rows need the model's tokenizer")
+            p_ids, r_ids = tokenize_text(tokenizer, prompt, response)
+        bad = next((t for t in p_ids + r_ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise OrthrusError(f"{where}: token id {bad} is outside the model's vocabulary "
+                               f"(0..{vocab_size - 1}): was the file made with another model?")
+        if not p_ids or not r_ids:
+            log.debug("%s: empty prompt or response, skipped", where)
+            continue
+        docs.append(Document(tuple(p_ids + r_ids), len(p_ids)))
     if not docs:
         raise OrthrusError(f"training data '{path}' has no usable rows (need a non-empty prompt and response)")
     return docs
