@@ -498,3 +498,20 @@ def test_adapter_adds_only_its_parameters(arch):
         per_layer += 2 * cfg.head_dim
     assert sum(p.numel() for p in lora.parameters()) == cfg.num_layers * per_layer + c
     assert not base_ptrs & {p.data_ptr() for p in lora.parameters()}
+
+
+def test_add_checks_capacity_at_the_largest_block_before_touching_slots():
+    """Cycles run at the largest live block size, so a request with a bigger block must not be let in
+    when a live row would then overflow the cache; a refused add leaves every slot as it was."""
+    model = tiny("llama")
+    adapter = tiny_adapter(model, "full", block_size=8)
+    dec = Decoder(model, adapter, (), lambda ids: "", max_batch=3, capacity=24)
+    prompt = random_prompts([6], VOCAB, seed=9)[0]
+    dec.add([("a", prompt, greedy(14, "parallel"), 2)])  # 6 + 14 + 2 <= 24
+    with pytest.raises(ValueError, match="block size 8"):
+        dec.add([("b", prompt[:2], greedy(4, "parallel"), 8)])  # fits alone, but row "a" would not
+    assert dec.free_slots() == [1, 2]
+    dec.add([("c", prompt[:2], greedy(4, "parallel"), 4)])  # 6 + 14 + 4 <= 24: admitted
+    while any(r is not None and r.finish_reason is None for r in dec.rows):
+        dec.step()
+    assert len(dec.rows[0].tokens) == 14 and len(dec.rows[1].tokens) == 4

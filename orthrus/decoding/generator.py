@@ -118,10 +118,16 @@ class Decoder:
         free = self.free_slots()
         if len(requests) > len(free):
             raise ValueError(f"{len(requests)} requests but only {len(free)} free slots")
-        for (rid, ids, gen, k), slot in zip(requests, free):
-            need = len(ids) + gen.max_new_tokens + k
+        # A cycle runs every live row at the largest block size among them, so each row must fit its
+        # prompt, its new tokens and that block. Check everything before touching any slot.
+        live = [r for r in self.rows if r is not None and r.finish_reason is None]
+        k_max = max([k for *_, k in requests] + [r.block_size for r in live])
+        for ids, gen in [(r.prompt_ids, r.gen) for r in live] + [(ids, gen) for _, ids, gen, _ in requests]:
+            need = len(ids) + gen.max_new_tokens + k_max
             if need > self.capacity:
-                raise ValueError(f"request needs {need} cache positions, the decoder holds {self.capacity}")
+                raise ValueError(f"a request needs {need} cache positions (block size {k_max}), "
+                                 f"the decoder holds {self.capacity}")
+        for (rid, ids, gen, k), slot in zip(requests, free):
             self.rows[slot] = Row(rid, slot, list(ids), gen, k)
         slots = free[: len(requests)]
         events: list[Event] = []
