@@ -20,7 +20,7 @@ import logging
 import secrets
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -189,6 +189,16 @@ async def _collect(server: Server, req: GenRequest, http: Request) -> tuple[str,
         server.scheduler.cancel(req)  # no-op once finished
 
 
+async def _reply(server: Server, req: GenRequest, http: Request, prompt_tokens: int,
+                 respond: Callable[[str, str, dict, dict], Any]) -> Any:
+    """A non-streamed reply: wait for ``req``, then ``respond(text, finish_reason, usage, extra)``."""
+    done = await _collect(server, req, http)
+    if done is None:
+        return Response(status_code=CLIENT_CLOSED)
+    text, finish, last = done
+    return respond(text, finish, P.usage(prompt_tokens, len(last.row.tokens)), _extra(last))
+
+
 def _extra(ev: Event) -> dict[str, Any]:
     """Per-request decoding stats, returned beside ``usage``."""
     s = ev.row.stats
@@ -291,12 +301,8 @@ def create_app(engine: Orthrus, model_name: str, mode: str = "parallel", max_bat
         rid = P.new_id("chatcmpl")
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if not body.stream:
-            done = await _collect(server, req, request)
-            if done is None:
-                return Response(status_code=CLIENT_CLOSED)
-            text, finish, last = done
-            return P.chat_response(rid, model_name, text, finish, P.usage(len(ids), len(last.row.tokens)),
-                                   _extra(last))
+            return await _reply(server, req, request, len(ids),
+                                lambda *a: P.chat_response(rid, model_name, *a))
 
         async def stream() -> AsyncIterator[str]:
             created = int(time.time())
@@ -335,12 +341,8 @@ def create_app(engine: Orthrus, model_name: str, mode: str = "parallel", max_bat
         rid = P.new_id("cmpl")
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if not body.stream:
-            done = await _collect(server, req, request)
-            if done is None:
-                return Response(status_code=CLIENT_CLOSED)
-            text, finish, last = done
-            return P.completion_response(rid, model_name, text, finish,
-                                         P.usage(len(ids), len(last.row.tokens)), _extra(last))
+            return await _reply(server, req, request, len(ids),
+                                lambda *a: P.completion_response(rid, model_name, *a))
 
         async def stream() -> AsyncIterator[str]:
             created = int(time.time())
