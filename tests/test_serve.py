@@ -337,9 +337,26 @@ def test_decoder_failure_fails_the_request_not_the_server(live: LiveServer, clie
 
 # ---- disconnects --------------------------------------------------------------------------------
 
-def test_disconnect_mid_stream_frees_slot(live: LiveServer, http: httpx.Client) -> None:
+LONG = "Write a long story about a ship at sea."  # a greedy answer that runs to max_tokens
+
+
+@pytest.fixture
+def slow_steps(live: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each decoder step takes >= 0.25 s, so a request cannot finish before its client has gone
+    (on a fast machine it otherwise could, and the test would race the disconnect)."""
+    decoder = live.app.state.server.scheduler.decoder
+    step = decoder.step
+
+    def slow() -> list:
+        time.sleep(0.25)
+        return step()
+
+    monkeypatch.setattr(decoder, "step", slow)  # the scheduler thread is idle: safe to swap
+
+
+def test_disconnect_mid_stream_frees_slot(live: LiveServer, http: httpx.Client, slow_steps: None) -> None:
     before = wait_idle(http)
-    body = {**GOOD, "messages": [{"role": "user", "content": QUESTIONS[5]}], "max_tokens": 200,
+    body = {**GOOD, "messages": [{"role": "user", "content": LONG}], "max_tokens": 200,
             "temperature": 0, "stream": True}
     with httpx.Client(base_url=live.url, timeout=60) as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
         lines = r.iter_lines()
@@ -356,9 +373,9 @@ def test_disconnect_mid_stream_frees_slot(live: LiveServer, http: httpx.Client) 
     assert m["orthrus_generated_tokens_total"] - before["orthrus_generated_tokens_total"] < 100
 
 
-def test_disconnect_while_waiting_non_streamed(live: LiveServer, http: httpx.Client) -> None:
+def test_disconnect_while_waiting_non_streamed(live: LiveServer, http: httpx.Client, slow_steps: None) -> None:
     before = wait_idle(http)
-    body = {**GOOD, "messages": [{"role": "user", "content": QUESTIONS[6]}], "max_tokens": 200}
+    body = {**GOOD, "messages": [{"role": "user", "content": LONG}], "max_tokens": 200, "temperature": 0}
     with httpx.Client(base_url=live.url, timeout=1.5) as c, pytest.raises(httpx.ReadTimeout):
         c.post("/v1/chat/completions", json=body)
     m = wait_idle(http, timeout=20)
