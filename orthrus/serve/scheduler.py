@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from orthrus.config import GenerationConfig
 from orthrus.decoding.generator import Event
+from orthrus.decoding.stats import DecodeStats
 from orthrus.engine import Orthrus
 
 log = logging.getLogger(__name__)
@@ -62,10 +63,9 @@ class Request:
 class Metrics:
     """Server counters (written by the scheduler thread, read by /metrics).
 
-    ``stat_tokens``, ``forward_passes`` and ``verify_passes`` are summed per row, as in
-    :class:`~orthrus.decoding.stats.DecodeStats`, so TPF and acceptance length mean what they mean
-    offline (METHOD.md); ``decode_steps`` counts batched cycles (one draft + one verify forward
-    for the whole batch).
+    ``decode`` sums every row's :class:`~orthrus.decoding.stats.DecodeStats`, so TPF and acceptance
+    length are the offline definitions (METHOD.md); ``decode_steps`` counts batched cycles (one
+    draft + one verify forward for the whole batch).
     """
 
     requests: int = 0
@@ -75,19 +75,8 @@ class Metrics:
     rejected: int = 0            # 4xx replies (counted by the app)
     prompt_tokens: int = 0
     generated_tokens: int = 0    # tokens sent to clients
-    stat_tokens: int = 0         # tokens emitted by decode cycles (DecodeStats.tokens)
-    prefill_passes: int = 0
-    forward_passes: int = 0
-    verify_passes: int = 0
     decode_steps: int = 0
-
-    @property
-    def tpf(self) -> float:
-        return self.stat_tokens / self.forward_passes if self.forward_passes else 0.0
-
-    @property
-    def acceptance_length(self) -> float:
-        return self.stat_tokens / self.verify_passes if self.verify_passes else 0.0
+    decode: DecodeStats = field(default_factory=DecodeStats)
 
 
 class Scheduler:
@@ -195,10 +184,11 @@ class Scheduler:
             req = self._live[ev.request_id]
             s = ev.row.stats
             tok, prefills, drafts, verifies = req._seen
-            m.stat_tokens += s.tokens - tok
-            m.prefill_passes += s.prefill_passes - prefills
-            m.forward_passes += s.draft_passes - drafts + s.verify_passes - verifies
-            m.verify_passes += s.verify_passes - verifies
+            d = m.decode
+            d.tokens += s.tokens - tok
+            d.prefill_passes += s.prefill_passes - prefills
+            d.draft_passes += s.draft_passes - drafts
+            d.verify_passes += s.verify_passes - verifies
             req._seen = (s.tokens, s.prefill_passes, s.draft_passes, s.verify_passes)
             m.generated_tokens += len(ev.token_ids)
             if ev.finish_reason is not None:
