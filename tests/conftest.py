@@ -77,12 +77,11 @@ def run_decoder(model: Transformer, adapter: DiffusionAdapter | None, prompts: l
     dec.streamed = streamed  # type: ignore[attr-defined]  # the text deltas, joined, per request
 
     def finish(events: list) -> None:
-        slot_of = {id(r): i for i, r in enumerate(dec.rows) if r is not None}  # (rows.index is O(B^2))
         for ev in events:
             streamed[ev.request_id] += ev.text
             if ev.finish_reason is not None:
                 done[ev.request_id] = ev.row
-                dec.release(slot_of[id(ev.row)])
+                dec.release(ev.row.slot)
 
     while pending or dec.busy():
         free = dec.free_slots()
