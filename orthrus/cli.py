@@ -19,6 +19,11 @@ COMMANDS = ("generate", "chat", "distill", "train", "bench", "serve")
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        # no prefix matching: '--prompt X' must not silently mean '--prompts-file X'
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # argparse's own errors: one line, exit 2
         print(f"orthrus: error: {message}", file=sys.stderr)
         sys.exit(2)

@@ -44,16 +44,18 @@ class Completion:
 class Orthrus:
     """A frozen base model plus (optionally) its diffusion adapter."""
 
-    def __init__(self, base: LoadedModel, adapter: DiffusionAdapter | None) -> None:
+    def __init__(self, base: LoadedModel, adapter: DiffusionAdapter | None, cuda_graphs: bool | None = None) -> None:
         self.base = base
         self.model = base.model
         self.tokenizer = base.tokenizer
         self.adapter = adapter
+        self.cuda_graphs = cuda_graphs
+        self._spare: Decoder | None = None  # the last idle decoder, kept for its cache and graphs
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, adapter: str | None = None, device: str = "cpu",
                         dtype: str = "float32", adapter_kind: str = "full",
-                        block_size: int | None = None) -> "Orthrus":
+                        block_size: int | None = None, cuda_graphs: bool | None = None) -> "Orthrus":
         """Load a base model and an adapter.
 
         Args:
@@ -62,6 +64,7 @@ class Orthrus:
                 None (the shipped default adapter for the default model, if any; else no adapter).
             adapter_kind: for ``init``: ``full`` or ``lora:R``.
             block_size: for ``init``: the adapter's block size (default 32).
+            cuda_graphs: replay each decoding cycle as a CUDA graph (None: yes on CUDA devices).
         """
         base = load_base(model, device=device, dtype=dtype)
         ad = None
@@ -75,7 +78,7 @@ class Orthrus:
             ad = DiffusionAdapter.load(DEFAULT_ADAPTERS[model], base.model, base.fingerprint)
         if ad is not None:
             ad = ad.to(device=base.model.device, dtype=base.model.dtype).eval().requires_grad_(False)
-        return cls(base, ad)
+        return cls(base, ad, cuda_graphs)
 
     # ---- prompts ------------------------------------------------------------------------------
 
@@ -123,7 +126,28 @@ class Orthrus:
                 f"context of {self.max_context} tokens")
 
     def new_decoder(self, max_batch: int, capacity: int) -> Decoder:
-        return Decoder(self.model, self.adapter, self.base.eos_ids, self.decode, max_batch, capacity)
+        return Decoder(self.model, self.adapter, self.base.eos_ids, self.decode, max_batch, capacity,
+                       cuda_graphs=self.cuda_graphs)
+
+    def _take_decoder(self, max_batch: int, capacity: int) -> Decoder:
+        """An idle decoder of ``max_batch`` slots holding at least ``capacity`` positions.
+
+        The last one is reused while it fits, so its static cache and its captured CUDA graphs
+        outlive one ``generate`` call; with static shapes a new one gets a power-of-two capacity
+        (fewer distinct shapes). A decoder in use by another (interleaved) stream is never shared.
+        """
+        dec, self._spare = self._spare, None
+        if dec is not None and dec.max_batch == max_batch and dec.capacity >= capacity:
+            return dec
+        dec = None  # free the old cache before allocating the new one
+        if self.uses_cuda_graphs:
+            capacity = max(capacity, min(max(512, 1 << (capacity - 1).bit_length()), self.max_context + 64))
+        return self.new_decoder(max_batch, capacity)
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """Whether decoders replay CUDA graphs (asked for, or by default on a CUDA device)."""
+        return self.model.device.type == "cuda" if self.cuda_graphs is None else self.cuda_graphs
 
     # ---- generation ---------------------------------------------------------------------------
 
@@ -147,14 +171,20 @@ class Orthrus:
         if not encoded:
             return
         capacity = max(len(n) for n in encoded) + gen.max_new_tokens + k
-        dec = self.new_decoder(min(batch_size, len(encoded)), capacity)
+        dec = self._take_decoder(min(batch_size, len(encoded)), capacity)
         pending = list(zip(ids, encoded))
-        while pending or dec.busy():
-            free = dec.free_slots()
-            if free and pending:
-                batch, pending = pending[: len(free)], pending[len(free):]
-                yield from self._finish(dec, dec.add([(rid, n, gen, k) for rid, n in batch]))
-            yield from self._finish(dec, dec.step())
+        try:
+            while pending or dec.busy():
+                free = dec.free_slots()
+                if free and pending:
+                    batch, pending = pending[: len(free)], pending[len(free):]
+                    yield from self._finish(dec, dec.add([(rid, n, gen, k) for rid, n in batch]))
+                yield from self._finish(dec, dec.step())
+        finally:
+            for slot, row in enumerate(dec.rows):  # a stream closed early leaves rows behind
+                if row is not None:
+                    dec.release(slot)
+            self._spare = dec
 
     @staticmethod
     def _finish(dec: Decoder, events: list[Event]) -> Iterator[Event]:

@@ -119,9 +119,8 @@ def test_parse_modes_and_settings():
 # ---- block size: the decision, with injected timings -----------------------------------------------
 
 def times_for(ar: float, per_token: float, candidates=(2, 4, 8, 16, 32)) -> PassTimes:
-    """Pass times that grow with K: ``ar + per_token * (K - 1)`` for both draft and verify."""
-    t = {k: ar + per_token * (k - 1) for k in candidates}
-    return PassTimes(ar=ar, draft=dict(t), verify=dict(t))
+    """Cycle times that grow with K: ``ar + per_token * (K - 1)`` for each of draft and verify."""
+    return PassTimes(ar=ar, cycle={k: 2 * (ar + per_token * (k - 1)) for k in candidates})
 
 
 def test_gpu_like_costs_pick_a_large_block():
@@ -153,13 +152,13 @@ def test_moderate_acceptance_picks_the_best_middle_block():
 
 def test_margin_keeps_ar_when_the_gain_is_within_noise():
     # K=2 predicted 3% faster than AR: chosen with no margin, not with the default 5%
-    times = PassTimes(ar=1.0, draft={2: 0.5}, verify={2: 0.5})
+    times = PassTimes(ar=1.0, cycle={2: 1.0})
     assert decide_block_size(times, [0.03], [2], margin=0.0).block_size == 2
     assert decide_block_size(times, [0.03], [2]).block_size == 1
 
 
 def test_ties_go_to_the_smaller_block():
-    times = PassTimes(ar=1.0, draft={2: 0.25, 4: 0.5}, verify={2: 0.25, 4: 0.5})
+    times = PassTimes(ar=1.0, cycle={2: 0.5, 4: 1.0})
     # K=2: 1.5 tokens / 0.5 s = 3; K=4: (1 + 0.5 + 0.75 + 0.75) / 1.0 s = 3
     choice = decide_block_size(times, [0.5, 0.75, 0.75], [2, 4])
     assert choice.predicted[2] == choice.predicted[4] == 3.0 and choice.block_size == 2
@@ -206,8 +205,8 @@ def test_choose_block_size_wiring(tiny_engine, monkeypatch):
 
 def test_measure_pass_times_covers_every_candidate(tiny_engine):
     times = measure_pass_times(tiny_engine, (2, 4), batch_size=2, context=20, repeats=1, warmup=0)
-    assert set(times.draft) == set(times.verify) == {2, 4}
-    assert times.ar > 0 and all(v > 0 for v in [*times.draft.values(), *times.verify.values()])
+    assert set(times.cycle) == {2, 4}
+    assert times.ar > 0 and all(v > 0 for v in times.cycle.values())
 
 
 def test_auto_block_size_in_the_report(tiny_engine, monkeypatch):

@@ -4,7 +4,7 @@ One parallel cycle with block size K costs a draft pass and a verify pass of K t
 ``a + 1`` tokens, where ``E[a + 1] = 1 + sum_{i < K-1} P(a >= i + 1)``. One AR step costs one
 1-token pass and emits one token. So, on this device, at this batch size and context length::
 
-    rate(K)  = E[a + 1](K) / (t_draft(K) + t_verify(K))
+    rate(K)  = E[a + 1](K) / t_cycle(K)        (t_cycle = draft + verify + consensus)
     rate(AR) = 1 / t_ar
 
 On a GPU a K-token pass costs about what a 1-token pass does (the weights are read once either
@@ -31,15 +31,9 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
-import torch
-from torch import Tensor
-
-from orthrus.adapter import DiffusionAdapter
-from orthrus.cache import KVCache
-from orthrus.decoding.generator import KV_BUCKET
+from orthrus.config import GenerationConfig
 from orthrus.decoding.stats import DecodeStats
 from orthrus.errors import OrthrusError
-from orthrus.models.llama import Transformer
 
 if TYPE_CHECKING:
     from orthrus.engine import Orthrus
@@ -58,21 +52,19 @@ CALIBRATION_PROMPTS = (
 
 @dataclass(frozen=True)
 class PassTimes:
-    """Median seconds of one forward pass (logits included) on one device, batch and context.
+    """Median seconds of one decoding cycle on one device, batch and context, as the decoder runs
+    it (eager on a CPU, a replayed CUDA graph on a GPU), host sync included.
 
     Attributes:
-        ar: one AR step: the frozen model over 1 token per row.
-        draft: K -> the diffusion view over a K-token block per row.
-        verify: K -> the frozen model over K tokens per row.
+        ar: one AR step (block size 1: one 1-token pass of the frozen model).
+        cycle: K -> one parallel cycle (draft pass + K-token verify pass + consensus).
     """
 
     ar: float
-    draft: dict[int, float]
-    verify: dict[int, float]
+    cycle: dict[int, float]
 
     def to_dict(self) -> dict:
-        return {"ar": self.ar, "draft": {str(k): v for k, v in self.draft.items()},
-                "verify": {str(k): v for k, v in self.verify.items()}}
+        return {"ar": self.ar, "cycle": {str(k): v for k, v in self.cycle.items()}}
 
 
 @dataclass(frozen=True)
@@ -125,7 +117,7 @@ def decide_block_size(times: PassTimes, curve: Sequence[float], candidates: Sequ
     """Pick the K with the highest predicted tokens per second, or 1 if none beats AR by ``margin``.
 
     Args:
-        times: pass timings; ``times.draft`` and ``times.verify`` must cover every candidate.
+        times: cycle timings; ``times.cycle`` must cover every candidate.
         curve: ``P(a >= i + 1)`` per draft slot (see :func:`acceptance_curve`).
         candidates: block sizes >= 2 to consider (smaller K wins ties).
         margin: a K must be predicted faster than AR by this fraction (timing noise is a few %).
@@ -135,10 +127,10 @@ def decide_block_size(times: PassTimes, curve: Sequence[float], candidates: Sequ
     predicted = {1: 1.0 / times.ar}
     expected = {1: 1.0}
     for k in sorted({int(k) for k in candidates if k >= 2}):
-        if k not in times.draft or k not in times.verify:
+        if k not in times.cycle:
             raise ValueError(f"no pass timing for block size {k}")
         expected[k] = expected_tokens(curve, k)
-        predicted[k] = expected[k] / (times.draft[k] + times.verify[k])
+        predicted[k] = expected[k] / times.cycle[k]
     best = max((k for k in predicted if k > 1), key=lambda k: (predicted[k], -k), default=1)
     if best > 1 and predicted[best] > predicted[1] * (1.0 + margin):
         reason = (f"K={best}: {predicted[best]:.2f} tok/s predicted vs AR {predicted[1]:.2f} "
@@ -151,78 +143,53 @@ def decide_block_size(times: PassTimes, curve: Sequence[float], candidates: Sequ
     return BlockSizeChoice(chosen, predicted, expected, list(curve), times, margin, reason)
 
 
-def _kv_len(context: int, k: int) -> int:
-    """Cache slots a pass attends over: like the decoder, a multiple of KV_BUCKET covering the block."""
-    return -(-(context + k) // KV_BUCKET) * KV_BUCKET
-
-
-def _median_seconds(fn: Callable[[], object], repeats: int, warmup: int, sync: Callable[[], None]) -> float:
+def _median_seconds(fn: Callable[[], object], repeats: int, warmup: int) -> float:
     for _ in range(warmup):
         fn()
-    sync()
     samples = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        sync()
         samples.append(time.perf_counter() - t0)
     return statistics.median(samples)
 
 
-def _verify_pass(model: Transformer, tokens: Tensor, positions: Tensor, cache: KVCache, kv_len: int) -> None:
-    """The frozen model over ``tokens [B, K]`` and its LM head (as in a decode cycle)."""
-    model.logits(model(tokens, positions, cache, kv_len)).argmax(-1)
-
-
-def _draft_pass(model: Transformer, adapter: DiffusionAdapter, anchors: Tensor, positions: Tensor, cache: KVCache,
-                kv_len: int, ctx_mask: Tensor) -> None:
-    """The diffusion view over ``[x_t, MASK x (K-1)]`` (``anchors [B]``, ``positions [B, K]``) and the
-    LM head on its K-1 draft slots."""
-    embeds = adapter.block_embeds(model, anchors, positions.shape[1])  # [B, K, C]
-    hidden = adapter(model, embeds, positions, cache, kv_len, ctx_mask, None)
-    model.logits(hidden[:, :-1]).argmax(-1)
-
-
-@torch.inference_mode()
 def measure_pass_times(engine: "Orthrus", candidates: Sequence[int] = DEFAULT_CANDIDATES, batch_size: int = 1,
                        context: int = 256, repeats: int = 5, warmup: int = 2) -> PassTimes:
-    """Time one AR step and, per candidate K, one draft and one verify pass, on a dummy cache.
+    """Time one AR step and, per candidate K, one parallel cycle, with the engine's own decoder.
 
-    The passes are the decoder's own (``orthrus.decoding.generator``): the frozen model over
-    ``[B, K]`` tokens at positions ``context..context+K-1`` with its LM head, and the diffusion
-    view over ``[x_t, MASK x (K-1)]`` with the LM head on its K-1 draft slots. The cache holds
-    ``context`` positions of zeros: attention costs the same whatever the values.
+    ``batch_size`` rows of ``context`` prompt tokens are prefilled; then each cycle shape runs
+    ``warmup + repeats`` times (on CUDA the first run captures its graph), each time from that same
+    state (the commit is undone in between), and the median is kept. Every run ends with the
+    decoder's host sync, so the time is the device's too. Acceptance does not change the cost.
 
     Args:
-        batch_size: rows per pass (B).
-        context: committed cache length the passes attend over (cost grows with it).
-        repeats, warmup: timed and untimed repetitions; the median is kept.
+        batch_size: rows per cycle (B).
+        context: committed cache length the cycles attend over (cost grows with it).
+        repeats, warmup: timed and untimed repetitions.
     """
     if engine.adapter is None and any(k > 1 for k in candidates):
         raise OrthrusError("timing draft passes needs an adapter: pass --adapter PATH or --adapter init")
-    model, adapter = engine.model, engine.adapter
-    dev = model.device
     ks = sorted({1, *(int(k) for k in candidates if k >= 2)})
-    cache = model.new_cache(batch_size, _kv_len(context, max(ks)))
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    t = torch.full((batch_size,), context, dtype=torch.long, device=dev)  # [B]
-    x = torch.zeros(batch_size, dtype=torch.long, device=dev)  # [B] anchor tokens
-    verify: dict[int, float] = {}
-    draft: dict[int, float] = {}
+    dec = engine.new_decoder(batch_size, context + 1 + max(ks))
+    gen = GenerationConfig(max_new_tokens=1, mode="parallel" if max(ks) > 1 else "ar")
+    dec.add([(i, [0] * context, gen, max(ks)) for i in range(batch_size)])
+    saved = dec.lengths.clone(), dec.x_t.clone()
+
+    def one_cycle(key: tuple) -> None:
+        dec.run_cycle(*key).tolist()  # the decoder's per-cycle host sync
+        dec.lengths.copy_(saved[0])
+        dec.x_t.copy_(saved[1])
+
+    cycle: dict[int, float] = {}
     for k in ks:
-        kv_len = _kv_len(context, k)
-        positions = t[:, None] + torch.arange(k, device=dev)  # [B, K]
-        tokens = torch.zeros(batch_size, k, dtype=torch.long, device=dev)  # [B, K]
-        verify[k] = _median_seconds(functools.partial(_verify_pass, model, tokens, positions, cache, kv_len),
-                                    repeats, warmup, sync)
-        if k > 1:
-            assert adapter is not None
-            ctx_mask = (torch.arange(kv_len, device=dev) < t[:, None])[:, None, None, :]  # [B, 1, 1, S]
-            draft[k] = _median_seconds(functools.partial(_draft_pass, model, adapter, x, positions, cache,
-                                                         kv_len, ctx_mask), repeats, warmup, sync)
-    times = PassTimes(ar=verify.pop(1), draft=draft, verify=verify)
-    log.info("pass times (B=%d, context=%d): AR %.2f ms; %s", batch_size, context, 1e3 * times.ar,
-             ", ".join(f"K={k} draft {1e3 * draft[k]:.2f} + verify {1e3 * verify[k]:.2f} ms" for k in draft))
+        rows, kv_len = dec.cycle_shape(batch_size, context + k)  # as Decoder.step would
+        key = (rows, k, kv_len, True, False)
+        cycle[k] = _median_seconds(functools.partial(one_cycle, key), repeats, warmup)
+    times = PassTimes(ar=cycle.pop(1), cycle=cycle)
+    log.info("cycle times (B=%d, context=%d%s): AR %.2f ms; %s", batch_size, context,
+             ", CUDA graphs" if dec.cuda_graphs else "", 1e3 * times.ar,
+             ", ".join(f"K={k} {1e3 * v:.2f} ms" for k, v in cycle.items()))
     return times
 
 

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 # ---- options --------------------------------------------------------------------------------------
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """``--model --adapter --adapter-kind --device --dtype``."""
+    """``--model --adapter --adapter-kind --device --dtype --no-cuda-graphs``."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"a known name ({DEFAULT_MODEL}), a Hugging Face folder or a .gguf file "
@@ -46,6 +46,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="with --adapter init: full (own q/k/v/o copies, default) or lora:R")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     g.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype (default: float32)")
+    g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
+                   help="on CUDA, run each decoding cycle eagerly instead of replaying a captured "
+                        "CUDA graph (for debugging; much slower)")
 
 
 def add_generation_args(parser: argparse.ArgumentParser) -> None:
@@ -131,13 +134,16 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
         block_size=None if getattr(args, "block_size", None) in (None, "auto") else args.block_size)
 
 
-def apply_auto_block_size(args: argparse.Namespace, engine: Orthrus, gen: GenerationConfig) -> GenerationConfig:
-    """For ``--block-size auto`` in parallel mode: the measured choice (block size 1 means AR)."""
+def apply_auto_block_size(args: argparse.Namespace, engine: Orthrus, gen: GenerationConfig,
+                          n_prompts: int | None = None) -> GenerationConfig:
+    """For ``--block-size auto`` in parallel mode: the measured choice (block size 1 means AR),
+    timed at the batch size the run will have (``--batch-size``, at most ``n_prompts``, at most 8)."""
     if getattr(args, "block_size", None) != "auto" or gen.mode != "parallel":
         return gen
     from orthrus.bench.blocksize import choose_block_size
 
-    choice = choose_block_size(engine, batch_size=min(getattr(args, "batch_size", 1) or 1, 8))  # logs why
+    batch = min(getattr(args, "batch_size", 1) or 1, n_prompts or 1 << 30, 8)
+    choice = choose_block_size(engine, batch_size=batch)  # logs why
     if choice.block_size <= 1:
         return dataclasses.replace(gen, mode="ar", block_size=None)
     return dataclasses.replace(gen, block_size=choice.block_size)
@@ -156,10 +162,10 @@ def _stamp(path: Path | None) -> tuple[int, int] | None:
 
 @functools.lru_cache(maxsize=1)
 def _cached_engine(model: str, adapter: str | None, device: str, dtype: str, adapter_kind: str,
-                   block_size: int | None, stamps: tuple[Any, ...]) -> Orthrus:
+                   block_size: int | None, cuda_graphs: bool | None, stamps: tuple[Any, ...]) -> Orthrus:
     del stamps  # part of the cache key only
     return Orthrus.from_pretrained(model, adapter=adapter, device=device, dtype=dtype,
-                                   adapter_kind=adapter_kind, block_size=block_size)
+                                   adapter_kind=adapter_kind, block_size=block_size, cuda_graphs=cuda_graphs)
 
 
 def load_engine(args: argparse.Namespace, reuse: bool = True) -> Orthrus:
@@ -176,7 +182,7 @@ def load_engine(args: argparse.Namespace, reuse: bool = True) -> Orthrus:
     model_path = resolve_model(args.model).path
     adapter_path = (Path(args.adapter).expanduser() / WEIGHTS if args.adapter not in (None, "init")
                     else DEFAULT_ADAPTERS.get(args.model, Path("-")) / WEIGHTS)
-    key = (args.model, args.adapter, args.device, args.dtype, kind, block,
+    key = (args.model, args.adapter, args.device, args.dtype, kind, block, getattr(args, "cuda_graphs", None),
            (_stamp(model_path), _stamp(adapter_path)))
     log.info("loading %s (adapter: %s) on %s in %s", args.model, args.adapter or "default",
              args.device, args.dtype)

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     rows = collect_prompts(args)
     gen = generation_config(args)
     engine = load_engine(args)
-    gen = apply_auto_block_size(args, engine, gen)
+    gen = apply_auto_block_size(args, engine, gen, len(rows))
 
     ids = [rid for rid, _ in rows]
     prompts = [p for _, p in rows]

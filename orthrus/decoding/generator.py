@@ -14,6 +14,11 @@ One cycle (METHOD.md), for all active rows at once:
 The device part has no Python loop over rows or tokens and no host sync; the single sync per cycle
 is the copy of the emitted tokens to the host (marked below), after which the host does the per-row
 bookkeeping (EOS, max tokens, stop strings, streaming text).
+
+Shapes: a cycle runs over slots ``[0, rows)`` attending over cache slots ``[0, kv_len)``. Eager mode
+(CPU) keeps both tight (``kv_len`` a multiple of :data:`KV_BUCKET`). Static mode rounds both up to
+powers of two, so few distinct shapes occur; on CUDA it is the default and each shape's cycle is
+captured once as a CUDA graph and replayed (``orthrus.decoding.graphs``).
 """
 
 from __future__ import annotations
@@ -27,13 +32,15 @@ from torch import Tensor
 
 from orthrus.adapter import DiffusionAdapter
 from orthrus.config import GenerationConfig
+from orthrus.decoding.graphs import CycleGraphs
 from orthrus.decoding.sampling import (STREAM_ACCEPT, STREAM_BONUS, STREAM_DRAFT, STREAM_RESIDUAL,
                                        process_logits, sample, uniform)
 from orthrus.decoding.stats import DecodeStats
 from orthrus.decoding.verify import greedy_accept, rejection_accept
 from orthrus.models.llama import Transformer
 
-KV_BUCKET = 64  # attend over the cache in multiples of this many slots (fewer distinct shapes)
+KV_BUCKET = 64  # eager mode: attend over the cache in multiples of this many slots
+STATIC_MIN_KV = 256  # static mode: kv_len is a power of two, at least this (or the capacity)
 
 
 @dataclass(eq=False)
@@ -67,6 +74,11 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
+
+
 class Decoder:
     """Batched AR / parallel decoding over ``max_batch`` slots of a static cache.
 
@@ -78,13 +90,23 @@ class Decoder:
             strings and streamed text.
         max_batch: number of slots.
         capacity: cache positions per slot (prompt + new tokens + one block must fit).
+        cuda_graphs: capture each cycle shape as a CUDA graph and replay it (None: on CUDA devices).
+        static_shapes: round rows and kv_len up to powers of two (None: when ``cuda_graphs``).
+            Graphs need it; on its own (CPU) it exercises the graph-mode shapes eagerly.
     """
 
     def __init__(self, model: Transformer, adapter: DiffusionAdapter | None, eos_ids: tuple[int, ...],
-                 decode: Callable[[list[int]], str], max_batch: int, capacity: int) -> None:
+                 decode: Callable[[list[int]], str], max_batch: int, capacity: int,
+                 cuda_graphs: bool | None = None, static_shapes: bool | None = None) -> None:
         self.model, self.adapter, self.eos_ids, self.decode = model, adapter, set(eos_ids), decode
         self.capacity = capacity
         dev = model.device
+        self.cuda_graphs = dev.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.static_shapes = self.cuda_graphs if static_shapes is None else static_shapes
+        if self.cuda_graphs and not self.static_shapes:
+            raise ValueError("CUDA graphs need static shapes")
+        if self.cuda_graphs and dev.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; the model is on {dev}")
         self.cache = model.new_cache(max_batch, capacity)
         self.rows: list[Row | None] = [None] * max_batch
         self.lengths_host = [0] * max_batch
@@ -96,6 +118,8 @@ class Decoder:
         self.temperature = torch.zeros(max_batch, dtype=torch.float32, device=dev)
         self.top_k = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self.top_p = torch.ones(max_batch, dtype=torch.float32, device=dev)
+        # the cycle mutates only lengths and x_t (and not-yet-committed cache slots)
+        self.graphs = CycleGraphs(self._cycle, (self.lengths, self.x_t)) if self.cuda_graphs else None
 
     # ---- slots --------------------------------------------------------------------------------
 
@@ -245,18 +269,37 @@ class Decoder:
         self.x_t[:hi] = torch.where(act.bool(), nxt, x)
         return torch.cat((out, n_acc[:, None]), dim=1)
 
+    def run_cycle(self, rows: int, k: int, kv_len: int, greedy: bool, filters: bool) -> Tensor:
+        """One cycle (see :meth:`_cycle`): a replayed CUDA graph in graph mode, else eager.
+
+        In graph mode the result is the graph's static output: read it before the next cycle.
+        """
+        if self.graphs is not None:
+            return self.graphs.run(rows, k, kv_len, greedy, filters)
+        return self._cycle(rows, k, kv_len, greedy, filters)
+
+    def cycle_shape(self, rows: int, need: int) -> tuple[int, int]:
+        """``(rows, kv_len)`` of a cycle whose live slots lie below ``rows`` and whose longest row
+        reaches cache position ``need`` (exclusive) with this cycle's block.
+
+        Slots are filled lowest-first, so ``[0, rows)`` is mostly live; slots in it that are not
+        decoding are parked (length 0, inactive) and compute junk that is never committed.
+        """
+        if not self.static_shapes:
+            return rows, min(self.capacity, _round_up(need, KV_BUCKET))
+        return min(self.max_batch, _pow2(rows)), min(self.capacity, max(STATIC_MIN_KV, _pow2(need)))
+
     def step(self) -> list[Event]:
         """Run one cycle for every active slot; return what each row produced."""
         live = [i for i, r in enumerate(self.rows) if r is not None and r.finish_reason is None]
         if not live:
             return []
-        hi = live[-1] + 1  # slots are filled lowest-first, so [0, hi) is mostly live
         rows = [self.rows[i] for i in live]
         k = max(r.block_size for r in rows)
-        kv_len = min(self.capacity, _round_up(max(self.lengths_host[i] for i in live) + k, KV_BUCKET))
+        hi, kv_len = self.cycle_shape(live[-1] + 1, max(self.lengths_host[i] for i in live) + k)
         greedy = all(r.gen.temperature == 0 for r in rows)
         filters = any(r.gen.top_k or r.gen.top_p < 1 for r in rows)
-        result = self._cycle(hi, k, kv_len, greedy, filters).tolist()  # host sync: once per cycle
+        result = self.run_cycle(hi, k, kv_len, greedy, filters).tolist()  # host sync: once per cycle
         events = []
         for i in live:
             row_out = result[i]
