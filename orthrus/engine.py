@@ -153,11 +153,12 @@ class Orthrus:
 
     def stream(self, prompts: Iterable[str | list[int]], config: GenerationConfig | None = None,
                batch_size: int = 8, chat_template: bool = True, ids: list[Any] | None = None,
-               **kwargs: Any) -> Iterator[Event]:
+               stream_text: bool = True, **kwargs: Any) -> Iterator[Event]:
         """Yield :class:`Event` s (new final tokens and text per request) as decoding proceeds.
 
         Requests are decoded ``batch_size`` at a time with continuous batching: a finished row's
-        slot is refilled with the next prompt at once.
+        slot is refilled with the next prompt at once. With ``stream_text=False`` the events carry
+        token ids as they come but the text only in each request's last event (less host work).
         """
         gen = config or GenerationConfig(**kwargs)
         prompts = list(prompts)
@@ -172,6 +173,7 @@ class Orthrus:
             return
         capacity = max(len(n) for n in encoded) + gen.max_new_tokens + k
         dec = self._take_decoder(min(batch_size, len(encoded)), capacity)
+        dec.stream_text = stream_text
         pending = list(zip(ids, encoded))
         try:
             while pending or dec.busy():
@@ -200,7 +202,7 @@ class Orthrus:
             prompts = [prompts]
         prompts = list(prompts)
         rows: dict[Any, Any] = {}
-        for ev in self.stream(prompts, config, batch_size, chat_template, **kwargs):
+        for ev in self.stream(prompts, config, batch_size, chat_template, stream_text=False, **kwargs):
             if ev.finish_reason is not None:
                 rows[ev.request_id] = ev.row
         return [Completion(i, p, rows[i].text, rows[i].tokens, rows[i].finish_reason, rows[i].stats,

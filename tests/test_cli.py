@@ -166,7 +166,7 @@ class ScriptedEngine:
         self.script, self.check = script, check
 
     def stream(self, prompts: list[str], config: GenerationConfig, batch_size: int = 8,
-               chat_template: bool = True) -> Iterator[Event]:
+               chat_template: bool = True, stream_text: bool = True) -> Iterator[Event]:
         rows = [Row(i, i, [1, 2, 3], config, 1) for i in range(len(prompts))]
         for step, (i, text, finish) in enumerate(self.script):
             r = rows[i]

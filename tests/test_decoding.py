@@ -515,3 +515,26 @@ def test_add_checks_capacity_at_the_largest_block_before_touching_slots():
     while any(r is not None and r.finish_reason is None for r in dec.rows):
         dec.step()
     assert len(dec.rows[0].tokens) == 14 and len(dec.rows[1].tokens) == 4
+
+
+def test_text_only_at_the_end_when_not_streaming():
+    """stream_text=False: same tokens and final text; unfinished events carry no text (rows with
+    stop strings are still decoded every cycle, so their stops work)."""
+    model = tiny("llama")
+    adapter = tiny_adapter(model, "full", block_size=4)
+    prompts = random_prompts([5, 8], VOCAB, seed=15)
+    ref, _ = run_decoder(model, adapter, prompts, greedy(20, "parallel"))
+    seq = ref[1].tokens
+    stop = f"<{seq[6]}><{seq[7]}>"
+    gens = [greedy(20, "parallel"), greedy(20, "parallel", stop=(stop,))]
+    ref, _ = run_decoder(model, adapter, prompts, gens)
+
+    class Quiet(Decoder):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.stream_text = False
+
+    out, dec = run_decoder(model, adapter, prompts, gens, decoder_cls=Quiet)
+    assert toks(out) == toks(ref) and [r.text for r in out] == [r.text for r in ref]
+    assert out[1].finish_reason == "stop" and len(out[1].tokens) < 20
+    assert dec.streamed[0] == out[0].text  # the one delta of row 0 is its whole text

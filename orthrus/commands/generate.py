@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     # the engine's request ids are input positions; the user's ids may repeat or be strings
     for ev in engine.stream(prompts, gen, batch_size=args.batch_size,
-                            chat_template=not args.no_chat_template):
+                            chat_template=not args.no_chat_template, stream_text=live):
         i = ev.request_id
         if live:
             if len(rows) > 1 and i not in started:

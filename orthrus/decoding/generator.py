@@ -118,6 +118,9 @@ class Decoder:
         self.temperature = torch.zeros(max_batch, dtype=torch.float32, device=dev)
         self.top_k = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self.top_p = torch.ones(max_batch, dtype=torch.float32, device=dev)
+        # Decode each row's text every cycle (streaming); False: only when a row finishes (or when
+        # it has stop strings), which saves O(tokens) host work per row and cycle in batch jobs.
+        self.stream_text = True
         # the cycle mutates only lengths and x_t (and not-yet-committed cache slots)
         self.graphs = CycleGraphs(self._cycle, (self.lengths, self.x_t)) if self.cuda_graphs else None
 
@@ -328,6 +331,8 @@ class Decoder:
         finish = "stop" if eos_at is not None else ("length" if len(new) == room else None)
         before = r.text
         r.tokens += new
+        if finish is None and not self.stream_text and not g.stop:
+            return Event(r.request_id, new, "", None, r)  # the text comes with the last event
         text = self.decode(r.tokens)
         if g.stop:
             cut = self._find_stop(text, g.stop, len(before))

@@ -129,6 +129,10 @@ def distill(engine: Any, prompts: Iterable[tuple[Any, str]], out: str | Path, ge
 
     started = time.perf_counter()
     dec = engine.new_decoder(batch_size, longest + gen.max_new_tokens + 1)
+    dec.stream_text = False  # only each finished row's text is needed
+    # refill free slots in groups: one prefill per group (a prefill is eager: on a GPU its kernel
+    # launches cost as much as many graph-replayed cycles)
+    refill_at = max(1, batch_size // 8)
     texts: dict[Any, str] = {}
     pending = todo()
     exhausted = False
@@ -138,7 +142,8 @@ def distill(engine: Any, prompts: Iterable[tuple[Any, str]], out: str | Path, ge
                 events = []
                 free = dec.free_slots()
                 batch = []
-                while free and not exhausted and len(batch) < len(free):
+                group = len(free) >= refill_at or not dec.busy()
+                while group and free and not exhausted and len(batch) < len(free):
                     nxt = next(pending, None)
                     if nxt is None:
                         exhausted = True
