@@ -50,7 +50,8 @@ class Orthrus:
         self.tokenizer = base.tokenizer
         self.adapter = adapter
         self.cuda_graphs = cuda_graphs
-        self._spare: Decoder | None = None  # the last idle decoder, kept for its cache and graphs
+        # idle decoders kept for their static cache and captured CUDA graphs, one per key
+        self._spares: dict[str, Decoder] = {}
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, adapter: str | None = None, device: str = "cpu",
@@ -129,14 +130,19 @@ class Orthrus:
         return Decoder(self.model, self.adapter, self.base.eos_ids, self.decode, max_batch, capacity,
                        cuda_graphs=self.cuda_graphs)
 
-    def _take_decoder(self, max_batch: int, capacity: int) -> Decoder:
+    def release_decoders(self) -> None:
+        """Drop the idle decoders kept between calls (their caches and CUDA graphs)."""
+        self._spares.clear()
+
+    def _take_decoder(self, max_batch: int, capacity: int, key: str) -> Decoder:
         """An idle decoder of ``max_batch`` slots holding at least ``capacity`` positions.
 
-        The last one is reused while it fits, so its static cache and its captured CUDA graphs
-        outlive one ``generate`` call; with static shapes a new one gets a power-of-two capacity
-        (fewer distinct shapes). A decoder in use by another (interleaved) stream is never shared.
+        The last one used under ``key`` is reused while it fits, so its static cache and its
+        captured CUDA graphs outlive one ``generate`` call; with static shapes a new one gets a
+        power-of-two capacity (fewer distinct shapes). A decoder in use by another (interleaved)
+        stream is never shared.
         """
-        dec, self._spare = self._spare, None
+        dec = self._spares.pop(key, None)
         if dec is not None and dec.max_batch == max_batch and dec.capacity >= capacity:
             return dec
         dec = None  # free the old cache before allocating the new one
@@ -153,12 +159,14 @@ class Orthrus:
 
     def stream(self, prompts: Iterable[str | list[int]], config: GenerationConfig | None = None,
                batch_size: int = 8, chat_template: bool = True, ids: list[Any] | None = None,
-               stream_text: bool = True, **kwargs: Any) -> Iterator[Event]:
+               stream_text: bool = True, decoder_key: str = "default", **kwargs: Any) -> Iterator[Event]:
         """Yield :class:`Event` s (new final tokens and text per request) as decoding proceeds.
 
         Requests are decoded ``batch_size`` at a time with continuous batching: a finished row's
         slot is refilled with the next prompt at once. With ``stream_text=False`` the events carry
         token ids as they come but the text only in each request's last event (less host work).
+        The decoder (its cache and CUDA graphs) is kept for the next call with the same
+        ``decoder_key``; workloads that alternate shapes (a benchmark's modes) use a key each.
         """
         gen = config or GenerationConfig(**kwargs)
         prompts = list(prompts)
@@ -172,7 +180,7 @@ class Orthrus:
         if not encoded:
             return
         capacity = max(len(n) for n in encoded) + gen.max_new_tokens + k
-        dec = self._take_decoder(min(batch_size, len(encoded)), capacity)
+        dec = self._take_decoder(min(batch_size, len(encoded)), capacity, decoder_key)
         dec.stream_text = stream_text
         pending = list(zip(ids, encoded))
         try:
@@ -186,7 +194,7 @@ class Orthrus:
             for slot, row in enumerate(dec.rows):  # a stream closed early leaves rows behind
                 if row is not None:
                     dec.release(slot)
-            self._spare = dec
+            self._spares[decoder_key] = dec
 
     @staticmethod
     def _finish(dec: Decoder, events: list[Event]) -> Iterator[Event]:
@@ -196,13 +204,15 @@ class Orthrus:
                 dec.release(ev.row.slot)
 
     def generate(self, prompts: Iterable[str | list[int]] | str, config: GenerationConfig | None = None,
-                 batch_size: int = 8, chat_template: bool = True, **kwargs: Any) -> list[Completion]:
-        """Generate for every prompt; returns completions in prompt order."""
+                 batch_size: int = 8, chat_template: bool = True, decoder_key: str = "default",
+                 **kwargs: Any) -> list[Completion]:
+        """Generate for every prompt; returns completions in prompt order (see :meth:`stream`)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)
         rows: dict[Any, Any] = {}
-        for ev in self.stream(prompts, config, batch_size, chat_template, stream_text=False, **kwargs):
+        for ev in self.stream(prompts, config, batch_size, chat_template, stream_text=False,
+                              decoder_key=decoder_key, **kwargs):
             if ev.finish_reason is not None:
                 rows[ev.request_id] = ev.row
         return [Completion(i, p, rows[i].text, rows[i].tokens, rows[i].finish_reason, rows[i].stats,

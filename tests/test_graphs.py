@@ -144,20 +144,24 @@ def test_engine_keeps_its_decoder_between_calls():
                      tiny_adapter(model, "full", block_size=4))
     prompts = random_prompts([6, 4], VOCAB, seed=3)
     first = engine.generate(prompts, batch_size=2, max_new_tokens=12, mode="parallel")
-    dec = engine._spare
+    dec = engine._spares["default"]
     assert dec is not None and not dec.busy()
     again = engine.generate(prompts[::-1], batch_size=2, max_new_tokens=10, mode="parallel")
-    assert engine._spare is dec  # the same cache served the second call
+    assert engine._spares.get("default") is dec  # the same cache served the second call
     assert [c.token_ids for c in again] == [c.token_ids[:10] for c in first[::-1]]
     s1 = engine.stream(prompts, batch_size=2, max_new_tokens=12, mode="ar")
     next(s1)
     s2 = engine.stream(prompts, batch_size=2, max_new_tokens=12, mode="ar")
     list(s2)
-    assert engine._spare is not dec or not dec.busy()
-    s1.close()  # closed half-read: its rows are released
-    assert engine._spare is not None and not engine._spare.busy()
+    assert engine._spares["default"] is not dec and dec.busy()  # s2 got a decoder of its own
+    s1.close()  # closed half-read: its rows are released and its decoder kept
+    assert engine._spares["default"] is dec and not dec.busy()
     bigger = engine.generate(prompts, batch_size=2, max_new_tokens=200, mode="ar")
-    assert engine._spare.capacity >= 6 + 200 + 1 and len(bigger[0].token_ids) == 200
+    assert engine._spares["default"].capacity >= 6 + 200 + 1 and len(bigger[0].token_ids) == 200
+    engine.generate(prompts, batch_size=2, max_new_tokens=5, mode="ar", decoder_key="other")
+    assert set(engine._spares) == {"default", "other"}
+    engine.release_decoders()
+    assert engine._spares == {}
 
 
 # ---------------------------------------------------------------- CUDA only

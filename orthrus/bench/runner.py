@@ -90,7 +90,7 @@ class ModeResult:
     forward_calls: int = 0
     batch_size: int = 1
     block_size: int = 1
-    peak_extra_bytes: int = 0  # CUDA: peak allocated during its rounds minus allocated before
+    peak_extra_bytes: int = 0  # CUDA: what one run of it reserves from nothing (see Bench._probe_memory)
     memory: dict = field(default_factory=dict)
 
     @property
@@ -235,7 +235,8 @@ class Bench:
     def _run(self, mode: str, chunk: list[list[int]]) -> tuple[list[list[int]], list[str], DecodeStats]:
         """One round of ``mode`` over ``chunk`` (untimed here)."""
         if mode in ("ar", "parallel"):
-            comps = self.engine.generate(chunk, config=self._gen(mode), batch_size=len(chunk))
+            # each mode keeps its own decoder (cache + CUDA graphs) from round to round
+            comps = self.engine.generate(chunk, config=self._gen(mode), batch_size=len(chunk), decoder_key=mode)
             stats = DecodeStats()
             for c in comps:
                 stats = stats.merge(c.stats)
@@ -271,21 +272,19 @@ class Bench:
             for mode in s.modes[shift:] + s.modes[:shift]:  # rotate: no mode always runs first
                 res = results[mode]
                 calls0 = self.hf.calls if self.hf else 0
-                if self.cuda:
-                    torch.cuda.reset_peak_memory_stats(self.device)
-                    before = torch.cuda.memory_allocated(self.device)
                 self._sync()
                 t0 = time.perf_counter()
                 ids, finish, stats = self._run(mode, chunk)
                 self._sync()
                 res.seconds += time.perf_counter() - t0
-                if self.cuda:
-                    res.peak_extra_bytes = max(res.peak_extra_bytes,
-                                               torch.cuda.max_memory_allocated(self.device) - before)
                 res.stats = res.stats.merge(stats)
                 res.forward_calls += (self.hf.calls - calls0) if self.hf else 0
                 per_prompt[mode] += list(zip(ids, finish))
             log.info("round %d/%d done", r + 1, len(rounds))
+        if self.cuda:
+            longest = max(rounds, key=lambda c: max(len(x) for x in c))
+            for mode, res in results.items():
+                res.peak_extra_bytes = self._probe_memory(mode, longest)
         for mode, res in results.items():
             res.token_ids = [x for x, _ in per_prompt[mode]]
             res.finish_reasons = [f for _, f in per_prompt[mode]]
@@ -293,10 +292,30 @@ class Bench:
             res.memory = self._memory(res, prompt_ids)
         return results
 
+    def _probe_memory(self, mode: str, chunk: list[list[int]]) -> int:
+        """CUDA bytes one run of ``mode`` over ``chunk`` needs beyond the weights, as if alone.
+
+        Every kept decoder is dropped and the allocator's cache emptied first, so the run allocates
+        its KV cache, its activations and (ours) its CUDA graph pools from nothing; the peak of
+        *reserved* memory counts graph pools too (their intermediates are reserved, not allocated).
+        """
+        self.engine.release_decoders()
+        self._sync()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_reserved(self.device)
+        self._run(mode, chunk)
+        self._sync()
+        extra = torch.cuda.max_memory_reserved(self.device) - before
+        self.engine.release_decoders()
+        torch.cuda.empty_cache()
+        return extra
+
     def _memory(self, res: ModeResult, prompt_ids: list[list[int]]) -> dict:
         """Peak memory of one mode as if it ran alone: its weights plus what its runs allocate.
 
-        CUDA: weights + (``max_memory_allocated`` during its rounds - allocated before), measured.
+        CUDA: weights + the peak reserved memory of one run of the longest round from an empty
+        allocator (:meth:`_probe_memory`), measured.
         CPU: the process RSS is shared by every mode (both models are loaded), so this reports the
         weights plus the KV cache bytes the mode allocates (ours: the static cache; transformers:
         the same K/V, grown as it goes); activations are not counted.
@@ -310,7 +329,7 @@ class Bench:
         longest = max(len(x) for x in prompt_ids) + s.max_new_tokens
         cache = kv_bytes(eng, rows, longest + (res.block_size if ours else 0))
         if self.cuda:
-            return {"kind": "cuda_max_allocated", "peak_bytes": weights + res.peak_extra_bytes,
+            return {"kind": "cuda_max_reserved", "peak_bytes": weights + res.peak_extra_bytes,
                     "weights_bytes": weights, "kv_cache_bytes": cache}
         return {"kind": "cpu_weights_plus_kv_cache", "peak_bytes": weights + cache,
                 "weights_bytes": weights, "kv_cache_bytes": cache}
