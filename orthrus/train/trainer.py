@@ -74,11 +74,16 @@ def _check(cond: bool, msg: str) -> None:
         raise OrthrusError(msg)
 
 
+BUDGET_SKIP, BUDGET_PROBE = 3, 10  # --max-minutes: steps not timed, then steps timed
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run (saved as ``train_config.json`` and inside ``trainer_state.pt``).
 
     ``max_steps`` and ``epochs``: training stops at whichever comes first; with neither, one epoch.
+    ``max_minutes``: a time budget; once a few steps are timed, the step count (and the lr
+    schedule's horizon) is cut to what fits, so the cosine decay still ends at the last step.
     ``adapter_kind`` and ``block_size`` None: the continued adapter's, else ``full`` and 16.
     ``warmup`` None: 5% of the steps.
     ``eval_rows`` None: the last 2% of documents (none under 20). ``dtype`` None: float32 on CPU,
@@ -92,6 +97,7 @@ class TrainConfig:
     adapter_kind: str | None = None
     max_steps: int | None = None
     epochs: int | None = None
+    max_minutes: float | None = None
     block_size: int | None = None
     seq_len: int = 512
     anchors_per_seq: int = 16
@@ -118,6 +124,8 @@ class TrainConfig:
             AdapterConfig.parse_kind(self.adapter_kind)
         _check(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}")
         _check(self.epochs is None or self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        _check(self.max_minutes is None or (math.isfinite(self.max_minutes) and self.max_minutes > 0),
+               f"--max-minutes must be a positive number, got {self.max_minutes}")
         _check(self.block_size is None or self.block_size >= 2,
                f"--block-size must be >= 2 (a block drafts K-1 tokens), got {self.block_size}")
         _check(self.seq_len >= 3, f"--seq-len must be >= 3, got {self.seq_len}")
@@ -375,6 +383,22 @@ class Trainer:
 
     # ---- schedule, data order --------------------------------------------------------------------
 
+    def _fit_budget(self, per_step: float, elapsed: float) -> int:
+        """Cut ``total_steps`` to what ``max_minutes`` leaves at ``per_step`` seconds a step.
+
+        Evaluations and checkpoints are not timed; 5% of the budget is kept for them. The warm-up
+        (when it was 5% of the steps) shrinks with the horizon. Returns the new total.
+        """
+        left = self.cfg.max_minutes * 60 * 0.95 - elapsed
+        fit = self.step + max(0, int(left / per_step))
+        if fit < self.total_steps:
+            log.info("--max-minutes %.1f: %.3f s a step, %d steps fit (of %d)", self.cfg.max_minutes, per_step,
+                     fit, self.total_steps)
+            self.total_steps = fit
+            if self.cfg.warmup is None:
+                self.warmup = max(1, round(0.05 * fit))
+        return self.total_steps
+
     def _lr_factor(self, step: int) -> float:
         """Linear warm-up to 1, then cosine down to ``min_lr_ratio`` at the last step."""
         if step < self.warmup:
@@ -620,11 +644,17 @@ class Trainer:
         losses: list[float] = []
         last_eval = None
         end = self.total_steps if stop_after is None else min(self.total_steps, self.step + stop_after)
+        budget_from = self.step + BUDGET_SKIP  # first steps compile kernels: not timed for the budget
         try:
             while self.step < end:
                 t0 = time.perf_counter()
                 rec = self._train_step()
                 win_time += time.perf_counter() - t0
+                if self.step == budget_from:
+                    budget_t0 = time.perf_counter()
+                elif self.step == budget_from + BUDGET_PROBE and cfg.max_minutes is not None:
+                    per_step = (time.perf_counter() - budget_t0) / BUDGET_PROBE
+                    end = min(end, self._fit_budget(per_step, time.perf_counter() - started))
                 window.append(rec["loss"])
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
