@@ -332,6 +332,13 @@ def test_distill_writes_ar_output_and_resumes(folder, tmp_path, capsys):
         r = rows[i]
         assert r["prompt"] == texts[i] and r["prompt_ids"] == engine.encode(texts[i])
         assert r["response_ids"] == c.token_ids and r["response"] == c.text
+    # a time budget stops cleanly: whole rows only, and a rerun continues
+    short = tmp_path / "short.jsonl"
+    assert cli.main(base[:6] + [str(short)] + base[7:] + ["--max-minutes", "1e-9"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"] == 0
+    assert short.read_text() == ""
+    assert cli.main(base[:6] + [str(short)] + base[7:]) == 0
+    assert short.read_text() == out.read_text() or sorted(short.read_text().splitlines()) == sorted(lines)
     # the rows are training data as they are
     docs = read_documents(out, None, 97)
     assert [d.ids for d in docs] == [tuple(rows[i]["prompt_ids"] + rows[i]["response_ids"]) for i in sorted(rows)

@@ -40,6 +40,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"base model (default: {DEFAULT_MODEL})")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="(default: float32)")
+    p.add_argument("--max-minutes", type=float, default=None, metavar="M",
+                   help="stop after M minutes (rows not finished by then are dropped; rerun to continue)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -78,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
             raise OrthrusError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.limit is not None and args.limit < 1:
         raise OrthrusError(f"--limit must be >= 1, got {args.limit}")
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        raise OrthrusError(f"--max-minutes must be a positive number, got {args.max_minutes}")
     parse_device(args.device)
     parse_dtype(args.dtype)
     resolve_model(args.model)
@@ -89,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     engine = Orthrus(load_base(args.model, device=args.device, dtype=args.dtype), None)
     summary = distill(engine, prompts, out, gen, batch_size=args.batch_size, limit=args.limit,
                       max_prompt_tokens=args.max_prompt_tokens, total_hint=count,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, max_minutes=args.max_minutes)
     d = summary.to_dict()
     print(f"orthrus distill: wrote {d['rows']} rows ({d['skipped_done']} already done, {d['skipped_long']} "
           f"prompts too long) with {d['tokens']} tokens in {d['seconds']:.1f} s ({d['tokens_per_second']:.1f} "

@@ -72,7 +72,8 @@ class DistillSummary:
 
 def distill(engine: Any, prompts: Iterable[tuple[Any, str]], out: str | Path, gen: GenerationConfig,
             batch_size: int = 8, limit: int | None = None, max_prompt_tokens: int = 1024,
-            total_hint: int | None = None, progress: bool = True) -> DistillSummary:
+            total_hint: int | None = None, progress: bool = True,
+            max_minutes: float | None = None) -> DistillSummary:
     """Answer ``(id, prompt)`` pairs with the frozen model (AR mode) and append rows to ``out``.
 
     Args:
@@ -85,6 +86,8 @@ def distill(engine: Any, prompts: Iterable[tuple[Any, str]], out: str | Path, ge
             not count).
         max_prompt_tokens: prompts longer than this (after the chat template) are skipped.
         total_hint: number of prompts, for the progress bar's ETA when ``prompts`` is lazy.
+        max_minutes: stop after this long; rows still being decoded are dropped (not written), so
+            the file stays whole and a rerun continues from there.
     """
     from tqdm import tqdm
 
@@ -94,6 +97,8 @@ def distill(engine: Any, prompts: Iterable[tuple[Any, str]], out: str | Path, ge
         raise OrthrusError(f"--limit must be >= 1, got {limit}")
     if max_prompt_tokens < 1:
         raise OrthrusError(f"--max-prompt-tokens must be >= 1, got {max_prompt_tokens}")
+    if max_minutes is not None and not max_minutes > 0:
+        raise OrthrusError(f"--max-minutes must be a positive number, got {max_minutes}")
     gen = dataclasses.replace(gen, mode="ar", block_size=None)
     longest = min(max_prompt_tokens, engine.max_context - gen.max_new_tokens)
     if longest < 1:
@@ -128,6 +133,7 @@ def distill(engine: Any, prompts: Iterable[tuple[Any, str]], out: str | Path, ge
             yield rid, text, ids, order
 
     started = time.perf_counter()
+    deadline = started + 60 * max_minutes if max_minutes is not None else None
     dec = engine.new_decoder(batch_size, longest + gen.max_new_tokens + 1)
     dec.stream_text = False  # only each finished row's text is needed
     # refill free slots in groups: one prefill per group (a prefill is eager: on a GPU its kernel
@@ -138,7 +144,7 @@ def distill(engine: Any, prompts: Iterable[tuple[Any, str]], out: str | Path, ge
     exhausted = False
     with open(out, "a", encoding="utf-8") as f:
         try:
-            while True:
+            while deadline is None or time.perf_counter() < deadline:
                 events = []
                 free = dec.free_slots()
                 batch = []
