@@ -11,7 +11,7 @@ import torch
 
 from conftest import TINY_FP, tiny_adapter, tiny_base, token_text
 from orthrus import cli
-from orthrus.bench import (BenchSettings, PassTimes, acceptance_curve, blocksize, choose_block_size,
+from orthrus.bench import (BenchSettings, BlockSizeChoice, PassTimes, acceptance_curve, blocksize, choose_block_size,
                            decide_block_size, exact_match, expected_tokens, measure_pass_times, parse_modes,
                            run_bench)
 from orthrus.decoding.stats import DecodeStats
@@ -258,3 +258,33 @@ def test_cli_end_to_end_on_the_real_model(real_engine, monkeypatch, tmp_path, ca
         assert report["results"][mode]["exact_match_vs_ar"] == 1.0
         assert report["results"][mode]["tokens"] == 16
     assert report["environment"]["torch"] == torch.__version__ and report["environment"]["cpu_threads"] == 1
+
+
+def test_auto_block_size_is_measured_once_per_setup(tiny_engine, monkeypatch, tmp_path):
+    """cached_block_size: the first call measures and stores the answer; the same setup reuses it;
+    another batch size or other adapter weights measure again; a damaged file is measured over."""
+    calls = []
+
+    def fake_choose(engine, batch_size=1, **kw):
+        calls.append(batch_size)
+        return BlockSizeChoice(4, reason=f"K=4 measured at batch {batch_size}")
+
+    monkeypatch.setattr(blocksize, "choose_block_size", fake_choose)
+    path = tmp_path / "bs.json"
+    assert blocksize.cached_block_size(tiny_engine, 2, path).block_size == 4 and calls == [2]
+    again = blocksize.cached_block_size(tiny_engine, 2, path)
+    assert again.block_size == 4 and "cached" in again.reason and calls == [2]
+    blocksize.cached_block_size(tiny_engine, 3, path)
+    assert calls == [2, 3] and len(json.loads(path.read_text())) == 2
+    with torch.no_grad():
+        tiny_engine.adapter.mask_embedding.add_(1.0)
+    try:
+        blocksize.cached_block_size(tiny_engine, 2, path)
+        assert calls == [2, 3, 2]
+    finally:
+        with torch.no_grad():
+            tiny_engine.adapter.mask_embedding.sub_(1.0)
+    path.write_text("{not json")
+    assert blocksize.cached_block_size(tiny_engine, 2, path).block_size == 4 and calls == [2, 3, 2, 2]
+    assert len(json.loads(path.read_text())) == 1
+    assert blocksize.cached_block_size(Orthrus(tiny_engine.base, None), 2, path).block_size == 1

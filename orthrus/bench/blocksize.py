@@ -25,11 +25,17 @@ tests exercise; :func:`measure_pass_times` and :func:`acceptance_curve` supply i
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
 
 from orthrus.config import GenerationConfig
 from orthrus.decoding.stats import DecodeStats
@@ -229,4 +235,58 @@ def choose_block_size(engine: "Orthrus", prompts: Sequence[str | list[int]] | No
     times = measure_pass_times(engine, cands, batch_size=batch_size, context=context, repeats=repeats)
     choice = decide_block_size(times, curve, cands, margin)
     log.info("block size: %s", choice.reason)
+    return choice
+
+
+CACHE_FILE = "blocksize.json"
+
+
+def _choice_key(engine: "Orthrus", batch_size: int) -> str:
+    """What a measured choice depends on: model, adapter weights, device, dtype, threads, batch."""
+    from orthrus.bench.runner import device_name
+
+    h = hashlib.sha256()
+    assert engine.adapter is not None
+    for name, t in sorted(engine.adapter.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    model = engine.model
+    return json.dumps({"model": engine.base.fingerprint, "adapter": h.hexdigest()[:16],
+                       "device": device_name(model.device), "dtype": str(model.dtype),
+                       "threads": torch.get_num_threads(), "batch": batch_size,
+                       "cuda_graphs": engine.uses_cuda_graphs, "torch": torch.__version__}, sort_keys=True)
+
+
+def cached_block_size(engine: "Orthrus", batch_size: int = 1, path: str | Path | None = None) -> BlockSizeChoice:
+    """:func:`choose_block_size` with its answer kept on disk (``$ORTHRUS_CACHE/blocksize.json``).
+
+    The measurement takes seconds to a minute (on a CPU, mostly the calibration run); its answer
+    holds for the same model, adapter weights, device, dtype, thread count and batch size, so it is
+    stored under those and reused. Delete the file (or an entry) to measure again.
+    """
+    if engine.adapter is None:
+        return BlockSizeChoice(1, reason="AR: no adapter")
+    from orthrus.models.loading import cache_root
+
+    path = Path(path) if path is not None else cache_root() / CACHE_FILE
+    key = _choice_key(engine, batch_size)
+    try:
+        entries = json.loads(path.read_text())
+        if not isinstance(entries, dict):
+            entries = {}
+    except (OSError, ValueError):
+        entries = {}
+    hit = entries.get(key)
+    if isinstance(hit, dict) and isinstance(hit.get("block_size"), int) and hit["block_size"] >= 1:
+        log.info("block size: %s (measured %s; cached in %s)", hit.get("reason", ""), hit.get("date", "?"), path)
+        return BlockSizeChoice(hit["block_size"], reason=f"{hit.get('reason', '')} (cached)")
+    choice = choose_block_size(engine, batch_size=batch_size)
+    entries[key] = {**choice.to_dict(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:  # atomic: a crash never leaves a half-written cache
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entries, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("could not cache the block size choice in %s: %s", path, e)
     return choice

@@ -140,10 +140,10 @@ def apply_auto_block_size(args: argparse.Namespace, engine: Orthrus, gen: Genera
     timed at the batch size the run will have (``--batch-size``, at most ``n_prompts``, at most 8)."""
     if getattr(args, "block_size", None) != "auto" or gen.mode != "parallel":
         return gen
-    from orthrus.bench.blocksize import choose_block_size
+    from orthrus.bench.blocksize import cached_block_size
 
     batch = min(getattr(args, "batch_size", 1) or 1, n_prompts or 1 << 30, 8)
-    choice = choose_block_size(engine, batch_size=batch)  # logs why
+    choice = cached_block_size(engine, batch_size=batch)  # measured once per setup; logs why
     if choice.block_size <= 1:
         return dataclasses.replace(gen, mode="ar", block_size=None)
     return dataclasses.replace(gen, block_size=choice.block_size)

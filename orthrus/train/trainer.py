@@ -682,7 +682,7 @@ class Trainer:
             last_eval = self.evaluate()
             if last_eval is not None:
                 self._log(last_eval)
-        summary.update(steps=self.step, first_loss=losses[0] if losses else None,
+        summary.update(steps=self.step, total_steps=self.total_steps, first_loss=losses[0] if losses else None,
                        last_loss=losses[-1] if losses else None, eval_after=last_eval,
                        world_size=self.world, rank_weight_digests=self.rank_digests,
                        seconds=round(time.perf_counter() - started, 2))

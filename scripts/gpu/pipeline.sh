@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The whole GPU job, unattended, in a fixed time budget (~22 minutes on one H100): check the CUDA
+# paths, distil ShareGPT answers from the default model, train the default adapter (lora:64, the
+# shipped kind, and full beside it to measure what LoRA costs), save it in bf16, and run the
+# benchmarks. Run by scripts/gpu/device.sh on the GPU machine; every size is an environment
+# variable so that the same script can be rehearsed on a CPU in a minute (tests/test_scripts.py).
+#
+# usage: pipeline.sh WORKDIR     (WORKDIR holds data/ and receives everything else)
+# progress: WORKDIR/status (one line per stage), WORKDIR/<stage>.log; WORKDIR/DONE at the end.
+set -uo pipefail
+W=$(realpath "$1")
+DEVICE=${DEVICE:-cuda}
+DISTILL_MIN=${DISTILL_MIN:-4}          # distillation budget (minutes)
+DISTILL_BATCH=${DISTILL_BATCH:-256}
+DISTILL_TOKENS=${DISTILL_TOKENS:-512}  # max new tokens per answer
+TRAIN_MIN=${TRAIN_MIN:-8}              # training budget (minutes), both kinds at once
+TRAIN_ARGS=${TRAIN_ARGS:---block-size 16 --seq-len 2048 --batch-size 8 --anchors-per-seq 256 --epochs 3}
+BENCH_TOKENS=${BENCH_TOKENS:-256}
+BENCH_LIMIT=${BENCH_LIMIT:-0}          # prompts per set (0: all 164 HumanEval, all 80 MT-Bench)
+HF_LIMIT=${HF_LIMIT:-8}                # prompts for the run with transformers' modes (slow)
+SIDE_LIMIT=${SIDE_LIMIT:-32}           # prompts for the bf16 run and the full-adapter run
+CHECKS=${CHECKS:-1}                    # 0: skip the CUDA tests and the untrained-adapter run
+O=(python3 -m orthrus.cli)
+mkdir -p "$W/res"
+export PYTHONUNBUFFERED=1
+secs() { awk "BEGIN { print int($1 * 60 + $2) }"; }  # minutes + margin -> whole seconds
+log() { echo "[$(date +%T)] $*" | tee -a "$W/status"; }
+stage() {  # name timeout_seconds command...: runs one stage, logs its exit code, never aborts
+  local name=$1 limit=$2
+  shift 2
+  log "start $name"
+  timeout "$limit" "$@" >"$W/$name.log" 2>&1
+  log "end $name rc=$?"
+}
+bench() {  # name extra-args...: one orthrus bench run into res/name.{json,png}
+  local name=$1
+  shift
+  stage "bench_$name" 600 "${O[@]}" bench --device "$DEVICE" --max-new-tokens "$BENCH_TOKENS" \
+    --out "$W/res/$name" "$@"
+}
+
+log "pipeline on $DEVICE in $W"
+stage env 120 bash -c 'nvidia-smi || true; python3 -c "import torch, transformers; \
+print(torch.__version__, transformers.__version__, torch.cuda.is_available())"'
+# the first load converts the GGUF into the cache (~20 s); a greedy AR answer proves the model works
+stage first_load 300 "${O[@]}" generate --device "$DEVICE" --mode ar --max-new-tokens 16 --json \
+  "Say hello in three words."
+if [ "$CHECKS" = 1 ]; then
+  stage cuda_tests 300 python3 -m pytest -q -p no:cacheprovider -ra tests/test_graphs.py tests/test_masks.py
+  bench init_k8 --adapter init --block-size 8 --prompts humaneval --limit 4 --modes ar,parallel
+  bench init_k8_eager --adapter init --block-size 8 --prompts humaneval --limit 2 --modes ar,parallel \
+    --no-cuda-graphs
+fi
+
+[ -f "$W/data/sharegpt_prompts.jsonl" ] || gunzip -k "$W/data/sharegpt_prompts.jsonl.gz"
+stage distill "$(secs "$DISTILL_MIN" 240)" "${O[@]}" distill --source "$W/data/sharegpt_prompts.jsonl" \
+  --out "$W/distill.jsonl" --device "$DEVICE" --batch-size "$DISTILL_BATCH" \
+  --max-new-tokens "$DISTILL_TOKENS" --max-prompt-tokens 512 --max-minutes "$DISTILL_MIN" --no-progress
+log "distilled $(cat "$W/distill.jsonl" 2>/dev/null | wc -l) rows"
+
+train() {  # kind out lr (runs in a child bash: arrays such as O are not exported)
+  # shellcheck disable=SC2086  # TRAIN_ARGS is a list of options
+  python3 -m orthrus.cli train --data "$W/distill.jsonl" --out "$W/$2" --adapter-kind "$1" --device "$DEVICE" \
+    --lr "$3" --max-minutes "$TRAIN_MIN" --eval-every 100 --save-every 100 --log-every 10 --no-progress \
+    $TRAIN_ARGS
+}
+export -f train
+export W DEVICE TRAIN_MIN TRAIN_ARGS
+stage train "$(secs "$TRAIN_MIN" 300)" bash -c 'train lora:64 lora64 1e-3 > "$W/train_lora64.log" 2>&1 &
+  train full full 5e-4 > "$W/train_full.log" 2>&1 & wait'
+
+# the shipped form: bf16 weights (the engine casts them to the model's dtype when loading)
+stage export 300 python3 - "$W/lora64" "$W/ship" <<'PY'
+import sys
+import torch
+from orthrus.adapter import DiffusionAdapter
+from orthrus.models.loading import load_base
+base = load_base("smollm2-135m")
+ad = DiffusionAdapter.load(sys.argv[1], base.model, base.fingerprint)
+ad.save(sys.argv[2], dtype=torch.bfloat16)
+print(sum(p.numel() for p in ad.parameters()), "parameters saved in bf16 to", sys.argv[2])
+PY
+
+A=(--adapter "$W/ship")
+bench humaneval "${A[@]}" --prompts humaneval --limit "$BENCH_LIMIT" --modes ar,parallel --block-size auto
+bench mtbench "${A[@]}" --prompts mtbench --limit "$BENCH_LIMIT" --modes ar,parallel --block-size auto
+bench humaneval_hf "${A[@]}" --prompts humaneval --limit "$HF_LIMIT" --modes ar,parallel,hf,hf-pld \
+  --block-size auto
+bench humaneval_bf16 "${A[@]}" --prompts humaneval --limit "$SIDE_LIMIT" --modes ar,parallel \
+  --block-size auto --dtype bfloat16
+bench humaneval_full --adapter "$W/full" --prompts humaneval --limit "$SIDE_LIMIT" --modes ar,parallel \
+  --block-size auto
+
+log "packing"
+(cd "$W" && tar czf results.tar.gz status ./*.log res lora64/log.jsonl lora64/train_config.json \
+  full/log.jsonl full/train_config.json ship/adapter_config.json 2>/dev/null)
+touch "$W/DONE"
+log "pipeline finished"
