@@ -305,9 +305,12 @@ def test_block_size_auto_applies_the_measured_choice(monkeypatch: pytest.MonkeyP
 
     gen = GenerationConfig(mode="parallel", max_new_tokens=8)
     args = argparse.Namespace(block_size="auto", batch_size=2)
+    seen = []
     for k, mode, block in ((1, "ar", None), (4, "parallel", 4)):
-        monkeypatch.setattr(blocksize, "choose_block_size",
-                            lambda engine, batch_size, k=k: blocksize.BlockSizeChoice(k, reason="test"))
+        monkeypatch.setattr(blocksize, "cached_block_size", lambda engine, batch_size, k=k:
+                            seen.append(batch_size) or blocksize.BlockSizeChoice(k, reason="test"))
         out = apply_auto_block_size(args, object(), gen)
         assert (out.mode, out.block_size) == (mode, block)
+    assert apply_auto_block_size(args, object(), gen, n_prompts=1).block_size == 4
+    assert seen == [2, 2, 1]  # timed at the batch the run will have: --batch-size, at most the prompts
     assert apply_auto_block_size(argparse.Namespace(block_size=8), object(), gen) is gen

@@ -538,3 +538,48 @@ def test_text_only_at_the_end_when_not_streaming():
     assert toks(out) == toks(ref) and [r.text for r in out] == [r.text for r in ref]
     assert out[1].finish_reason == "stop" and len(out[1].tokens) < 20
     assert dec.streamed[0] == out[0].text  # the one delta of row 0 is its whole text
+
+
+# ---------------------------------------------------------------- incremental detokenisation
+
+
+def _grow(decode, ids: list[int], seed: int) -> None:
+    """Feed ``ids`` to a row in random chunks (1-9 tokens, as cycles do) and check that the
+    incremental text equals decoding the whole row, every time."""
+    import random
+
+    from orthrus.decoding.generator import Row
+
+    dec = Decoder.__new__(Decoder)  # only the detokeniser is exercised
+    dec.decode = decode
+    row = Row(0, 0, [1], greedy(1), 1)
+    rng = random.Random(seed)
+    i = 0
+    while i < len(ids):
+        i = min(len(ids), i + rng.randint(1, 9))
+        row.tokens = ids[:i]
+        assert dec._text(row) == decode(row.tokens), i
+    assert row.dec_at > 0 or len(ids) < 40  # the boundary did move on long rows
+
+
+def test_incremental_text_equals_full_decode_real_tokenizer(real_engine):
+    """SmolLM2's byte-level BPE tokenizer, text with multi-byte characters split across tokens."""
+    tok = real_engine.tokenizer
+    text = ("Héllo wörld! 世界你好 🎉🎉🎉 naïve café — “quotes” and emoji 👩‍👩‍👧 done. " * 12)
+    ids = tok(text)["input_ids"]
+    decode = lambda x: tok.decode(x, skip_special_tokens=True)  # noqa: E731
+    for seed in range(3):
+        _grow(decode, ids, seed)
+    random_ids = torch.randint(0, tok.vocab_size, (600,), generator=torch.Generator().manual_seed(0)).tolist()
+    _grow(decode, random_ids, 3)
+
+
+def test_incremental_text_with_tokenizers_that_strip_or_split_bytes():
+    # SentencePiece-like: "▁" marks a space and decode strips the first one (splits there change text)
+    pieces = ["▁the", "▁cat", "s", "▁sat", ".", "▁on", "ing", "▁mat"]
+    sp = lambda x: "".join(pieces[t % len(pieces)] for t in x).replace("▁", " ").removeprefix(" ")  # noqa: E731
+    _grow(sp, [i * 7 % 11 for i in range(300)], 0)
+    # byte tokens: one UTF-8 byte per token, so characters are split across tokens
+    raw = ("ab€中🎉" * 60).encode()
+    by = lambda x: bytes(x).decode("utf-8", errors="replace")  # noqa: E731
+    _grow(by, list(raw), 1)

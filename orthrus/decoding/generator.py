@@ -39,6 +39,7 @@ from orthrus.decoding.stats import DecodeStats
 from orthrus.decoding.verify import greedy_accept, rejection_accept
 from orthrus.models.llama import Transformer
 
+DETOK_WINDOW = 16  # incremental detokenisation re-decodes at most ~2x this many tokens per row and cycle
 KV_BUCKET = 64  # eager mode: attend over the cache in multiples of this many slots
 STATIC_MIN_KV = 256  # static mode: kv_len is a power of two, at least this (or the capacity)
 
@@ -57,6 +58,10 @@ class Row:
     finish_reason: str | None = None
     stats: DecodeStats = field(default_factory=DecodeStats)
     started: float = field(default_factory=time.perf_counter)
+    # incremental detokenisation: tokens[:dec_at] decode to dec_text, and decoding never merges
+    # across dec_at (checked), so the full text is dec_text + decode(tokens[dec_at:])
+    dec_at: int = 0
+    dec_text: str = ""
 
 
 @dataclass
@@ -333,7 +338,7 @@ class Decoder:
         r.tokens += new
         if finish is None and not self.stream_text and not g.stop:
             return Event(r.request_id, new, "", None, r)  # the text comes with the last event
-        text = self.decode(r.tokens)
+        text = self._text(r)
         if g.stop:
             cut = self._find_stop(text, g.stop, len(before))
             if cut is not None:
@@ -362,6 +367,24 @@ class Decoder:
             r.stats.seconds = time.perf_counter() - r.started
             self._park(slot)
         return Event(r.request_id, new, text[len(before):], finish, r)
+
+    def _text(self, r: Row) -> str:
+        """``decode(r.tokens)``, re-decoding only the tokens after a settled boundary.
+
+        Decoding a whole row every cycle costs O(length) per cycle (O(n^2) per row). Instead the
+        boundary ``dec_at`` moves forward, ``DETOK_WINDOW`` tokens behind the end, whenever splitting
+        there provably changes nothing: the window's text is complete UTF-8 and decoding the two
+        parts separately gives exactly the text of decoding them together (which fails, and keeps
+        the boundary where it is, for tokenizers that merge or strip across a split).
+        """
+        tail = self.decode(r.tokens[r.dec_at:])
+        cut = len(r.tokens) - DETOK_WINDOW
+        if cut - r.dec_at >= DETOK_WINDOW:
+            head = self.decode(r.tokens[r.dec_at:cut])
+            if not head.endswith("\ufffd") and head + self.decode(r.tokens[cut:]) == tail:
+                r.dec_at, r.dec_text = cut, r.dec_text + head
+                return r.dec_text + tail[len(head):]
+        return r.dec_text + tail
 
     @staticmethod
     def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
