@@ -44,19 +44,22 @@ class Completion:
 class Orthrus:
     """A frozen base model plus (optionally) its diffusion adapter."""
 
-    def __init__(self, base: LoadedModel, adapter: DiffusionAdapter | None, cuda_graphs: bool | None = None) -> None:
+    def __init__(self, base: LoadedModel, adapter: DiffusionAdapter | None, cuda_graphs: bool | None = None,
+                 compile: bool = False) -> None:
         self.base = base
         self.model = base.model
         self.tokenizer = base.tokenizer
         self.adapter = adapter
         self.cuda_graphs = cuda_graphs
+        self.compile = compile
         # idle decoders kept for their static cache and captured CUDA graphs, one per key
         self._spares: dict[str, Decoder] = {}
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, adapter: str | None = None, device: str = "cpu",
                         dtype: str = "float32", adapter_kind: str = "full",
-                        block_size: int | None = None, cuda_graphs: bool | None = None) -> "Orthrus":
+                        block_size: int | None = None, cuda_graphs: bool | None = None,
+                        compile: bool = False) -> "Orthrus":
         """Load a base model and an adapter.
 
         Args:
@@ -66,6 +69,7 @@ class Orthrus:
             adapter_kind: for ``init``: ``full`` or ``lora:R``.
             block_size: for ``init``: the adapter's block size (default 32).
             cuda_graphs: replay each decoding cycle as a CUDA graph (None: yes on CUDA devices).
+            compile: ``torch.compile`` each decoding cycle (fused kernels; a slow first cycle per shape).
         """
         base = load_base(model, device=device, dtype=dtype)
         ad = None
@@ -79,7 +83,7 @@ class Orthrus:
             ad = DiffusionAdapter.load(DEFAULT_ADAPTERS[model], base.model, base.fingerprint)
         if ad is not None:
             ad = ad.to(device=base.model.device, dtype=base.model.dtype).eval().requires_grad_(False)
-        return cls(base, ad, cuda_graphs)
+        return cls(base, ad, cuda_graphs, compile)
 
     # ---- prompts ------------------------------------------------------------------------------
 
@@ -128,7 +132,7 @@ class Orthrus:
 
     def new_decoder(self, max_batch: int, capacity: int) -> Decoder:
         return Decoder(self.model, self.adapter, self.base.eos_ids, self.decode, max_batch, capacity,
-                       cuda_graphs=self.cuda_graphs)
+                       cuda_graphs=self.cuda_graphs, compile=self.compile)
 
     def release_decoders(self) -> None:
         """Drop the idle decoders kept between calls (their caches and CUDA graphs)."""

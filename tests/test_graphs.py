@@ -77,7 +77,8 @@ def _trace(dec: Decoder, key: tuple) -> torch.Tensor:
     import torch._dynamo
 
     torch._dynamo.reset()
-    return torch.compile(dec._cycle, fullgraph=True, backend="eager")(*key)
+    with torch.no_grad():
+        return torch.compile(dec._cycle, fullgraph=True, backend="eager")(*key)
 
 
 @pytest.mark.parametrize("greedy,filters,k", [(True, False, 4), (False, True, 4), (False, False, 1)])
@@ -115,6 +116,19 @@ def test_the_trace_check_catches_a_host_sync(monkeypatch):
     dec.add([(0, random_prompts([5], VOCAB, seed=2)[0], GenerationConfig(max_new_tokens=8, mode="parallel"), 4)])
     with pytest.raises(Exception):
         _trace(dec, (1, 4, 64, True, False))
+
+
+def test_compiled_cycle_gives_the_same_tokens():
+    """--compile: the cycle through torch.compile (inductor; one shape here, ~30 s on a CPU)."""
+    model = tiny_base("llama")[1]
+    adapter = tiny_adapter(model, "full", block_size=4)
+    prompts = random_prompts([6], VOCAB, seed=23)
+    gens = [GenerationConfig(max_new_tokens=24, mode="parallel")]
+    ref, _ = run_decoder(model, adapter, prompts, gens, capacity=200, decoder_cls=recording(static_shapes=True))
+    out, dec = run_decoder(model, adapter, prompts, gens, capacity=200,
+                           decoder_cls=recording(static_shapes=True, compile=True))
+    assert dec.compiled and [r.tokens for r in out] == [r.tokens for r in ref]
+    assert set(dec.keys) == {(1, 4, 200, True, False)}
 
 
 def test_cuda_graphs_need_a_cuda_device():

@@ -117,7 +117,7 @@ def run_bench(engine: "Orthrus", prompts: list[str], settings: BenchSettings, ou
             "warmup": settings.warmup, "modes": list(settings.modes),
             "block_size": bench.block if "parallel" in settings.modes else None,
             "block_size_auto": block_size_auto, "dtype": str(model.dtype).removeprefix("torch."),
-            "cuda_graphs": engine.uses_cuda_graphs,
+            "cuda_graphs": engine.uses_cuda_graphs, "compile": engine.compile,
             "greedy": True, "pld_tokens": PLD_TOKENS if "hf-pld" in settings.modes else None,
             "timing": "interleaved rounds of batch_size prompts, mode order rotated; warm-up excluded",
         },

@@ -254,7 +254,8 @@ def _choice_key(engine: "Orthrus", batch_size: int) -> str:
     return json.dumps({"model": engine.base.fingerprint, "adapter": h.hexdigest()[:16],
                        "device": device_name(model.device), "dtype": str(model.dtype),
                        "threads": torch.get_num_threads(), "batch": batch_size,
-                       "cuda_graphs": engine.uses_cuda_graphs, "torch": torch.__version__}, sort_keys=True)
+                       "cuda_graphs": engine.uses_cuda_graphs, "compile": engine.compile,
+                       "torch": torch.__version__}, sort_keys=True)
 
 
 def cached_block_size(engine: "Orthrus", batch_size: int = 1, path: str | Path | None = None) -> BlockSizeChoice:

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 # ---- options --------------------------------------------------------------------------------------
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """``--model --adapter --adapter-kind --device --dtype --no-cuda-graphs``."""
+    """``--model --adapter --adapter-kind --device --dtype --no-cuda-graphs --compile``."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"a known name ({DEFAULT_MODEL}), a Hugging Face folder or a .gguf file "
@@ -49,6 +49,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
                    help="on CUDA, run each decoding cycle eagerly instead of replaying a captured "
                         "CUDA graph (for debugging; much slower)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each decoding cycle (fused kernels; the first cycle of each "
+                        "shape compiles, which takes from seconds to minutes)")
 
 
 def add_generation_args(parser: argparse.ArgumentParser) -> None:
@@ -162,10 +165,11 @@ def _stamp(path: Path | None) -> tuple[int, int] | None:
 
 @functools.lru_cache(maxsize=1)
 def _cached_engine(model: str, adapter: str | None, device: str, dtype: str, adapter_kind: str,
-                   block_size: int | None, cuda_graphs: bool | None, stamps: tuple[Any, ...]) -> Orthrus:
+                   block_size: int | None, cuda_graphs: bool | None, compile: bool,
+                   stamps: tuple[Any, ...]) -> Orthrus:
     del stamps  # part of the cache key only
-    return Orthrus.from_pretrained(model, adapter=adapter, device=device, dtype=dtype,
-                                   adapter_kind=adapter_kind, block_size=block_size, cuda_graphs=cuda_graphs)
+    return Orthrus.from_pretrained(model, adapter=adapter, device=device, dtype=dtype, adapter_kind=adapter_kind,
+                                   block_size=block_size, cuda_graphs=cuda_graphs, compile=compile)
 
 
 def load_engine(args: argparse.Namespace, reuse: bool = True) -> Orthrus:
@@ -183,7 +187,7 @@ def load_engine(args: argparse.Namespace, reuse: bool = True) -> Orthrus:
     adapter_path = (Path(args.adapter).expanduser() / WEIGHTS if args.adapter not in (None, "init")
                     else DEFAULT_ADAPTERS.get(args.model, Path("-")) / WEIGHTS)
     key = (args.model, args.adapter, args.device, args.dtype, kind, block, getattr(args, "cuda_graphs", None),
-           (_stamp(model_path), _stamp(adapter_path)))
+           bool(getattr(args, "compile", False)), (_stamp(model_path), _stamp(adapter_path)))
     log.info("loading %s (adapter: %s) on %s in %s", args.model, args.adapter or "default",
              args.device, args.dtype)
     t0 = time.perf_counter()

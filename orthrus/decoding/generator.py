@@ -96,13 +96,15 @@ class Decoder:
         max_batch: number of slots.
         capacity: cache positions per slot (prompt + new tokens + one block must fit).
         cuda_graphs: capture each cycle shape as a CUDA graph and replay it (None: on CUDA devices).
+        compile: ``torch.compile`` the cycle (fused kernels; compiling takes a while per shape).
         static_shapes: round rows and kv_len up to powers of two (None: when ``cuda_graphs``).
             Graphs need it; on its own (CPU) it exercises the graph-mode shapes eagerly.
     """
 
     def __init__(self, model: Transformer, adapter: DiffusionAdapter | None, eos_ids: tuple[int, ...],
                  decode: Callable[[list[int]], str], max_batch: int, capacity: int,
-                 cuda_graphs: bool | None = None, static_shapes: bool | None = None) -> None:
+                 cuda_graphs: bool | None = None, static_shapes: bool | None = None,
+                 compile: bool = False) -> None:
         self.model, self.adapter, self.eos_ids, self.decode = model, adapter, set(eos_ids), decode
         self.capacity = capacity
         dev = model.device
@@ -126,8 +128,16 @@ class Decoder:
         # Decode each row's text every cycle (streaming); False: only when a row finishes (or when
         # it has stop strings), which saves O(tokens) host work per row and cycle in batch jobs.
         self.stream_text = True
+        self.compiled = compile
+        self._cycle_fn = self._cycle
+        if compile:
+            import torch._dynamo as dynamo
+
+            # every cycle shape is a static specialisation; the default limit (8) is too low
+            dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+            self._cycle_fn = torch.compile(self._cycle, fullgraph=True, dynamic=False)
         # the cycle mutates only lengths and x_t (and not-yet-committed cache slots)
-        self.graphs = CycleGraphs(self._cycle, (self.lengths, self.x_t)) if self.cuda_graphs else None
+        self.graphs = CycleGraphs(self._cycle_no_grad, (self.lengths, self.x_t)) if self.cuda_graphs else None
 
     # ---- slots --------------------------------------------------------------------------------
 
@@ -235,9 +245,9 @@ class Decoder:
                            use_filters=filters)
         return sample(q, uniform(self.seeds[:hi], positions[:, 1:], STREAM_DRAFT)), q
 
-    @torch.inference_mode()
     def _cycle(self, hi: int, k: int, kv_len: int, greedy: bool, filters: bool) -> Tensor:
-        """Device part of one cycle over slots ``[0, hi)`` with block size ``k``.
+        """Device part of one cycle over slots ``[0, hi)`` with block size ``k`` (run it under
+        ``torch.no_grad``, as :meth:`run_cycle` does).
 
         Returns ``[hi, k + 1]`` int64: the ``k`` emitted-token slots (accepted drafts then the
         correction/bonus token; the rest is junk) and, last, the number of accepted drafts ``a``.
@@ -278,13 +288,20 @@ class Decoder:
         return torch.cat((out, n_acc[:, None]), dim=1)
 
     def run_cycle(self, rows: int, k: int, kv_len: int, greedy: bool, filters: bool) -> Tensor:
-        """One cycle (see :meth:`_cycle`): a replayed CUDA graph in graph mode, else eager.
+        """One cycle (see :meth:`_cycle`): a replayed CUDA graph in graph mode, else eager
+        (compiled with ``torch.compile`` when asked).
 
         In graph mode the result is the graph's static output: read it before the next cycle.
         """
         if self.graphs is not None:
             return self.graphs.run(rows, k, kv_len, greedy, filters)
-        return self._cycle(rows, k, kv_len, greedy, filters)
+        return self._cycle_no_grad(rows, k, kv_len, greedy, filters)
+
+    def _cycle_no_grad(self, *key: Any) -> Tensor:
+        # no_grad, not inference_mode: torch.compile cannot trace in-place updates of the state
+        # tensors under inference mode
+        with torch.no_grad():
+            return self._cycle_fn(*key)
 
     def cycle_shape(self, rows: int, need: int) -> tuple[int, int]:
         """``(rows, kv_len)`` of a cycle whose live slots lie below ``rows`` and whose longest row

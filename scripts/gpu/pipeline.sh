@@ -17,8 +17,8 @@ TRAIN_MIN=${TRAIN_MIN:-8}              # training budget (minutes), both kinds a
 TRAIN_ARGS=${TRAIN_ARGS:---block-size 16 --seq-len 2048 --batch-size 8 --anchors-per-seq 256 --epochs 3}
 BENCH_TOKENS=${BENCH_TOKENS:-256}
 BENCH_LIMIT=${BENCH_LIMIT:-0}          # prompts per set (0: all 164 HumanEval, all 80 MT-Bench)
-HF_LIMIT=${HF_LIMIT:-8}                # prompts for the run with transformers' modes (slow)
-SIDE_LIMIT=${SIDE_LIMIT:-32}           # prompts for the bf16 run and the full-adapter run
+HF_LIMIT=${HF_LIMIT:-6}                # prompts for the run with transformers' modes (slow)
+SIDE_LIMIT=${SIDE_LIMIT:-16}           # prompts for the bf16, full-adapter and compiled runs
 CHECKS=${CHECKS:-1}                    # 0: skip the CUDA tests and the untrained-adapter run
 O=(python3 -m orthrus.cli)
 mkdir -p "$W/res"
@@ -46,7 +46,8 @@ print(torch.__version__, transformers.__version__, torch.cuda.is_available())"'
 stage first_load 300 "${O[@]}" generate --device "$DEVICE" --mode ar --max-new-tokens 16 --json \
   "Say hello in three words."
 if [ "$CHECKS" = 1 ]; then
-  stage cuda_tests 300 python3 -m pytest -q -p no:cacheprovider -ra tests/test_graphs.py tests/test_masks.py
+  stage cuda_tests 300 python3 -m pytest -q -p no:cacheprovider -ra tests/test_graphs.py tests/test_masks.py \
+    -k "not compiled"
   bench init_k8 --adapter init --block-size 8 --prompts humaneval --limit 4 --modes ar,parallel
   bench init_k8_eager --adapter init --block-size 8 --prompts humaneval --limit 2 --modes ar,parallel \
     --no-cuda-graphs
@@ -90,6 +91,10 @@ bench humaneval_bf16 "${A[@]}" --prompts humaneval --limit "$SIDE_LIMIT" --modes
   --block-size auto --dtype bfloat16
 bench humaneval_full --adapter "$W/full" --prompts humaneval --limit "$SIDE_LIMIT" --modes ar,parallel \
   --block-size auto
+
+# last, as it may not fit the budget: torch.compile'd cycles (compiling costs ~a minute per shape)
+bench humaneval_compiled "${A[@]}" --prompts humaneval --limit "$SIDE_LIMIT" --modes ar,parallel --block-size 8 \
+  --compile
 
 log "packing"
 (cd "$W" && tar czf results.tar.gz status ./*.log res lora64/log.jsonl lora64/train_config.json \
