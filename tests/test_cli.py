@@ -314,3 +314,23 @@ def test_block_size_auto_applies_the_measured_choice(monkeypatch: pytest.MonkeyP
     assert apply_auto_block_size(args, object(), gen, n_prompts=1).block_size == 4
     assert seen == [2, 2, 1]  # timed at the batch the run will have: --batch-size, at most the prompts
     assert apply_auto_block_size(argparse.Namespace(block_size=8), object(), gen) is gen
+
+
+def test_cpu_default_with_the_shipped_adapter_measures_the_block_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No --block-size, no --adapter, a shipped adapter, a CPU: measured (auto), not the adapter's K;
+    an explicit K, an explicit adapter or AR mode keep what was asked for."""
+    import argparse
+
+    from orthrus.commands import common
+
+    parallel, ar = GenerationConfig(mode="parallel"), GenerationConfig(mode="ar")
+    args = dict(block_size=None, adapter=None, device="cpu", model="smollm2-135m")
+    monkeypatch.setattr(common, "has_adapter", lambda a: False)
+    assert not common.auto_block_size_wanted(argparse.Namespace(**args), parallel)  # nothing shipped
+    monkeypatch.setattr(common, "has_adapter", lambda a: True)
+    assert common.auto_block_size_wanted(argparse.Namespace(**args), parallel)
+    assert not common.auto_block_size_wanted(argparse.Namespace(**args), ar)
+    assert not common.auto_block_size_wanted(argparse.Namespace(**{**args, "block_size": 8}), parallel)
+    assert not common.auto_block_size_wanted(argparse.Namespace(**{**args, "adapter": "runs/a"}), parallel)
+    assert common.auto_block_size_wanted(argparse.Namespace(**{**args, "adapter": "runs/a", "block_size": "auto"}),
+                                         parallel)

@@ -13,7 +13,8 @@ import sys
 import time
 from typing import Any, TextIO
 
-from orthrus.commands.common import add_generation_args, add_model_args, generation_config, load_engine
+from orthrus.commands.common import (add_generation_args, add_model_args, apply_auto_block_size,
+                                     generation_config, load_engine)
 from orthrus.config import GenerationConfig
 from orthrus.engine import Orthrus
 from orthrus.errors import OrthrusError
@@ -33,6 +34,7 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     gen = generation_config(args)  # cheap checks before the model loads
     engine = load_engine(args)
+    gen = apply_auto_block_size(args, engine, gen, n_prompts=1)
     chat_loop(engine, gen, sys.stdin, sys.stdout, sys.stderr, system=args.system)
     return 0
 

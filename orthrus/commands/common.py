@@ -61,8 +61,9 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
                    help="parallel: draft a block with the adapter, verify with the frozen model; ar: "
                         "one token per pass. Default: parallel when an adapter is available "
                         "(--adapter given, or the model's shipped adapter exists), else ar")
-    g.add_argument("--block-size", type=_block_size, default=None, metavar="K|auto",
-                   help="tokens drafted per cycle in parallel mode (default: the adapter's; 32 for init); "
+    g.add_argument("--block-size", type=block_size_arg, default=None, metavar="K|auto",
+                   help="tokens drafted per cycle in parallel mode (default: the adapter's; 32 for init; "
+                        "auto on a CPU with the model's shipped adapter); "
                         "auto: measure the pass costs and the adapter's acceptance here and pick the "
                         "fastest K, or plain AR decoding when no K would be faster")
     g.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="(default: 256)")
@@ -74,7 +75,8 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
                    help="end a completion at this string (not included); repeatable")
 
 
-def _block_size(value: str) -> int | str:
+def block_size_arg(value: str) -> int | str:
+    """argparse type of ``--block-size``: an integer or ``auto``."""
     if value == "auto":
         return value
     try:
@@ -137,11 +139,23 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
         block_size=None if getattr(args, "block_size", None) in (None, "auto") else args.block_size)
 
 
+def auto_block_size_wanted(args: argparse.Namespace, gen: GenerationConfig) -> bool:
+    """``--block-size auto``, or the default on a CPU with the model's shipped adapter: a K-token
+    pass costs more than a 1-token pass there, so the block size (or plain AR) is measured rather
+    than taken from the adapter, and CPU users are never made slower than AR by default."""
+    if gen.mode != "parallel":
+        return False
+    block = getattr(args, "block_size", None)
+    return block == "auto" or (block is None and getattr(args, "adapter", None) is None
+                               and parse_device(args.device).type == "cpu" and has_adapter(args))
+
+
 def apply_auto_block_size(args: argparse.Namespace, engine: Orthrus, gen: GenerationConfig,
                           n_prompts: int | None = None) -> GenerationConfig:
-    """For ``--block-size auto`` in parallel mode: the measured choice (block size 1 means AR),
-    timed at the batch size the run will have (``--batch-size``, at most ``n_prompts``, at most 8)."""
-    if getattr(args, "block_size", None) != "auto" or gen.mode != "parallel":
+    """For ``--block-size auto`` in parallel mode (see :func:`auto_block_size_wanted`): the measured
+    choice (block size 1 means AR), timed at the batch size the run will have (``--batch-size``, at
+    most ``n_prompts``, at most 8), measured once per setup and then cached."""
+    if not auto_block_size_wanted(args, gen):
         return gen
     from orthrus.bench.blocksize import cached_block_size
 
