@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +153,25 @@ def test_corrupt_file_is_refused(base, tmp_path, damage):
                   metadata={"orthrus_adapter": json.dumps(ad.config.to_dict())})
     with pytest.raises(OrthrusError, match="corrupt|not an orthrus adapter|does not have the tensors"):
         DiffusionAdapter.load(tmp_path, base, TINY_FP)
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "orthrus" / "adapters" / "smollm2-135m"
+
+
+@pytest.mark.skipif(not (SHIPPED / "adapter.safetensors").is_file(),
+                    reason="no default adapter shipped yet (issue 5: trained on a GPU)")
+def test_shipped_adapter_is_small_used_by_default_and_exact():
+    """The default adapter: at most 16 MiB, loaded without --adapter, greedy parallel == AR in fp32
+    on prompts it was not trained on, and it drafts usefully (more than one token per verify pass)."""
+    from orthrus.engine import Orthrus
+
+    assert (SHIPPED / "adapter.safetensors").stat().st_size <= 16 * 2**20
+    assert (SHIPPED / "TRAINING.md").is_file(), "how it was trained must be recorded beside it"
+    engine = Orthrus.from_pretrained("smollm2-135m")
+    assert engine.adapter is not None
+    prompts = ["Write a Python function that checks whether a string is a palindrome.",
+               "Give me three tips for staying focused while studying."]
+    ar = engine.generate(prompts, mode="ar", max_new_tokens=64)
+    par = engine.generate(prompts, mode="parallel", max_new_tokens=64)
+    assert [c.token_ids for c in par] == [c.token_ids for c in ar]
+    assert all(c.stats.acceptance_length > 1.2 for c in par)

@@ -26,7 +26,7 @@ collect() {  # at most 8 files back, 16 MiB each
   if [ -f "$ROOT/work/results.tar.gz" ]; then
     cp "$ROOT/work/results.tar.gz" "$OUT/"
   else  # not finished: what there is so far
-    (cd "$ROOT/work" && tar czf "$OUT/partial.tar.gz" status ./*.log res lora64/log.jsonl full/log.jsonl 2>/dev/null)
+    (cd "$ROOT/work" && tar czf "$OUT/partial.tar.gz" status commands.txt ./*.log res lora64/log.jsonl full/log.jsonl 2>/dev/null)
   fi
   for f in adapter.safetensors adapter_config.json; do
     [ -f "$ROOT/work/ship/$f" ] && cp "$ROOT/work/ship/$f" "$OUT/"

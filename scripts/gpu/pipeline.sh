@@ -29,6 +29,7 @@ stage() {  # name timeout_seconds command...: runs one stage, logs its exit code
   local name=$1 limit=$2
   shift 2
   log "start $name"
+  printf '%s:' "$name" >>"$W/commands.txt" && printf ' %q' "$@" >>"$W/commands.txt" && echo >>"$W/commands.txt"
   timeout "$limit" "$@" >"$W/$name.log" 2>&1
   log "end $name rc=$?"
 }
@@ -60,6 +61,8 @@ stage distill "$(secs "$DISTILL_MIN" 240)" "${O[@]}" distill --source "$W/data/s
 log "distilled $(cat "$W/distill.jsonl" 2>/dev/null | wc -l) rows"
 
 train() {  # kind out lr (runs in a child bash: arrays such as O are not exported)
+  echo "train $1: python3 -m orthrus.cli train --data $W/distill.jsonl --out $W/$2 --adapter-kind $1 --device $DEVICE \
+--lr $3 --max-minutes $TRAIN_MIN --eval-every 100 --save-every 100 --log-every 10 --no-progress $TRAIN_ARGS" >>"$W/commands.txt"
   # shellcheck disable=SC2086  # TRAIN_ARGS is a list of options
   python3 -m orthrus.cli train --data "$W/distill.jsonl" --out "$W/$2" --adapter-kind "$1" --device "$DEVICE" \
     --lr "$3" --max-minutes "$TRAIN_MIN" --eval-every 100 --save-every 100 --log-every 10 --no-progress \
@@ -97,7 +100,7 @@ bench humaneval_compiled "${A[@]}" --prompts humaneval --limit "$SIDE_LIMIT" --m
   --compile
 
 log "packing"
-(cd "$W" && tar czf results.tar.gz status ./*.log res lora64/log.jsonl lora64/train_config.json \
+(cd "$W" && tar czf results.tar.gz status commands.txt ./*.log res lora64/log.jsonl lora64/train_config.json \
   full/log.jsonl full/train_config.json ship/adapter_config.json 2>/dev/null)
 touch "$W/DONE"
 log "pipeline finished"
