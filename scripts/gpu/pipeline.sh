@@ -46,6 +46,10 @@ print(torch.__version__, transformers.__version__, torch.cuda.is_available())"'
 # the first load converts the GGUF into the cache (~20 s); a greedy AR answer proves the model works
 stage first_load 300 "${O[@]}" generate --device "$DEVICE" --mode ar --max-new-tokens 16 --json \
   "Say hello in three words."
+there=$(python3 -c "from orthrus.models.loading import load_base; print(load_base('smollm2-135m').fingerprint)")
+here=$(cat "$W/data/fingerprint.txt" 2>/dev/null || echo unknown)
+if [ "$there" = "$here" ]; then log "model fingerprint $there: same as where the job was prepared"
+else log "WARNING: model fingerprint $there here, $here where the job was prepared: adapters will not load there"; fi
 if [ "$CHECKS" = 1 ]; then
   stage cuda_tests 300 python3 -m pytest -q -p no:cacheprovider -ra tests/test_graphs.py tests/test_masks.py \
     -k "not compiled"
@@ -55,6 +59,11 @@ if [ "$CHECKS" = 1 ]; then
 fi
 
 [ -f "$W/data/sharegpt_prompts.jsonl" ] || gunzip -k "$W/data/sharegpt_prompts.jsonl.gz"
+# rows distilled earlier (on a CPU) seed the file: distill skips their prompts and adds new ones
+if [ -f "$W/data/seed_distill.jsonl.gz" ] && [ ! -f "$W/distill.jsonl" ]; then
+  gunzip -c "$W/data/seed_distill.jsonl.gz" >"$W/distill.jsonl"
+  log "seeded with $(wc -l <"$W/distill.jsonl") rows distilled earlier"
+fi
 stage distill "$(secs "$DISTILL_MIN" 240)" "${O[@]}" distill --source "$W/data/sharegpt_prompts.jsonl" \
   --out "$W/distill.jsonl" --device "$DEVICE" --batch-size "$DISTILL_BATCH" \
   --max-new-tokens "$DISTILL_TOKENS" --max-prompt-tokens 512 --max-minutes "$DISTILL_MIN" --no-progress

@@ -35,6 +35,26 @@ with gzip.open(sys.argv[1], "wt", encoding="utf-8") as f:
 print(f"{n} ShareGPT prompts -> {sys.argv[1]}", file=sys.stderr)
 PY
 fi
+# the default model's fingerprint here: an adapter trained there must load here (the job compares)
+python3 -c "from orthrus.models.loading import load_base; print(load_base('smollm2-135m').fingerprint)" \
+  >"$C/data/fingerprint.txt"
+echo "default model fingerprint here: $(cat "$C/data/fingerprint.txt")"
+# answers already distilled on a CPU (same model, greedy fp32; `orthrus distill` output), if any: the
+# GPU run starts from them (distillation is resumable: their prompts are not answered again)
+seed=${SEED_DISTILL:-runs/distill/sharegpt_cpu.jsonl}
+if [ -s "$seed" ]; then
+  python3 - "$seed" "$C/data/seed_distill.jsonl.gz" <<'PY'
+import gzip, json, sys
+rows = 0
+with open(sys.argv[1], "rb") as src, gzip.open(sys.argv[2], "wb") as dst:
+    for raw in src:  # whole rows only (a running distillation may be mid-write)
+        if raw.endswith(b"\n"):
+            json.loads(raw)
+            dst.write(raw)
+            rows += 1
+print(f"{rows} distilled rows -> {sys.argv[2]}", file=sys.stderr)
+PY
+fi
 # model chunks: each call carries the tracked files, one chunk and (first call) the small extras
 tracked=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
 extras=$(du -cb "$C/whl" "$C/data" | tail -1 | cut -f1)
