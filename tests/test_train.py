@@ -188,6 +188,15 @@ def test_two_process_ddp_gloo_matches_gradient_accumulation(folder, loaded, tmp_
     lb = [r["loss"] for r in read_log(tmp_path / "one") if "loss" in r]
     assert la == pytest.approx(lb, rel=1e-5)
 
+    # a time budget under DDP: rank 0 decides the step count, both ranks stop there (no hang)
+    budget = [a if a != "3" else "100000" for a in common] + ["--max-minutes", "0.05"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", "29518", "-m", "orthrus.cli", "train", "--out", str(tmp_path / "budget"),
+                           *budget], capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    assert 13 <= summary["steps"] < 100000 and len(set(summary["rank_weight_digests"])) == 1
+
 
 def test_cli_train_outputs_and_eval(folder, tmp_path, capsys):
     data = tmp_path / "text.jsonl"
@@ -382,3 +391,7 @@ def test_time_budget_cuts_the_steps_and_ends_the_schedule(loaded, tmp_path):
     assert t._fit_budget(per_step=0.5, elapsed=7.0) == int((60 * 0.95 - 7.0) / 0.5)
     assert t.warmup == max(1, round(0.05 * t.total_steps))
     assert t._fit_budget(per_step=0.001, elapsed=0.0) == t.total_steps  # more time than steps: unchanged
+    # evaluations to come (every 10 steps and at the end, 2 s each) are paid for from the budget
+    t = Trainer(config(tmp_path / "c", max_steps=1000, max_minutes=1.0, eval_every=10), loaded.model,
+                loaded.fingerprint, random_docs(24), progress=False)
+    assert t._fit_budget(per_step=0.5, elapsed=7.0, eval_seconds=2.0) == int((60 * 0.95 - 7.0 - 2.0) / 0.7)

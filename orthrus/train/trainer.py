@@ -383,14 +383,22 @@ class Trainer:
 
     # ---- schedule, data order --------------------------------------------------------------------
 
-    def _fit_budget(self, per_step: float, elapsed: float) -> int:
+    def _fit_budget(self, per_step: float, elapsed: float, eval_seconds: float = 0.0) -> int:
         """Cut ``total_steps`` to what ``max_minutes`` leaves at ``per_step`` seconds a step.
 
-        Evaluations and checkpoints are not timed; 5% of the budget is kept for them. The warm-up
-        (when it was 5% of the steps) shrinks with the horizon. Returns the new total.
+        The evaluations still to come (one every ``eval_every`` steps and one at the end) are
+        counted at ``eval_seconds`` each (the first one's time); 5% of the budget is kept for
+        checkpoints. The warm-up (when it was 5% of the steps) shrinks with the horizon. Under DDP
+        rank 0 decides and the others follow, so that every rank stops at the same step. Returns
+        the new total.
         """
-        left = self.cfg.max_minutes * 60 * 0.95 - elapsed
-        fit = self.step + max(0, int(left / per_step))
+        left = self.cfg.max_minutes * 60 * 0.95 - elapsed - eval_seconds
+        per = per_step + (eval_seconds / self.cfg.eval_every if self.cfg.eval_every else 0.0)
+        fit = self.step + max(0, int(left / per))
+        if self.world > 1:
+            t = torch.tensor([fit], dtype=torch.long, device=self.device)
+            dist.broadcast(t, 0)
+            fit = int(t.item())
         if fit < self.total_steps:
             log.info("--max-minutes %.1f: %.3f s a step, %d steps fit (of %d)", self.cfg.max_minutes, per_step,
                      fit, self.total_steps)
@@ -632,8 +640,10 @@ class Trainer:
         self._prepare_out()
         started = time.perf_counter()
         summary: dict[str, Any] = {"out": str(self.out), "start_step": self.step, "total_steps": self.total_steps}
+        eval_seconds = 0.0
         if self.step == 0 and self.rank == 0:
             ev = self.evaluate()
+            eval_seconds = time.perf_counter() - started
             if ev is not None:
                 self._log(ev)
                 summary["eval_before"] = ev
@@ -654,7 +664,7 @@ class Trainer:
                     budget_t0 = time.perf_counter()
                 elif self.step == budget_from + BUDGET_PROBE and cfg.max_minutes is not None:
                     per_step = (time.perf_counter() - budget_t0) / BUDGET_PROBE
-                    end = min(end, self._fit_budget(per_step, time.perf_counter() - started))
+                    end = min(end, self._fit_budget(per_step, time.perf_counter() - started, eval_seconds))
                 window.append(rec["loss"])
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
