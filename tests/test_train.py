@@ -395,3 +395,17 @@ def test_time_budget_cuts_the_steps_and_ends_the_schedule(loaded, tmp_path):
     t = Trainer(config(tmp_path / "c", max_steps=1000, max_minutes=1.0, eval_every=10), loaded.model,
                 loaded.fingerprint, random_docs(24), progress=False)
     assert t._fit_budget(per_step=0.5, elapsed=7.0, eval_seconds=2.0) == int((60 * 0.95 - 7.0 - 2.0) / 0.7)
+
+
+def test_eval_blocks_caps_the_held_out_anchors(loaded, tmp_path):
+    """--eval-blocks: beyond it, every k-th anchor is evaluated (a fixed, even subset)."""
+    docs = random_docs(24, seed=4)
+    full = Trainer(config(tmp_path / "a", max_steps=1, eval_rows=6, eval_blocks=10**9), loaded.model,
+                   loaded.fingerprint, docs, progress=False)
+    every = full.evaluate()
+    cap = Trainer(config(tmp_path / "b", max_steps=1, eval_rows=6, eval_blocks=every["eval_blocks"] // 3),
+                  loaded.model, loaded.fingerprint, docs, progress=False)
+    some = cap.evaluate()
+    assert full.eval_stride == 1 and cap.eval_stride >= 3
+    assert every["eval_blocks"] // cap.eval_stride <= some["eval_blocks"] < every["eval_blocks"] // 2
+    assert 1.0 <= some["eval_acceptance_length"] <= K

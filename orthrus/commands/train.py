@@ -71,6 +71,9 @@ def register(subparsers: Any) -> None:
                    help=f"held-out eval every N steps, plus before and after (0: only those; default: {C.eval_every})")
     g.add_argument("--eval-rows", type=int, default=None, metavar="N",
                    help="held-out rows: the last N of the data (default: 2%%, none under 20 rows)")
+    g.add_argument("--eval-blocks", type=int, default=C.eval_blocks, metavar="N",
+                   help="held-out blocks per evaluation, at most about N: every k-th anchor when the "
+                        f"held-out rows have more (default: {C.eval_blocks})")
     g.add_argument("--save-every", type=int, default=C.save_every, metavar="N",
                    help=f"checkpoint every N steps and at the end (0: at the end; default: {C.save_every})")
     g.add_argument("--resume", action="store_true", help="continue the run in --out (optimizer, data position)")
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         anchors_per_seq=args.anchors_per_seq, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, loss=args.loss, device=args.device,
         dtype=args.dtype, resume=args.resume, seed=args.seed, log_every=args.log_every,
-        eval_every=args.eval_every, save_every=args.save_every, eval_rows=args.eval_rows,
+        eval_every=args.eval_every, save_every=args.save_every, eval_rows=args.eval_rows, eval_blocks=args.eval_blocks,
         use_flex=args.use_flex)
     summary = run_training(cfg, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -117,6 +117,7 @@ class TrainConfig:
     eval_every: int = 100
     save_every: int = 100
     eval_rows: int | None = None
+    eval_blocks: int = 4096
     use_flex: bool | None = None
 
     def __post_init__(self) -> None:
@@ -143,6 +144,7 @@ class TrainConfig:
         _check(self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         _check(self.dtype is None or self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}")
         _check(self.eval_rows is None or self.eval_rows >= 0, f"--eval-rows must be >= 0, got {self.eval_rows}")
+        _check(self.eval_blocks >= 1, f"--eval-blocks must be >= 1, got {self.eval_blocks}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -264,9 +266,11 @@ def _anchor_candidates(batch: Batch, span: int) -> Tensor:
     return ok
 
 
-def eval_anchor_chunks(batch: Batch, n: int, block_size: int) -> list[tuple[Tensor, Tensor]]:
-    """Every anchor whose whole block lies in its response, in chunks of ``n`` per row."""
+def eval_anchor_chunks(batch: Batch, n: int, block_size: int, stride: int = 1) -> list[tuple[Tensor, Tensor]]:
+    """Every ``stride``-th anchor whose whole block lies in its response, in chunks of ``n`` per row."""
     ok = _anchor_candidates(batch, block_size)
+    if stride > 1:
+        ok &= (ok.cumsum(1) - 1) % stride == 0
     count = ok.sum(1)  # [B]
     order = torch.argsort((~ok).to(torch.int8), dim=1, stable=True)  # candidates first, in order
     chunks = []
@@ -354,6 +358,12 @@ class Trainer:
                 self.eval_data = pack(eval_docs, cfg.seq_len)
             except OrthrusError:
                 log.warning("no held-out row keeps a response within --seq-len: no evaluation")
+        # evaluate every anchor, or every eval_stride-th one when there are more than --eval-blocks
+        self.eval_stride = 1
+        if self.eval_data is not None:
+            rows = np.arange(len(self.eval_data))
+            total = int(_anchor_candidates(make_batch(self.eval_data, rows, "cpu"), self.block_size).sum())
+            self.eval_stride = max(1, -(-total // cfg.eval_blocks))
         per_step = cfg.batch_size * cfg.grad_accum * self.world
         self.steps_per_epoch = len(self.train_data) // per_step
         _check(self.steps_per_epoch >= 1,
@@ -482,7 +492,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any] | None:
-        """Held-out KL / CE and expected acceptance (every anchor whose block lies in a response).
+        """Held-out KL / CE and expected acceptance (every anchor whose block lies in a response, or
+        every ``eval_stride``-th of them: at most about ``--eval-blocks`` blocks).
 
         ``eval_slot_accept[i]``: fraction of blocks whose drafts 1..i+1 all equal the teacher's
         argmax (greedy verification accepts them); ``eval_acceptance_length``: 1 + their sum, the
@@ -504,7 +515,7 @@ class Trainer:
             cache = self.cache.rows(0, len(rows))
             with self._autocast():
                 th = teacher_forward(self.base, batch, cache)
-                for anchors, valid in eval_anchor_chunks(cpu, n, k):
+                for anchors, valid in eval_anchor_chunks(cpu, n, k, self.eval_stride):
                     anchors, valid = anchors.to(self.device), valid.to(self.device)
                     out = draft_blocks(drafter, self.base, batch, cache, th, anchors, valid, k, self.use_flex)
                     ls, c = distill_loss(self.base.logits, out.student, out.teacher, out.target, out.valid,
