@@ -199,6 +199,23 @@ async def _reply(server: Server, req: GenRequest, http: Request, prompt_tokens: 
     return respond(text, finish, P.usage(prompt_tokens, len(last.row.tokens)), _extra(last))
 
 
+def _streamed(server: Server, req: GenRequest, chunks: AsyncIterator[dict]) -> StreamingResponse:
+    """A streamed reply: each chunk as a server-sent event, then ``[DONE]``. A scheduler failure
+    becomes an error event; the request is cancelled when the stream ends or the client leaves
+    (a no-op once it finished)."""
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield _sse(chunk)
+        except SchedulerError as e:
+            yield _sse(P.error_body(str(e), "server_error"))
+        finally:
+            server.scheduler.cancel(req)
+        yield _sse("[DONE]")
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
 def _extra(ev: Event) -> dict[str, Any]:
     """Per-request decoding stats, returned beside ``usage``."""
     s = ev.row.stats
@@ -304,26 +321,19 @@ def create_app(engine: Orthrus, model_name: str, mode: str = "parallel", max_bat
             return await _reply(server, req, request, len(ids),
                                 lambda *a: P.chat_response(rid, model_name, *a))
 
-        async def stream() -> AsyncIterator[str]:
+        async def chunks() -> AsyncIterator[dict]:
             created = int(time.time())
-            try:
-                yield _sse(P.chat_chunk(rid, model_name, created, {"role": "assistant", "content": ""}, None))
-                async for ev in _events(req):
-                    if ev.text:
-                        yield _sse(P.chat_chunk(rid, model_name, created, {"content": ev.text}, None))
-                    if ev.finish_reason is not None:
-                        yield _sse(P.chat_chunk(rid, model_name, created, {}, ev.finish_reason))
-                        if include_usage:
-                            yield _sse(P.usage_chunk(rid, model_name, created, "chat.completion.chunk",
-                                                     P.usage(len(ids), len(ev.row.tokens))))
-            except SchedulerError as e:
-                yield _sse(P.error_body(str(e), "server_error"))
-            finally:
-                server.scheduler.cancel(req)  # client gone (or done: then a no-op)
-            yield _sse("[DONE]")
+            yield P.chat_chunk(rid, model_name, created, {"role": "assistant", "content": ""}, None)
+            async for ev in _events(req):
+                if ev.text:
+                    yield P.chat_chunk(rid, model_name, created, {"content": ev.text}, None)
+                if ev.finish_reason is not None:
+                    yield P.chat_chunk(rid, model_name, created, {}, ev.finish_reason)
+                    if include_usage:
+                        yield P.usage_chunk(rid, model_name, created, "chat.completion.chunk",
+                                            P.usage(len(ids), len(ev.row.tokens)))
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return _streamed(server, req, chunks())
 
     @app.post("/v1/completions")
     async def completions(body: P.CompletionRequest, request: Request) -> Any:
@@ -344,22 +354,15 @@ def create_app(engine: Orthrus, model_name: str, mode: str = "parallel", max_bat
             return await _reply(server, req, request, len(ids),
                                 lambda *a: P.completion_response(rid, model_name, *a))
 
-        async def stream() -> AsyncIterator[str]:
+        async def chunks() -> AsyncIterator[dict]:
             created = int(time.time())
-            try:
-                async for ev in _events(req):
-                    if ev.text or ev.finish_reason is not None:
-                        yield _sse(P.completion_chunk(rid, model_name, created, ev.text, ev.finish_reason))
-                    if ev.finish_reason is not None and include_usage:
-                        yield _sse(P.usage_chunk(rid, model_name, created, "text_completion",
-                                                 P.usage(len(ids), len(ev.row.tokens))))
-            except SchedulerError as e:
-                yield _sse(P.error_body(str(e), "server_error"))
-            finally:
-                server.scheduler.cancel(req)
-            yield _sse("[DONE]")
+            async for ev in _events(req):
+                if ev.text or ev.finish_reason is not None:
+                    yield P.completion_chunk(rid, model_name, created, ev.text, ev.finish_reason)
+                if ev.finish_reason is not None and include_usage:
+                    yield P.usage_chunk(rid, model_name, created, "text_completion",
+                                        P.usage(len(ids), len(ev.row.tokens)))
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return _streamed(server, req, chunks())
 
     return app
