@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator
 
 from orthrus.adapter import DiffusionAdapter
 from orthrus.config import AdapterConfig, GenerationConfig
-from orthrus.decoding.generator import Decoder, Event
+from orthrus.decoding.generator import Decoder, Event, pow2, uses_cuda_graphs
 from orthrus.decoding.stats import DecodeStats
 from orthrus.errors import ContextLengthError, OrthrusError
 from orthrus.models.loading import DEFAULT_MODEL, LoadedModel, load_base
@@ -151,13 +151,13 @@ class Orthrus:
             return dec
         dec = None  # free the old cache before allocating the new one
         if self.uses_cuda_graphs:
-            capacity = max(capacity, min(max(512, 1 << (capacity - 1).bit_length()), self.max_context + 64))
+            capacity = max(capacity, min(max(512, pow2(capacity)), self.max_context + 64))
         return self.new_decoder(max_batch, capacity)
 
     @property
     def uses_cuda_graphs(self) -> bool:
         """Whether decoders replay CUDA graphs (asked for, or by default on a CUDA device)."""
-        return self.model.device.type == "cuda" if self.cuda_graphs is None else self.cuda_graphs
+        return uses_cuda_graphs(self.model.device, self.cuda_graphs)
 
     # ---- generation ---------------------------------------------------------------------------
 

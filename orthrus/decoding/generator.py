@@ -79,9 +79,14 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _pow2(n: int) -> int:
+def pow2(n: int) -> int:
     """The smallest power of two >= n (n >= 1)."""
     return 1 << (n - 1).bit_length()
+
+
+def uses_cuda_graphs(device: torch.device, cuda_graphs: bool | None) -> bool:
+    """Whether a decoder on ``device`` replays CUDA graphs: as asked, or by default on CUDA."""
+    return device.type == "cuda" if cuda_graphs is None else cuda_graphs
 
 
 class Decoder:
@@ -108,7 +113,7 @@ class Decoder:
         self.model, self.adapter, self.eos_ids, self.decode = model, adapter, set(eos_ids), decode
         self.capacity = capacity
         dev = model.device
-        self.cuda_graphs = dev.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.cuda_graphs = uses_cuda_graphs(dev, cuda_graphs)
         self.static_shapes = self.cuda_graphs if static_shapes is None else static_shapes
         if self.cuda_graphs and not self.static_shapes:
             raise ValueError("CUDA graphs need static shapes")
@@ -312,7 +317,7 @@ class Decoder:
         """
         if not self.static_shapes:
             return rows, min(self.capacity, _round_up(need, KV_BUCKET))
-        return min(self.max_batch, _pow2(rows)), min(self.capacity, max(STATIC_MIN_KV, _pow2(need)))
+        return min(self.max_batch, pow2(rows)), min(self.capacity, max(STATIC_MIN_KV, pow2(need)))
 
     def step(self) -> list[Event]:
         """Run one cycle for every active slot; return what each row produced."""
