@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from orthrus.cache import KVCache
 from orthrus.config import AdapterConfig
 from orthrus.errors import OrthrusError
-from orthrus.models.llama import Attention, Transformer, joint_attention, rope_cos_sin
+from orthrus.models.llama import (Attention, Transformer, cached_attend, causal_mask, joint_attention,
+                                  packing_available)
 
 WEIGHTS = "adapter.safetensors"
 CONFIG = "adapter_config.json"
@@ -47,6 +48,17 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.base[0](x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale
+
+    @property
+    def weight(self) -> Tensor:
+        """The merged dense weight ``W + scale * B @ A`` ``[out, in]`` (a new tensor; decoding
+        merges once, see ``DiffusionAdapter.prepare_inference``): a draft pass then costs what a
+        frozen pass costs."""
+        return self.base[0].weight + self.scale * (self.lora_B @ self.lora_A)
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base[0].bias
 
 
 def _diffusion_attention(base_attn: Attention, cfg: AdapterConfig) -> Attention:
@@ -81,10 +93,20 @@ class DiffusionAdapter(nn.Module):
                             num_layers=base.config.num_layers, hidden_size=base.config.hidden_size)
         return cls(base, cfg)
 
+    def prepare_inference(self, pack: bool | None = None) -> None:
+        """Merge LoRA deltas into dense weights and (fp32 on a CPU) prepack them, for decoding;
+        the frozen model's :meth:`~orthrus.models.llama.Transformer.prepare_inference` explains why."""
+        if pack is None:
+            w = self.mask_embedding
+            pack = w.device.type == "cpu" and w.dtype == torch.float32 and packing_available()
+        with torch.no_grad():
+            for attn in self.layers:
+                attn.prepare_inference(pack)
+
     def forward(self, base: Transformer, embeds: Tensor, positions: Tensor, cache: KVCache, kv_len: int,
                 ctx_mask: Tensor | None, block_mask: Tensor | None,
                 attn_fn: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor] | None = None) -> Tensor:
-        """Run the diffusion view over a set of blocks; nothing is written to the cache.
+        """Run the diffusion view over a set of blocks without writing the cache (training).
 
         Args:
             base: the frozen model whose norms, MLPs and K/V cache are shared.
@@ -100,17 +122,32 @@ class DiffusionAdapter(nn.Module):
         Returns:
             Final-normed hidden states ``[B, Q, C]``.
         """
-        cos, sin = rope_cos_sin(positions, base.inv_freq, embeds.dtype)
-        h = embeds
-        for i, (layer, attn) in enumerate(zip(base.model.layers, self.layers)):
-            q, k, v = attn.project(layer.input_layernorm(h), cos, sin)
+        def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             kc, vc = cache.layer(i, kv_len)
             if attn_fn is None:
-                y = joint_attention(q, kc, vc, ctx_mask, k, v, block_mask)
-            else:
-                y = attn_fn(q, kc, vc, k, v)
-            h = layer.ffn(h + attn.out(y))
-        return base.model.norm(h)
+                return joint_attention(q, kc, vc, ctx_mask, k, v, block_mask)
+            return attn_fn(q, kc, vc, k, v)
+
+        return base.run_layers(embeds, positions, list(self.layers), attend)
+
+    def draft(self, base: Transformer, anchors: Tensor, positions: Tensor, cache: KVCache, kv_len: int) -> Tensor:
+        """The draft pass of decoding: block ``[x_t, MASK x (K-1)]`` at ``positions [B, K]``
+        (``t..t+K-1``) -> final-normed hidden ``[B, K, C]``.
+
+        The block's K/V is written into the cache slots ``t..t+K-1``, which the verify pass of the
+        same cycle overwrites anyway, so each layer is one SDPA over the cache (slots ``< t``) and
+        the block (bidirectionally), with one mask built once, and no concatenation. Nothing below
+        ``t`` is touched; the committed length does not move.
+
+        Args:
+            anchors: ``[B]`` the last committed tokens ``x_t``; cache: the AR cache (rows ``[0, B)``);
+            kv_len: attend over slots ``[0, kv_len)`` (must exceed ``t + K - 1``).
+        """
+        k = positions.shape[1]
+        last = positions[:, -1:]  # [B, 1]: every block query sees slots <= t + K - 1
+        mask = causal_mask(last.expand(-1, k), kv_len)  # [B, 1, K, S]
+        embeds = self.block_embeds(base, anchors, k)
+        return base.run_layers(embeds, positions, list(self.layers), cached_attend(cache, positions, kv_len, mask))
 
     def block_embeds(self, base: Transformer, anchors: Tensor, block_size: int) -> Tensor:
         """``[x_t, MASK x (K-1)]`` embeddings ``[B, K, C]`` for anchor tokens ``[B]``."""

@@ -48,10 +48,18 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    def index(self, positions: Tensor) -> Tensor:
+        """The scatter index ``[B, Hkv, T, D]`` (an expanded view) of writes at ``positions [B, T]``."""
+        b, t = positions.shape
+        _, h, _, d = self.k[0].shape
+        return positions[:, None, :, None].expand(b, h, t, d)
+
     def write(self, layer: int, positions: Tensor, k: Tensor, v: Tensor) -> None:
         """Write ``k, v [B, Hkv, T, D]`` at ``positions [B, T]`` of ``layer`` (in place, no copy of the rest)."""
-        b, h, t, d = k.shape
-        idx = positions[:, None, :, None].expand(b, h, t, d)
+        self.write_at(layer, self.index(positions), k, v)
+
+    def write_at(self, layer: int, idx: Tensor, k: Tensor, v: Tensor) -> None:
+        """:meth:`write` with an index from :meth:`index` (built once per pass, used by every layer)."""
         self.k[layer].scatter_(2, idx, k)
         self.v[layer].scatter_(2, idx, v)
 

@@ -1,0 +1,111 @@
+"""The CPU fast path (prepacked oneDNN weights, fused q/k/v and gate/up, the draft through the same
+cached attention as AR): same results as the plain kernels, measured on the real model.
+
+Different kernels round differently, so "exact" is checked, not assumed: greedy decoding of real
+prompts with the shipped adapter, batch 1 and 3, K = 1 (AR), 4, 8, 16, prepacked and plain, must give
+token-identical outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from orthrus.adapter import DiffusionAdapter
+from orthrus.cache import KVCache
+from orthrus.models.llama import InferenceLinear, packing_available
+from tiny import hf_model, ours_from_hf
+
+SHIPPED = Path(__file__).resolve().parents[1] / "orthrus" / "adapters" / "smollm2-135m"
+needs_packing = pytest.mark.skipif(not packing_available(), reason="this torch has no oneDNN packed linear")
+
+
+@needs_packing
+def test_packed_linear_rows_do_not_depend_on_the_row_count() -> None:
+    """A packed GEMM gives each row the same bits whatever the number of rows (>= the packed
+    threshold), close to the plain kernel, for fused weights with and without bias."""
+    torch.manual_seed(0)
+    ws = [torch.randn(48, 32), torch.randn(16, 32)]
+    bs = [torch.randn(48), None]
+    lin = InferenceLinear(ws, bs, pack=True)
+    x = torch.randn(2, 16, 32)
+    full = lin(x)
+    for rows in (3, 8, 16):
+        part = lin(x[:1, :rows].contiguous())
+        assert all(torch.equal(p, f[:1, :rows]) for p, f in zip(part, full))
+    ref = (torch.nn.functional.linear(x, ws[0], bs[0]), torch.nn.functional.linear(x, ws[1]))
+    assert all((a - b).abs().max() < 1e-4 for a, b in zip(full, ref))
+    small = lin(x[:1, :1])  # one row: the plain kernel
+    assert all((a - b[:1, :1]).abs().max() < 1e-4 for a, b in zip(small, ref))
+
+
+@needs_packing
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_prepared_forward_and_draft_match_the_plain_ones(arch: str, kind: str) -> None:
+    """Tiny models: the prepared AR forward and draft pass (LoRA merged) equal the plain forward and
+    the training-time joint attention (the draft block's K/V written into the slots the verify pass
+    overwrites, nothing below ``t`` touched)."""
+    torch.manual_seed(0)
+    base = ours_from_hf(hf_model(arch, 0, initializer_range=0.5))
+    ad = DiffusionAdapter.init(base, "fp", kind=kind, block_size=4, lora_rank=4 if kind == "lora" else 0)
+    if kind == "lora":
+        with torch.no_grad():
+            for p in ad.parameters():
+                p.add_(0.05 * torch.randn_like(p))  # B = 0 at init: make the delta matter
+    tokens = torch.randint(0, base.config.vocab_size, (2, 12))
+    pos = torch.arange(12).expand(2, 12)
+    k, t = 4, 12
+    block_pos = (t + torch.arange(k)).expand(2, k)
+    anchors = tokens[:, -1]
+    results = {}
+    with torch.no_grad():
+        for prepared in (False, True):
+            if prepared:
+                base.prepare_inference(pack=True)
+                ad.prepare_inference(pack=True)
+            cache = base.new_cache(2, 32)
+            h = base(tokens, pos, cache, kv_len=t)
+            before = [x.clone() for x in cache.k]
+            d = ad.draft(base, anchors, block_pos, cache, t + k)
+            assert all(torch.equal(a[:, :, :t], b[:, :, :t]) for a, b in zip(cache.k, before))
+            results[prepared] = (base.logits(h), base.logits(d))
+        # the draft as training computes it: joint attention over the cache (< t) and the block
+        base.release_inference()
+        for attn in ad.layers:
+            attn.qkv = attn.o = None
+        ctx_mask = torch.ones(2, 1, 1, t, dtype=torch.bool)
+        ref = base.logits(ad(base, ad.block_embeds(base, anchors, k), block_pos, KVCache(cache.k, cache.v), t,
+                             ctx_mask, None))
+    for a, b in zip(results[False], results[True]):
+        assert (a - b).abs().max() < 1e-3
+    assert (results[False][1] - ref).abs().max() < 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHIPPED / "adapter.safetensors").is_file(), reason="no shipped adapter")
+def test_real_model_fast_path_is_exact() -> None:
+    """Greedy, fp32, the shipped adapter: prepared AR == plain AR, and parallel at K = 4, 8, 16 with
+    batch 1 and 3 == AR, token for token, on prompts of uneven length (~100 new tokens each)."""
+    from orthrus.engine import Orthrus
+
+    engine = Orthrus.from_pretrained("smollm2-135m")
+    assert engine.model.prepared
+    prompts = ["Write a Python function that merges two sorted lists.",
+               "Explain in a few sentences why the sky is blue.",
+               "List five ideas for a birthday party for a ten-year-old, with one sentence each.",
+               "def fib(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\""]
+    n = 96
+    ar = [c.token_ids for c in engine.generate(prompts, mode="ar", max_new_tokens=n, batch_size=3)]
+    for k in (4, 8, 16):
+        for batch in (1, 3):
+            par = engine.generate(prompts, mode="parallel", block_size=k, max_new_tokens=n, batch_size=batch)
+            assert [c.token_ids for c in par] == ar, f"K = {k}, batch {batch}"
+    engine.model.release_inference()
+    try:
+        plain = [c.token_ids for c in engine.generate(prompts, mode="ar", max_new_tokens=n, batch_size=1)]
+    finally:
+        engine.model.prepare_inference()
+    assert plain == ar
