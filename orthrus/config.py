@@ -17,6 +17,7 @@ from orthrus.errors import OrthrusError
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 DTYPES = ("float32", "bfloat16", "float16")
+DRAFTS = ("diffusion", "ngram")  # draft sources of parallel mode (GenerationConfig.draft)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -169,6 +170,10 @@ class GenerationConfig(_Serializable):
 
     ``temperature == 0`` is greedy. ``top_k == 0`` and ``top_p == 1`` switch those filters off.
     ``stop`` strings end a row (not included in the text). ``mode``: ``ar`` or ``parallel``.
+    ``draft`` (parallel mode): where the drafts come from: ``diffusion`` (the adapter's diffusion
+    view, one extra forward pass per cycle) or ``ngram`` (prompt lookup over the row's own prompt
+    and output, on the host: no adapter and no draft pass). ``ngram_max``: the longest suffix the
+    n-gram lookup tries to match (then shorter ones, down to 1).
     """
 
     max_new_tokens: int = 256
@@ -180,6 +185,8 @@ class GenerationConfig(_Serializable):
     mode: str = "ar"
     block_size: int | None = None   # parallel mode; None: the adapter's
     ignore_eos: bool = False
+    draft: str = "diffusion"
+    ngram_max: int = 4
 
     def __post_init__(self) -> None:
         _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0,
@@ -190,6 +197,10 @@ class GenerationConfig(_Serializable):
         _check(math.isfinite(self.top_p) and 0 < self.top_p <= 1,
                f"top_p must be in (0, 1], got {self.top_p!r}")
         _check(self.mode in ("ar", "parallel"), f"mode must be 'ar' or 'parallel', got {self.mode!r}")
+        _check(self.draft != "hybrid", "draft 'hybrid' is not implemented yet: use 'diffusion' or 'ngram'")
+        _check(self.draft in DRAFTS, f"draft must be one of {', '.join(DRAFTS)}, got {self.draft!r}")
+        _check(isinstance(self.ngram_max, int) and self.ngram_max >= 1,
+               f"ngram_max must be an integer >= 1, got {self.ngram_max!r}")
         _check(self.block_size is None or self.block_size >= 1,
                f"block size must be >= 1, got {self.block_size!r}")
         _check(0 <= self.seed < 2**63, f"seed must be in [0, 2^63), got {self.seed!r}")

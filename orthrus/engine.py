@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -15,6 +15,7 @@ from typing import Any, Iterable, Iterator
 from orthrus.adapter import DiffusionAdapter
 from orthrus.config import AdapterConfig, GenerationConfig
 from orthrus.decoding.generator import Decoder, Event, pow2, uses_cuda_graphs
+from orthrus.decoding.ngram import NGRAM_BLOCK_SIZE
 from orthrus.decoding.stats import DecodeStats
 from orthrus.errors import ContextLengthError, OrthrusError
 from orthrus.models.loading import DEFAULT_MODEL, LoadedModel, load_base
@@ -22,6 +23,18 @@ from orthrus.models.loading import DEFAULT_MODEL, LoadedModel, load_base
 log = logging.getLogger(__name__)
 
 DEFAULT_ADAPTERS = {DEFAULT_MODEL: Path(__file__).parent / "adapters" / "smollm2-135m"}
+SEED_SPACE = 2**63  # seeds are non-negative int64 (the decoder keeps them in an int64 tensor)
+
+
+def row_seed(seed: int, index: int) -> int:
+    """The seed of row ``index`` of a call whose seed is ``seed``: ``seed + index`` (mod 2^63).
+
+    Rows of one call (prompts of one ``generate``, choices of one ``n > 1`` request) therefore draw
+    independent samples, and row ``i`` of a call with seed ``s`` is reproduced by that prompt alone
+    with seed ``s + i``. The sampler hashes (seed, position, stream), so neighbouring seeds give
+    unrelated random streams.
+    """
+    return (seed + index) % SEED_SPACE
 
 
 @dataclass
@@ -45,11 +58,17 @@ class Orthrus:
     """A frozen base model plus (optionally) its diffusion adapter."""
 
     def __init__(self, base: LoadedModel, adapter: DiffusionAdapter | None, cuda_graphs: bool | None = None,
-                 compile: bool = False) -> None:
+                 compile: bool = False, prepare: bool = True) -> None:
+        """``prepare``: fuse and (fp32 on CPU) prepack the weights for decoding (see
+        ``Transformer.prepare_inference``); False keeps the plain per-projection GEMMs."""
         self.base = base
         self.model = base.model
         self.tokenizer = base.tokenizer
         self.adapter = adapter
+        if prepare:
+            self.model.prepare_inference()
+            if adapter is not None:
+                adapter.prepare_inference()
         self.cuda_graphs = cuda_graphs
         self.compile = compile
         # idle decoders kept for their static cache and captured CUDA graphs, one per key
@@ -120,8 +139,11 @@ class Orthrus:
     def _block_size(self, gen: GenerationConfig) -> int:
         if gen.mode == "ar":
             return 1
+        if gen.draft == "ngram":  # drafts by prompt lookup: no adapter needed
+            return gen.block_size or NGRAM_BLOCK_SIZE
         if self.adapter is None:
-            raise OrthrusError("parallel mode needs an adapter: pass --adapter PATH or --adapter init")
+            raise OrthrusError("parallel mode needs an adapter: pass --adapter PATH or --adapter init, "
+                               "or draft by n-gram (--draft ngram), which needs none")
         return gen.block_size or self.adapter.config.block_size
 
     def check_fits(self, n_prompt: int, gen: GenerationConfig) -> None:
@@ -163,8 +185,13 @@ class Orthrus:
 
     def stream(self, prompts: Iterable[str | list[int]], config: GenerationConfig | None = None,
                batch_size: int = 8, chat_template: bool = True, ids: list[Any] | None = None,
-               stream_text: bool = True, decoder_key: str = "default", **kwargs: Any) -> Iterator[Event]:
+               stream_text: bool = True, decoder_key: str = "default", seeds: list[int] | None = None,
+               **kwargs: Any) -> Iterator[Event]:
         """Yield :class:`Event` s (new final tokens and text per request) as decoding proceeds.
+
+        Seeds: prompt ``i`` samples with ``seeds[i]`` when ``seeds`` is given (a row with its own
+        seed gives the same output alone or in any batch), else with ``row_seed(config.seed, i)``
+        (``config.seed + i``), so that rows of one call are independent samples.
 
         Requests are decoded ``batch_size`` at a time with continuous batching: a finished row's
         slot is refilled with the next prompt at once. With ``stream_text=False`` the events carry
@@ -181,18 +208,24 @@ class Orthrus:
         for n in encoded:
             self.check_fits(len(n), gen)
         ids = ids if ids is not None else list(range(len(prompts)))
+        if seeds is None:
+            seeds = [row_seed(gen.seed, i) for i in range(len(prompts))]
+        elif len(seeds) != len(prompts):
+            raise OrthrusError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one seed per prompt")
+        # each row's own config (only its seed differs); GenerationConfig validates the seed
+        gens = [gen if s == gen.seed else replace(gen, seed=s) for s in seeds]
         if not encoded:
             return
         capacity = max(len(n) for n in encoded) + gen.max_new_tokens + k
         dec = self._take_decoder(min(batch_size, len(encoded)), capacity, decoder_key)
         dec.stream_text = stream_text
-        pending = list(zip(ids, encoded))
+        pending = list(zip(ids, encoded, gens))
         try:
             while pending or dec.busy():
                 free = dec.free_slots()
                 if free and pending:
                     batch, pending = pending[: len(free)], pending[len(free):]
-                    yield from self._finish(dec, dec.add([(rid, n, gen, k) for rid, n in batch]))
+                    yield from self._finish(dec, dec.add([(rid, n, g, k) for rid, n, g in batch]))
                 yield from self._finish(dec, dec.step())
         finally:
             for slot, row in enumerate(dec.rows):  # a stream closed early leaves rows behind
@@ -209,14 +242,15 @@ class Orthrus:
 
     def generate(self, prompts: Iterable[str | list[int]] | str, config: GenerationConfig | None = None,
                  batch_size: int = 8, chat_template: bool = True, decoder_key: str = "default",
-                 **kwargs: Any) -> list[Completion]:
-        """Generate for every prompt; returns completions in prompt order (see :meth:`stream`)."""
+                 seeds: list[int] | None = None, **kwargs: Any) -> list[Completion]:
+        """Generate for every prompt; returns completions in prompt order (see :meth:`stream`,
+        also for the seeds)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)
         rows: dict[Any, Any] = {}
         for ev in self.stream(prompts, config, batch_size, chat_template, stream_text=False,
-                              decoder_key=decoder_key, **kwargs):
+                              decoder_key=decoder_key, seeds=seeds, **kwargs):
             if ev.finish_reason is not None:
                 rows[ev.request_id] = ev.row
         return [Completion(i, p, rows[i].text, rows[i].tokens, rows[i].finish_reason, rows[i].stats,

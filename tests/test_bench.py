@@ -106,7 +106,7 @@ def test_exact_match():
 
 def test_parse_modes_and_settings():
     assert parse_modes("ar, parallel,hf,ar") == ("ar", "parallel", "hf")
-    with pytest.raises(OrthrusError, match="unknown mode.*vllm.*use a comma list of ar, parallel, hf, hf-pld"):
+    with pytest.raises(OrthrusError, match="unknown mode.*vllm.*use a comma list of ar, parallel, ngram, hf, hf-pld"):
         parse_modes("ar,vllm")
     with pytest.raises(OrthrusError):
         parse_modes(" , ")
@@ -226,7 +226,7 @@ def test_auto_block_size_in_the_report(tiny_engine, monkeypatch):
     (["--modes", "ar", "--block-size", "0"], "--block-size must be a positive integer or 'auto'"),
     (["--modes", "ar", "--prompts", "nope"], "unknown prompt set 'nope'"),
     (["--modes", "ar", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
-    (["--modes", "ar,parallel"], "mode 'parallel' needs an adapter"),
+    (["--modes", "ar,parallel", "--model", "/nowhere/model-without-adapter"], "mode 'parallel' needs an adapter"),
     (["--modes", "ar", "--device", "tpu"], "unknown device 'tpu'"),
 ])
 def test_cli_rejects_bad_input_before_loading(capsys, argv, message):

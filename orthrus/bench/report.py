@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from orthrus.bench.runner import ModeResult, exact_match
+from orthrus.bench.runner import OURS, ModeResult, exact_match
 from orthrus.errors import OrthrusError
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ SCHEMA = "orthrus.bench/1"
 TPF_SOURCES = {
     "ar": "decoder counters",
     "parallel": "decoder counters",
+    "ngram": "decoder counters (no draft passes)",
     "hf": "definition: one token per forward per row",
     "hf-pld": "generated tokens / model forward calls (the first, prompt+verify, call included)",
 }
@@ -48,7 +49,7 @@ def summarize(results: dict[str, ModeResult]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for mode, r in results.items():
         st = r.stats
-        if mode in ("ar", "parallel"):
+        if mode in OURS:
             tpf, accept = st.tpf, st.acceptance_length
         elif mode == "hf":
             tpf = accept = 1.0
@@ -56,6 +57,7 @@ def summarize(results: dict[str, ModeResult]) -> dict[str, dict[str, Any]]:
             tpf = accept = r.tokens / r.forward_calls if r.forward_calls else 0.0
         match, div = exact_match(ref.token_ids, r.token_ids) if ref is not None else (None, None)
         cycles = sum(st.accept_hist)
+        drafted = st.verify_passes if mode == "ngram" and r.block_size > 1 else st.draft_passes
         finish: dict[str, int] = {}
         for f in r.finish_reasons:
             finish[f] = finish.get(f, 0) + 1
@@ -64,7 +66,7 @@ def summarize(results: dict[str, ModeResult]) -> dict[str, dict[str, Any]]:
             "prompts": len(r.token_ids), "tokens": r.tokens, "seconds": round(r.seconds, 4),
             "tokens_per_second": round(rate[mode], 3),
             "tpf": round(tpf, 4), "acceptance_length": round(accept, 4), "tpf_source": TPF_SOURCES[mode],
-            "forward_passes": st.forward_passes if mode in ("ar", "parallel") else r.forward_calls,
+            "forward_passes": st.forward_passes if mode in OURS else r.forward_calls,
             "prefill_passes": st.prefill_passes, "draft_passes": st.draft_passes,
             "verify_passes": st.verify_passes,
             "speedup_vs_ar": _ratio(rate[mode], rate.get("ar")),
@@ -73,8 +75,8 @@ def summarize(results: dict[str, ModeResult]) -> dict[str, dict[str, Any]]:
             "first_divergence": div,
             "accept_hist": list(st.accept_hist),
             "accept_hist_fraction": [round(n / cycles, 4) for n in st.accept_hist] if cycles else [],
-            "slot_accept_rates": ([round(n / st.draft_passes, 4) for n in st.slot_accepts]
-                                  if st.draft_passes else []),
+            # per drafted cycle: n-gram cycles draft without a draft pass
+            "slot_accept_rates": ([round(n / drafted, 4) for n in st.slot_accepts] if drafted else []),
             "finish_reasons": finish,
             "memory": r.memory,
         }

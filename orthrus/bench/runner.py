@@ -4,6 +4,8 @@ Modes (all greedy, same chat-templated token ids, same ``max_new_tokens``, same 
 
 * ``ar``: our engine, ``mode="ar"`` (one token per pass). The reference for speedup and exactness.
 * ``parallel``: our engine, ``mode="parallel"`` with the given block size (draft + verify).
+* ``ngram``: our engine, parallel mode with n-gram drafts (``draft="ngram"``: prompt lookup on the
+  host, no adapter, no draft pass), block size ``block_size`` or ``NGRAM_BLOCK_SIZE``.
 * ``hf``: transformers ``generate`` on ``AutoModelForCausalLM`` loaded from the same folder.
 * ``hf-pld``: transformers prompt lookup decoding (``prompt_lookup_num_tokens=10``), a training-free
   speculative peer. transformers runs it at batch size 1 only, so it always does.
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from orthrus.config import GenerationConfig
+from orthrus.decoding.ngram import NGRAM_BLOCK_SIZE
 from orthrus.decoding.stats import DecodeStats
 from orthrus.errors import OrthrusError
 
@@ -35,7 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MODES = ("ar", "parallel", "hf", "hf-pld")
+MODES = ("ar", "parallel", "ngram", "hf", "hf-pld")
+OURS = ("ar", "parallel", "ngram")  # modes run by our engine (decoder counters)
 PLD_TOKENS = 10  # prompt_lookup_num_tokens for hf-pld (transformers' documented example value)
 
 
@@ -223,18 +227,25 @@ class Bench:
         if "parallel" in s.modes:
             assert engine.adapter is not None
             self.block = s.block_size or engine.adapter.config.block_size
+        self.ngram_block = s.block_size or NGRAM_BLOCK_SIZE
 
     def _sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
     def _gen(self, mode: str) -> GenerationConfig:
+        if mode == "ngram":
+            return GenerationConfig(max_new_tokens=self.settings.max_new_tokens, mode="parallel",
+                                    draft="ngram", block_size=self.ngram_block)
         return GenerationConfig(max_new_tokens=self.settings.max_new_tokens, mode=mode,
                                 block_size=self.block if mode == "parallel" else None)
 
+    def _block_of(self, mode: str) -> int:
+        return {"parallel": self.block, "ngram": self.ngram_block}.get(mode, 1)
+
     def _run(self, mode: str, chunk: list[list[int]]) -> tuple[list[list[int]], list[str], DecodeStats]:
         """One round of ``mode`` over ``chunk`` (untimed here)."""
-        if mode in ("ar", "parallel"):
+        if mode in OURS:
             # each mode keeps its own decoder (cache + CUDA graphs) from round to round
             comps = self.engine.generate(chunk, config=self._gen(mode), batch_size=len(chunk), decoder_key=mode)
             stats = DecodeStats()
@@ -265,7 +276,7 @@ class Bench:
                 self._run(mode, warm[i:i + b])
             log.info("warm-up %s: %.1f s", mode, time.perf_counter() - t0)
         results = {m: ModeResult(m, batch_size=1 if m == "hf-pld" else b,
-                                 block_size=self.block if m == "parallel" else 1) for m in s.modes}
+                                 block_size=self._block_of(m)) for m in s.modes}
         per_prompt: dict[str, list[tuple[list[int], str]]] = {m: [] for m in s.modes}
         for r, chunk in enumerate(rounds):
             shift = r % len(s.modes)
@@ -321,7 +332,7 @@ class Bench:
         the same K/V, grown as it goes); activations are not counted.
         """
         eng, s = self.engine, self.settings
-        ours = res.mode in ("ar", "parallel")
+        ours = res.mode in OURS
         weights = _weights_bytes(eng.model) if ours else _weights_bytes(self.hf.model if self.hf else None)
         if res.mode == "parallel":
             weights += _weights_bytes(eng.adapter)

@@ -28,7 +28,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--limit", type=int, default=10, metavar="N",
                    help="first N prompts of the set (default: 10; 0 = all)")
     p.add_argument("--modes", default="ar,parallel,hf", metavar="LIST",
-                   help="comma list of ar, parallel, hf, hf-pld (default: ar,parallel,hf)")
+                   help="comma list of ar, parallel, ngram (n-gram drafts, no adapter needed), hf, "
+                        "hf-pld (default: ar,parallel,hf)")
     add_model_args(p)
     p.add_argument("--block-size", default=None, metavar="K|auto",
                    help="parallel block size; 'auto': measured on this device (1 = AR when nothing "

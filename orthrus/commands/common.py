@@ -23,6 +23,7 @@ from typing import Any
 
 from orthrus.adapter import WEIGHTS
 from orthrus.config import DTYPES, AdapterConfig, GenerationConfig
+from orthrus.decoding.ngram import NGRAM_BLOCK_SIZE
 from orthrus.engine import DEFAULT_ADAPTERS, Orthrus
 from orthrus.errors import OrthrusError
 from orthrus.jsonl import iter_jsonl
@@ -55,12 +56,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_generation_args(parser: argparse.ArgumentParser) -> None:
-    """``--mode --block-size --max-new-tokens --temperature --top-k --top-p --seed --stop``."""
+    """``--mode --draft --block-size --max-new-tokens --temperature --top-k --top-p --seed --stop``."""
     g = parser.add_argument_group("generation")
     g.add_argument("--mode", choices=("ar", "parallel"), default=None,
                    help="parallel: draft a block with the adapter, verify with the frozen model; ar: "
                         "one token per pass. Default: parallel when an adapter is available "
-                        "(--adapter given, or the model's shipped adapter exists), else ar")
+                        "(--adapter given, or the model's shipped adapter exists) or with --draft "
+                        "ngram, else ar")
+    add_draft_arg(g)
     g.add_argument("--block-size", type=block_size_arg, default=None, metavar="K|auto",
                    help="tokens drafted per cycle in parallel mode (default: the adapter's; 32 for init; "
                         "auto on a CPU with the model's shipped adapter); "
@@ -70,9 +73,19 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default: 0)")
     g.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off (default: 0)")
     g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1 = off (default: 1)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="sampling seed: prompt i of the call samples with SEED + i, so rows are "
+                        "independent samples and the run is repeatable (default: 0)")
     g.add_argument("--stop", action="append", default=[], metavar="STR",
                    help="end a completion at this string (not included); repeatable")
+
+
+def add_draft_arg(group: Any) -> None:
+    """``--draft diffusion|ngram`` (``hybrid`` is parsed, then refused by GenerationConfig)."""
+    group.add_argument("--draft", choices=("diffusion", "ngram", "hybrid"), default="diffusion",
+                       help="where parallel mode's drafts come from: diffusion (the adapter, default) "
+                            "or ngram (prompt lookup over the prompt and the output so far: no adapter "
+                            f"needed, implies --mode parallel, block size {NGRAM_BLOCK_SIZE} by default)")
 
 
 def block_size_arg(value: str) -> int | str:
@@ -98,6 +111,10 @@ def has_adapter(args: argparse.Namespace) -> bool:
 def resolve_mode(args: argparse.Namespace) -> str:
     """``--mode``, or its default: ``parallel`` if an adapter is available, else ``ar``."""
     mode = getattr(args, "mode", None)
+    if getattr(args, "draft", "diffusion") == "ngram":  # n-gram drafts need no adapter
+        if mode == "ar":
+            raise OrthrusError("--draft ngram drafts in parallel mode: drop --mode ar (or --draft)")
+        return "parallel"
     if mode is None:
         return "parallel" if has_adapter(args) else "ar"
     if mode == "parallel" and not has_adapter(args):
@@ -136,15 +153,16 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
     return GenerationConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()), mode=resolve_mode(args),
-        block_size=None if getattr(args, "block_size", None) in (None, "auto") else args.block_size)
+        block_size=None if getattr(args, "block_size", None) in (None, "auto") else args.block_size,
+        draft=getattr(args, "draft", "diffusion"))
 
 
 def auto_block_size_wanted(args: argparse.Namespace, gen: GenerationConfig) -> bool:
     """``--block-size auto``, or the default on a CPU with the model's shipped adapter: a K-token
     pass costs more than a 1-token pass there, so the block size (or plain AR) is measured rather
     than taken from the adapter, and CPU users are never made slower than AR by default."""
-    if gen.mode != "parallel":
-        return False
+    if gen.mode != "parallel" or gen.draft != "diffusion":
+        return False  # the calibration measures the adapter's drafts; n-gram uses its default K
     block = getattr(args, "block_size", None)
     return block == "auto" or (block is None and getattr(args, "adapter", None) is None
                                and parse_device(args.device).type == "cpu" and has_adapter(args))

@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
                f"(draft {total.draft_passes} + verify {total.verify_passes}), TPF {total.tpf:.2f}")
     if gen.mode == "parallel":
         summary += f", acceptance length {total.acceptance_length:.2f}"
-    print(f"{summary} [mode {gen.mode}]", file=sys.stderr)
+    draft = f", draft {gen.draft}" if gen.mode == "parallel" and gen.draft != "diffusion" else ""
+    print(f"{summary} [mode {gen.mode}{draft}]", file=sys.stderr)
     return 0
 
 

@@ -33,6 +33,7 @@ from torch import Tensor
 from orthrus.adapter import DiffusionAdapter
 from orthrus.config import GenerationConfig
 from orthrus.decoding.graphs import CycleGraphs
+from orthrus.decoding.ngram import NgramIndex, ngram_drafts
 from orthrus.decoding.sampling import (STREAM_ACCEPT, STREAM_BONUS, STREAM_DRAFT, STREAM_RESIDUAL,
                                        process_logits, sample, uniform)
 from orthrus.decoding.stats import DecodeStats
@@ -130,6 +131,14 @@ class Decoder:
         self.temperature = torch.zeros(max_batch, dtype=torch.float32, device=dev)
         self.top_k = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self.top_p = torch.ones(max_batch, dtype=torch.float32, device=dev)
+        # n-gram drafting (GenerationConfig.draft == 'ngram'): a host index per slot, built on the
+        # row's first n-gram cycle and then extended with its new tokens only; which slots draft by
+        # n-gram (read by cycles that mix both sources); and, per block size K, the static
+        # [max_batch, K-1] input the host writes the cycle's drafts into (one upload per cycle;
+        # under CUDA graphs its address is fixed at capture, so a replay reads this cycle's drafts)
+        self.ngram: list[NgramIndex | None] = [None] * max_batch
+        self.ngram_rows = torch.zeros(max_batch, dtype=torch.bool, device=dev)
+        self.ngram_in: dict[int, Tensor] = {}
         # Decode each row's text every cycle (streaming); False: only when a row finishes (or when
         # it has stop strings), which saves O(tokens) host work per row and cycle in batch jobs.
         self.stream_text = True
@@ -176,7 +185,11 @@ class Decoder:
                                  f"the decoder holds {self.capacity}")
         for (rid, ids, gen, k), slot in zip(requests, free):
             self.rows[slot] = Row(rid, slot, list(ids), gen, k)
+            self.ngram[slot] = None  # built lazily on the row's first n-gram cycle
         slots = free[: len(requests)]
+        dev = self.model.device
+        self.ngram_rows[torch.tensor(slots, device=dev)] = torch.tensor(
+            [self._uses_ngram(self.rows[i]) for i in slots], device=dev)
         events: list[Event] = []
         start = 0
         while start < len(slots):  # groups of consecutive slots share one prefill forward
@@ -239,10 +252,8 @@ class Decoder:
         assert self.adapter is not None
         model, dev = self.model, self.model.device
         cache = self.cache.rows(0, hi)
-        t, x = positions[:, 0], self.x_t[:hi]  # [B]
-        embeds = self.adapter.block_embeds(model, x, k)  # [B, K, C]
-        ctx_mask = (torch.arange(kv_len, device=dev) < t[:, None])[:, None, None, :]  # [B,1,1,S]
-        hidden = self.adapter(model, embeds, positions, cache, kv_len, ctx_mask, None)
+        # the block's K/V goes to slots t..t+K-1, which this cycle's verify pass overwrites
+        hidden = self.adapter.draft(model, self.x_t[:hi], positions, cache, kv_len)  # [B, K, C]
         q_logits = model.logits(hidden[:, :-1])  # [B, K-1, V]: slot i drafts position t+i+1
         if not sampled:
             return q_logits.argmax(-1), None
@@ -250,9 +261,15 @@ class Decoder:
                            use_filters=filters)
         return sample(q, uniform(self.seeds[:hi], positions[:, 1:], STREAM_DRAFT)), q
 
-    def _cycle(self, hi: int, k: int, kv_len: int, greedy: bool, filters: bool) -> Tensor:
+    def _cycle(self, hi: int, k: int, kv_len: int, greedy: bool, filters: bool,
+               source: str = "diffusion") -> Tensor:
         """Device part of one cycle over slots ``[0, hi)`` with block size ``k`` (run it under
         ``torch.no_grad``, as :meth:`run_cycle` does).
+
+        ``source`` says where the drafts come from: ``diffusion`` (the adapter's draft pass),
+        ``ngram`` (the host's n-gram drafts in ``self.ngram_in[k]``, written by :meth:`step`
+        before the cycle; no draft pass) or ``mixed`` (both; each row takes its own source's by
+        ``self.ngram_rows``).
 
         Returns ``[hi, k + 1]`` int64: the ``k`` emitted-token slots (accepted drafts then the
         correction/bonus token; the rest is junk) and, last, the number of accepted drafts ``a``.
@@ -266,8 +283,12 @@ class Decoder:
         sampled = not greedy
         if sampled:
             temp, top_k, top_p = self.temperature[:hi], self.top_k[:hi], self.top_p[:hi]
-        if k > 1:
+        if k > 1 and source == "ngram":
+            drafts, q = self.ngram_in[k][:hi], None  # [B, K-1]; q: one-hot, built after verify
+        elif k > 1:
             drafts, q = self._draft(hi, k, kv_len, positions, sampled, filters)
+            if source == "mixed":
+                drafts = torch.where(self.ngram_rows[:hi, None], self.ngram_in[k][:hi], drafts)
         else:
             drafts = x.new_zeros(hi, 0)
             q = None
@@ -275,6 +296,8 @@ class Decoder:
         p_logits = model.logits(model(verify_in, positions, cache, kv_len))  # [B, K, V]
         if sampled:
             p = process_logits(p_logits, temp, top_k, top_p, use_filters=filters)
+            if k > 1 and source != "diffusion":
+                q = self._ngram_q(drafts, q, p.shape[-1], source == "mixed", hi)
             if k > 1:
                 u_acc = uniform(seeds, positions[:, 1:], STREAM_ACCEPT)
             else:
@@ -292,15 +315,37 @@ class Decoder:
         self.x_t[:hi] = torch.where(act.bool(), nxt, x)
         return torch.cat((out, n_acc[:, None]), dim=1)
 
-    def run_cycle(self, rows: int, k: int, kv_len: int, greedy: bool, filters: bool) -> Tensor:
+    def _ngram_q(self, drafts: Tensor, q: Tensor | None, vocab: int, mixed: bool, hi: int) -> Tensor:
+        """Draft distributions for rejection sampling when (some) drafts are n-gram ones.
+
+        An n-gram draft is a deterministic function of the row's context, i.e. a sample of the
+        one-hot distribution at it, so ``rejection_accept`` with one-hot ``q`` is exact unchanged:
+        it accepts draft d with probability ``p(d)`` and resamples a rejection from
+        ``max(0, p - onehot(d))``, which is ``p`` with ``d`` removed.
+
+        Args:
+            drafts: ``[B, K-1]`` the verified drafts; q: ``[B, K-1, V]`` the diffusion rows'
+                distributions (``mixed``) or None.
+        Returns:
+            ``[B, K-1, V]`` float32: one-hot rows for n-gram rows, ``q`` for the others.
+        """
+        # scatter_ rather than F.one_hot: one_hot validates its indices with a host sync on CPU
+        one_hot = torch.zeros(*drafts.shape, vocab, dtype=torch.float32, device=drafts.device)
+        one_hot.scatter_(-1, drafts[..., None], 1.0)
+        if not mixed or q is None:
+            return one_hot
+        return torch.where(self.ngram_rows[:hi, None, None], one_hot, q)
+
+    def run_cycle(self, rows: int, k: int, kv_len: int, greedy: bool, filters: bool,
+                  source: str = "diffusion") -> Tensor:
         """One cycle (see :meth:`_cycle`): a replayed CUDA graph in graph mode, else eager
         (compiled with ``torch.compile`` when asked).
 
         In graph mode the result is the graph's static output: read it before the next cycle.
         """
         if self.graphs is not None:
-            return self.graphs.run(rows, k, kv_len, greedy, filters)
-        return self._cycle_no_grad(rows, k, kv_len, greedy, filters)
+            return self.graphs.run(rows, k, kv_len, greedy, filters, source)
+        return self._cycle_no_grad(rows, k, kv_len, greedy, filters, source)
 
     def _cycle_no_grad(self, *key: Any) -> Tensor:
         # no_grad, not inference_mode: torch.compile cannot trace in-place updates of the state
@@ -329,18 +374,56 @@ class Decoder:
         hi, kv_len = self.cycle_shape(live[-1] + 1, max(self.lengths_host[i] for i in live) + k)
         greedy = all(r.gen.temperature == 0 for r in rows)
         filters = any(r.gen.top_k or r.gen.top_p < 1 for r in rows)
-        result = self.run_cycle(hi, k, kv_len, greedy, filters).tolist()  # host sync: once per cycle
+        ngram = [self._uses_ngram(r) for r in rows]
+        source = "diffusion"
+        if k > 1 and any(ngram):
+            source = "ngram" if all(ngram) else "mixed"
+            self._upload_ngram_drafts([i for i, ng in zip(live, ngram) if ng], hi, k)
+        # host sync: once per cycle
+        result = self.run_cycle(hi, k, kv_len, greedy, filters, source).tolist()
         events = []
-        for i in live:
+        for i, ng in zip(live, ngram):
             row_out = result[i]
             a = row_out[k]
             r = self.rows[i]
             self.lengths_host[i] += a + 1
             ev = self._emit(i, row_out[: a + 1], a)
-            # count the tokens kept, not those cut by EOS / max tokens / a stop string (TPF)
-            r.stats.record_cycle(len(ev.token_ids), a, k, drafted=k > 1)
+            # count the tokens kept, not those cut by EOS / max tokens / a stop string (TPF);
+            # an n-gram row had no draft pass (its drafts came from the host)
+            r.stats.record_cycle(len(ev.token_ids), a, k, drafted=k > 1 and not ng)
+            ix = self.ngram[i]
+            if ix is not None and ev.finish_reason is None:
+                ix.extend(r.tokens[len(ix) - len(r.prompt_ids):])  # the new tokens only
             events.append(ev)
         return events
+
+    def _uses_ngram(self, r: Row) -> bool:
+        """Whether row ``r`` drafts by n-gram: it asks to, or there is no adapter to draft with (an
+        AR row beside n-gram rows runs at their block size; any draft is exact)."""
+        return r.gen.draft == "ngram" or self.adapter is None
+
+    def _upload_ngram_drafts(self, slots: list[int], hi: int, k: int) -> None:
+        """Look up the n-gram drafts of ``slots`` on the host and write all rows' drafts into the
+        static input ``self.ngram_in[k][:hi]`` as one tensor (other rows: padding, never read).
+
+        Host work per row: building its index once (its first n-gram cycle), then a lookup of at
+        most ``ngram_max`` dictionary probes and K-1 list reads; never a rescan of the row.
+        """
+        indexes: list[NgramIndex | None] = [None] * hi
+        for i in slots:
+            r = self.rows[i]
+            assert r is not None
+            ix = self.ngram[i]
+            if ix is None:
+                ix = self.ngram[i] = NgramIndex(r.prompt_ids + r.tokens, r.gen.ngram_max)
+            indexes[i] = ix
+        buf = self.ngram_in.get(k)
+        if buf is None:  # one per block size, allocated before the cycle (and any capture) reads it
+            buf = self.ngram_in[k] = torch.zeros(self.max_batch, k - 1, dtype=torch.long,
+                                                 device=self.model.device)
+        # one host-to-device copy per cycle; it queues behind the previous cycle, whose outputs
+        # the host has already read, so it waits for nothing on the device
+        buf[:hi].copy_(ngram_drafts(indexes, k - 1), non_blocking=True)
 
     # ---- host bookkeeping -----------------------------------------------------------------------
 
