@@ -291,6 +291,23 @@ def test_parallel_equals_ar_on_uneven_prompts(tmp_path: Path, capsys) -> None:
     assert rc == 0 and out == ar[1]["text"] + "\n"
 
 
+def test_rows_of_one_call_draw_independent_samples(capsys) -> None:
+    """Three identical sampled prompts give three samples (row i uses seed SEED + i), and each row
+    is reproduced by its prompt alone with that seed; --seed still makes the whole run repeatable."""
+    prompt = "Name a fruit."
+    args = ["generate", prompt, prompt, prompt, "--json", "--temperature", "1", "--max-new-tokens", "12",
+            "--mode", "ar", *REAL]
+    rc, out, _ = run_cli([*args, "--seed", "5"], capsys)
+    assert rc == 0
+    rows = [json.loads(ln)["token_ids"] for ln in out.splitlines()]
+    assert len(rows) == 3 and len({tuple(r) for r in rows}) == 3, rows  # was: the same sample 3 times
+    rc, again, _ = run_cli([*args, "--seed", "5"], capsys)
+    assert rc == 0 and [json.loads(ln)["token_ids"] for ln in again.splitlines()] == rows
+    rc, solo, _ = run_cli(["generate", prompt, "--json", "--temperature", "1", "--max-new-tokens", "12",
+                           "--mode", "ar", *REAL, "--seed", "7"], capsys)
+    assert rc == 0 and json.loads(solo)["token_ids"] == rows[2]
+
+
 def test_context_length_error(capsys) -> None:
     rc, out, err = run_cli(["generate", "hi", "--max-new-tokens", "100000", "--mode", "ar", *REAL], capsys)
     assert_one_line_error(rc, out, err, "context")

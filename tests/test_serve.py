@@ -256,7 +256,12 @@ BAD: list[tuple[str, Any, int, str | None]] = [  # (name, body, status, code)
     ("top_p zero", _with(top_p=0), 400, None),
     ("top_p > 1", _with(top_p=1.5), 400, None),
     ("seed negative", _with(seed=-1), 400, None),
-    ("n = 2", _with(n=2), 400, None),
+    ("n = 0", _with(n=0), 400, None),
+    ("n too large", _with(n=129), 400, None),
+    ("unknown field", _with(foo=1), 400, "unknown_parameter"),
+    ("unknown message field", _with(messages=[{"role": "user", "content": "x", "colour": 1}]), 400,
+     "unknown_parameter"),
+    ("unknown stream option", _with(stream=True, stream_options={"x": 1}), 400, "unknown_parameter"),
     ("stop empty string", _with(stop=""), 400, None),
     ("stop wrong type", _with(stop=[1]), 400, None),
     ("stream not bool", _with(stream="yes"), 400, None),
@@ -283,7 +288,12 @@ def test_bad_chat_input_is_a_4xx_json_error(http: httpx.Client, name: str, body:
 
 @pytest.mark.parametrize("body,code", [
     ({"model": MODEL, "prompt": "word " * (CONTEXT * 2)}, "context_length_exceeded"),
-    ({"model": MODEL, "prompt": ["a", "b"]}, None),
+    ({"model": MODEL, "prompt": ["a", ""]}, None),
+    ({"model": MODEL, "prompt": []}, None),
+    ({"model": MODEL, "prompt": [[]]}, None),
+    ({"model": MODEL, "prompt": [[1], [10**9]]}, None),
+    ({"model": MODEL, "prompt": ["a", "b"], "n": 100}, None),  # 200 choices: over the cap
+    ({"model": MODEL, "prompt": ["a", "word " * (CONTEXT * 2)]}, "context_length_exceeded"),
     ({"model": MODEL, "prompt": [10**9]}, None),
     ({"model": MODEL, "prompt": ""}, None),
     ({"model": MODEL, "prompt": "   "}, None),
@@ -335,6 +345,145 @@ def test_decoder_failure_fails_the_request_not_the_server(live: LiveServer, clie
     assert chat(client, QUESTIONS[0], 3).choices[0].message.content
 
 
+# ---- every OpenAI field: honoured or refused by name -------------------------------------------
+
+# (field, a value that asks for something we do not implement); each must be a 400 naming the field
+REFUSED_CHAT = {
+    "frequency_penalty": 0.5, "presence_penalty": -0.5, "logit_bias": {"15": 5}, "logprobs": True,
+    "top_logprobs": 3, "response_format": {"type": "json_object"},
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tool_choice": "required",
+    "functions": [{"name": "f", "parameters": {}}], "function_call": {"name": "f"},
+    "audio": {"voice": "alloy", "format": "wav"}, "modalities": ["text", "audio"],
+    "prediction": {"type": "content", "content": "x"}, "moderation": {"model": "x"},
+    "reasoning_effort": "high", "verbosity": "low", "web_search_options": {}, "store": True,
+    "service_tier": "flex",
+}
+REFUSED_COMPLETION = {"frequency_penalty": 0.5, "presence_penalty": 1.0, "logit_bias": {"15": 5},
+                      "logprobs": 1, "suffix": " the end", "best_of": 2}
+# fields we honour (tested elsewhere) and hints that change no output
+HONOURED_CHAT = {"messages", "model", "max_completion_tokens", "max_tokens", "n", "seed", "stop", "stream",
+                 "stream_options", "temperature", "top_p"}
+HINTS_CHAT = {"metadata", "parallel_tool_calls", "prompt_cache_key", "prompt_cache_options",
+              "prompt_cache_retention", "safety_identifier", "user"}
+HONOURED_COMPLETION = {"model", "prompt", "echo", "max_tokens", "n", "seed", "stop", "stream", "stream_options",
+                       "temperature", "top_p"}
+HINTS_COMPLETION = {"user"}
+CLIENT_ONLY = {"self", "extra_headers", "extra_query", "extra_body", "timeout"}
+
+
+def _client_fields(create: Any) -> set[str]:
+    import inspect
+    return set(inspect.signature(create).parameters) - CLIENT_ONLY
+
+
+def test_every_field_the_official_client_exposes_is_honoured_or_refused(client: Any) -> None:
+    """Each parameter of the client's ``create`` is either implemented, a harmless hint, or refused
+    with a 400 naming it (a new client field fails here until it is classified)."""
+    chat_fields = _client_fields(client.chat.completions.create)
+    assert chat_fields == HONOURED_CHAT | HINTS_CHAT | set(REFUSED_CHAT), chat_fields ^ (
+        HONOURED_CHAT | HINTS_CHAT | set(REFUSED_CHAT))
+    completion_fields = _client_fields(client.completions.create)
+    assert completion_fields == HONOURED_COMPLETION | HINTS_COMPLETION | set(REFUSED_COMPLETION)
+    for field, value in REFUSED_CHAT.items():
+        with pytest.raises(openai.BadRequestError) as e:
+            chat(client, "hi", 2, **{field: value})
+        assert e.value.status_code == 400 and e.value.param == field, (field, e.value)
+        assert e.value.code == "unsupported_parameter" and field in e.value.message
+    for field, value in REFUSED_COMPLETION.items():
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=MODEL, prompt="hi", max_tokens=2, **{field: value})
+        assert e.value.status_code == 400 and e.value.param == field, (field, e.value)
+        assert e.value.code == "unsupported_parameter" and field in e.value.message
+
+
+def test_default_values_and_hints_are_accepted(client: Any) -> None:
+    plain = chat(client, QUESTIONS[1], 6).choices[0].message.content
+    r = chat(client, QUESTIONS[1], 6, frequency_penalty=0, presence_penalty=0.0, logit_bias={}, logprobs=False,
+             top_logprobs=0, response_format={"type": "text"}, tools=[], tool_choice="none",
+             parallel_tool_calls=True, modalities=["text"], store=False, service_tier="auto",
+             metadata={"k": "v"}, safety_identifier="s", prompt_cache_key="c", user="u", n=1,
+             extra_body={"messages": [{"role": "user", "content": QUESTIONS[1], "name": None,
+                                       "tool_calls": None, "refusal": None}]})
+    assert r.choices[0].message.content == plain
+    c = client.completions.create(model=MODEL, prompt="One, two,", max_tokens=4, temperature=0,
+                                  frequency_penalty=0, presence_penalty=0, logit_bias={}, suffix="",
+                                  best_of=1, echo=False, user="u", n=1)
+    assert c.choices[0].text
+
+
+def test_unknown_fields_are_refused_by_name(http: httpx.Client) -> None:
+    for path, body in [("/v1/chat/completions", _with(min_p=0.1)),
+                       ("/v1/completions", {"model": MODEL, "prompt": "hi", "repetition_penalty": 1.2})]:
+        r = http.post(path, json=body)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "unknown_parameter" and err["param"] in ("min_p", "repetition_penalty")
+        assert err["param"] in err["message"]
+    r = http.post("/v1/chat/completions", json=_with(messages=[{"role": "user", "content": "x", "name": "bob"}]))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].name"
+
+
+# ---- n, prompt lists, echo ------------------------------------------------------------------------
+
+def _stream_choices(chunks: Any, chat_api: bool) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for c in chunks:
+        for ch in c.choices:
+            piece = (ch.delta.content or "") if chat_api else ch.text
+            out[ch.index] = out.get(ch.index, "") + piece
+    return out
+
+
+def test_n_choices_independent_seeded_and_streamed(client: Any) -> None:
+    def ask(**kw: Any) -> Any:
+        return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTIONS[6]}],
+                                              max_tokens=8, temperature=1.0, **kw)
+
+    r = ask(n=3, seed=5)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    texts = [c.message.content for c in r.choices]
+    assert len(set(texts)) == 3, texts  # independent samples, not one sample three times
+    assert 3 <= r.usage.completion_tokens <= 3 * 8
+    # choice i uses seed + i: the same as a request of its own with that seed
+    assert [ask(seed=5 + i).choices[0].message.content for i in range(3)] == texts
+    assert [c.message.content for c in ask(n=3, seed=5).choices] == texts
+    assert _stream_choices(ask(n=3, seed=5, stream=True), True) == dict(enumerate(texts))
+    unseeded = [c.message.content for c in ask(n=3).choices]
+    assert len(set(unseeded)) > 1, unseeded
+    greedy = chat(client, QUESTIONS[0], 6, n=2)
+    assert [c.message.content for c in greedy.choices] == [chat(client, QUESTIONS[0], 6).choices[0].message.content] * 2
+
+
+def test_prompt_list_n_and_echo_on_completions(client: Any, real_engine) -> None:
+    prompts = ["The capital of France is", "One, two, three,"]
+    solo = [client.completions.create(model=MODEL, prompt=p, max_tokens=5, temperature=0).choices[0].text
+            for p in prompts]
+    r = client.completions.create(model=MODEL, prompt=prompts, max_tokens=5, temperature=0, n=2)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert [c.text for c in r.choices] == [solo[0], solo[0], solo[1], solo[1]]  # prompt-major
+    n_prompt = [len(real_engine.encode(p, chat_template=False)) for p in prompts]
+    assert r.usage.prompt_tokens == sum(n_prompt)  # once per prompt, not per choice
+    streamed = client.completions.create(model=MODEL, prompt=prompts, max_tokens=5, temperature=0, n=2, stream=True,
+                                         stream_options={"include_usage": True})
+    chunks = list(streamed)
+    assert _stream_choices([c for c in chunks if c.choices], False) == dict(enumerate(c.text for c in r.choices))
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+    # token-id prompts, a list of them
+    ids = [real_engine.encode(p, chat_template=False) for p in prompts]
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=5, temperature=0)
+    assert [c.text for c in by_ids.choices] == solo
+
+    # echo: the prompt text, then the completion
+    e = client.completions.create(model=MODEL, prompt=prompts, max_tokens=5, temperature=0, echo=True)
+    assert [c.text for c in e.choices] == [p + t for p, t in zip(prompts, solo)]
+    es = client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=5, temperature=0, echo=True,
+                                   stream=True)
+    assert "".join(c.choices[0].text for c in es) == prompts[0] + solo[0]
+    e_ids = client.completions.create(model=MODEL, prompt=ids[1], max_tokens=5, temperature=0, echo=True)
+    assert e_ids.choices[0].text == real_engine.decode(ids[1]) + solo[1]
+
+
 # ---- disconnects --------------------------------------------------------------------------------
 
 LONG = "Write a long story about a ship at sea."  # a greedy answer that runs to max_tokens
@@ -381,6 +530,85 @@ def test_disconnect_while_waiting_non_streamed(live: LiveServer, http: httpx.Cli
     m = wait_idle(http, timeout=20)
     assert m["orthrus_requests_cancelled_total"] - before["orthrus_requests_cancelled_total"] == 1
     assert http.get("/health").json()["status"] == "ok"
+
+
+# ---- one bad request never fails others ------------------------------------------------------------
+
+def test_request_refused_late_fails_alone(live: LiveServer, client: Any, http: httpx.Client,
+                                          slow_steps: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request that passes the HTTP checks but that the decoder refuses (here: too long for its
+    cache, by widening the server's own check) gets a 400, streamed or not, while a request already
+    decoding goes on untouched and gives its solo text."""
+    solo = chat(client, QUESTIONS[4], 12).choices[0].message.content
+    before = wait_idle(http)
+    server = live.app.state.server
+    monkeypatch.setattr(server, "context", CONTEXT * 10)  # the cache still holds CONTEXT + K
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(lambda: "".join(c.choices[0].delta.content or ""
+                                              for c in chat(client, QUESTIONS[4], 12, stream=True) if c.choices))
+        deadline = time.monotonic() + 20
+        while metrics(http)["orthrus_active_requests"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        too_long = {**GOOD, "max_tokens": CONTEXT * 2}
+        for stream in (False, True):
+            r = http.post("/v1/chat/completions", json={**too_long, "stream": stream})
+            assert r.status_code == 400, r.text
+            err = r.json()["error"]
+            assert err["type"] == "invalid_request_error" and "cache positions" in err["message"]
+        assert metrics(http)["orthrus_active_requests"] == 1  # the running request is still there
+        assert running.result() == solo
+    m = wait_idle(http)
+    assert m["orthrus_requests_failed_total"] - before["orthrus_requests_failed_total"] == 2
+    assert server.scheduler.decoder.free_slots() == list(range(SLOTS))
+
+
+class _NowLoop:
+    """Stands in for the event loop: delivers at once (the scheduler runs on this thread here)."""
+
+    @staticmethod
+    def call_soon_threadsafe(fn: Any, *args: Any) -> None:
+        fn(*args)
+
+
+def test_scheduler_admits_around_a_refused_request(real_engine) -> None:
+    """Admitted in one batch with good requests, a request the decoder refuses fails alone: the
+    others are added, and a row already decoding keeps its exact greedy tokens."""
+    import asyncio
+
+    from orthrus.config import GenerationConfig
+    from orthrus.serve.scheduler import Request as GenRequest
+    from orthrus.serve.scheduler import Scheduler, SchedulerError
+
+    sched = Scheduler(real_engine, 3, 64)
+    gen = GenerationConfig(max_new_tokens=12, mode="ar")
+    prompts = [real_engine.encode(q) for q in QUESTIONS[:2]]
+    assert max(len(p) for p in prompts) + 12 <= 64
+
+    def request(ids: list[int], g: GenerationConfig) -> GenRequest:
+        return GenRequest(ids, g, 1, _NowLoop(), queue=asyncio.Queue())  # type: ignore[arg-type]
+
+    first, second = request(prompts[0], gen), request(prompts[1], gen)
+    bad = request(prompts[1], GenerationConfig(max_new_tokens=60, mode="ar"))  # needs > 64 positions
+    sched._admit([first])
+    sched._route(sched.decoder.step())  # `first` is decoding
+    sched._admit([bad, second])
+    while sched._live:
+        sched._route(sched.decoder.step())
+
+    def drained(req: GenRequest) -> list[Any]:
+        items = []
+        while not req.queue.empty():
+            items.append(req.queue.get_nowait())
+        return items
+
+    err = drained(bad)
+    assert len(err) == 1 and isinstance(err[0], SchedulerError) and err[0].status == 400
+    ref = real_engine.generate([[{"role": "user", "content": q}] for q in QUESTIONS[:2]], gen)
+    for req, want in zip((first, second), ref):
+        events = drained(req)
+        assert events[-1].finish_reason is not None and events[-1].row.tokens == want.token_ids
+    assert sched.decoder.free_slots() == [0, 1, 2] and sched.metrics.failed == 1
 
 
 # ---- the command --------------------------------------------------------------------------------

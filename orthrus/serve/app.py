@@ -6,7 +6,14 @@ streamed as server-sent events when ``"stream": true``), ``GET /health``, ``GET 
 continuous batching; handlers only validate, tokenise, submit and relay events.
 
 Every bad request gets a 4xx OpenAI error object and nothing else happens: validation runs before
-anything is queued, and a client that disconnects has its slot freed before the next cycle.
+anything is queued, an OpenAI field we do not implement is refused by name unless it asks for
+nothing (``protocol.py``), a request the decoder refuses when it is added fails alone (the rows
+already decoding go on), and a client that disconnects has its slot freed before the next cycle.
+
+A request is one or more rows of the batch (its *choices*): ``n`` per prompt, and on
+``/v1/completions`` a list of prompts, prompt-major (choice ``p * n + j``). Choice ``i`` samples
+with ``seed + i`` when the request has a seed, else with a fresh random seed. ``echo`` (completions)
+puts the prompt text before each choice's text.
 
 Sampling defaults follow the OpenAI API (``temperature`` 1, ``top_p`` 1); pass ``temperature: 0``
 for greedy output, which is identical to the frozen model's own.
@@ -20,6 +27,7 @@ import logging
 import secrets
 import time
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
@@ -29,7 +37,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orthrus.config import GenerationConfig
 from orthrus.decoding.generator import Event
-from orthrus.engine import Orthrus
+from orthrus.decoding.stats import DecodeStats
+from orthrus.engine import Orthrus, row_seed
 from orthrus.errors import ContextLengthError, OrthrusError
 from orthrus.serve import protocol as P
 from orthrus.serve.scheduler import Request as GenRequest
@@ -81,9 +90,9 @@ class Server:
             raise APIError(404, f"the model '{name}' does not exist: this server serves '{self.model_name}'",
                            param="model", code="model_not_found")
 
-    def generation(self, body: P.GenerationRequest, n_prompt: int, max_tokens: int | None, prompt_param: str
-                   ) -> GenerationConfig:
-        """Validate lengths against the context and build the request's :class:`GenerationConfig`."""
+    def generation(self, body: P.GenerationRequest, n_prompt: int, max_tokens: int | None, prompt_param: str,
+                   seed: int) -> GenerationConfig:
+        """Validate lengths against the context and build one row's :class:`GenerationConfig`."""
         ctx = self.context
         if n_prompt >= ctx:
             raise APIError(400, f"this model's maximum context length is {ctx} tokens, but the prompt is "
@@ -97,8 +106,6 @@ class Server:
                                 f"in max_tokens): lower max_tokens to at most {ctx - n_prompt}",
                            param="max_tokens", code="context_length_exceeded")
         temperature = 1.0 if body.temperature is None else body.temperature
-        # no seed: a fresh one, so unseeded sampled requests differ (greedy ignores it)
-        seed = body.seed if body.seed is not None else secrets.randbits(62)
         try:
             return GenerationConfig(max_new_tokens=max_tokens, temperature=temperature, top_k=body.top_k or 0,
                                     top_p=1.0 if body.top_p is None else body.top_p, seed=seed,
@@ -106,13 +113,24 @@ class Server:
         except OrthrusError as e:
             raise APIError(400, str(e)) from None
 
-    def submit(self, ids: list[int], gen: GenerationConfig) -> GenRequest:
+    @staticmethod
+    def seeds(body: P.GenerationRequest, count: int) -> list[int]:
+        """One seed per row (choice) of a request: ``seed + i`` for choice ``i`` when the request
+        gives a seed (reproducible), else a fresh random one each (unseeded requests differ)."""
+        if body.seed is not None:
+            return [row_seed(body.seed, i) for i in range(count)]
+        return [secrets.randbits(63) for _ in range(count)]
+
+    def submit(self, rows: list[tuple[list[int], GenerationConfig]]) -> "Call":
+        """Queue the rows of one request (``(prompt ids, config)`` each, in choice order) together."""
         if not self.scheduler.alive:
             raise APIError(503, "the generation thread is not running", type_="server_error",
                            code="unavailable")
-        req = GenRequest(ids, gen, self.block_size, asyncio.get_running_loop())
-        self.scheduler.submit(req)
-        return req
+        queue: asyncio.Queue = asyncio.Queue()  # shared: events of every row, in the order they come
+        loop = asyncio.get_running_loop()
+        reqs = [GenRequest(ids, gen, self.block_size, loop, queue=queue) for ids, gen in rows]
+        self.scheduler.submit(*reqs)
+        return Call(self.scheduler, reqs, queue)
 
     # ---- /metrics -------------------------------------------------------------------------------
 
@@ -151,77 +169,130 @@ def _sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _events(req: GenRequest) -> AsyncIterator[Event]:
-    """The request's events up to and including the one that finishes it."""
-    while True:
-        item = await req.queue.get()
+def _api_error(e: SchedulerError) -> APIError:
+    return APIError(e.status, str(e), type_="invalid_request_error" if e.status < 500 else "server_error",
+                    code=e.code)
+
+
+class Call:
+    """The rows of one HTTP request (its choices: ``n`` per prompt, in index order), whose events
+    arrive on one shared queue. Events read while waiting are kept in ``buffer`` (for the reply)."""
+
+    def __init__(self, scheduler: Scheduler, reqs: list[GenRequest], queue: asyncio.Queue) -> None:
+        self.scheduler, self.reqs, self.queue = scheduler, reqs, queue
+        self.index = {r.id: i for i, r in enumerate(reqs)}
+        self.started: set[int] = set()          # rows that got a slot (their first event came)
+        self.finished: dict[int, Event] = {}    # row -> its last event
+        self.buffer: list[tuple[int, Event]] = []
+
+    @property
+    def admitted(self) -> bool:
+        return len(self.started) == len(self.reqs)
+
+    @property
+    def done(self) -> bool:
+        return len(self.finished) == len(self.reqs)
+
+    async def next(self) -> tuple[int, Event]:
+        """The next event of any row, as (choice index, event); raises the rows' SchedulerError."""
+        item = await self.queue.get()
         if isinstance(item, BaseException):
             raise item
-        yield item
+        i = self.index[item.request_id]
+        self.started.add(i)
         if item.finish_reason is not None:
-            return
+            self.finished[i] = item
+        return i, item
 
-
-async def _collect(server: Server, req: GenRequest, http: Request) -> tuple[str, str, Event] | None:
-    """Wait for a non-streamed request to finish: (text, finish_reason, last event). If the client
-    goes away meanwhile, cancel the request (freeing its slot) and return None."""
-    text: list[str] = []
-    checked = time.monotonic()
-    try:
-        while True:
+    async def wait(self, http: Request, until: Callable[[], bool]) -> bool:
+        """Read events into ``buffer`` until ``until()``. A scheduler error becomes an
+        :class:`APIError` (a row the decoder refused: 400). False if the client went away."""
+        checked = time.monotonic()
+        while not until():
             try:
-                item = await asyncio.wait_for(req.queue.get(), DISCONNECT_POLL_S)
+                self.buffer.append(await asyncio.wait_for(self.next(), DISCONNECT_POLL_S))
             except asyncio.TimeoutError:
-                item = None
+                pass
+            except SchedulerError as e:
+                raise _api_error(e) from None
             # poll on a clock, not only when idle: a busy request yields events faster than the poll
             if time.monotonic() - checked >= DISCONNECT_POLL_S:
                 checked = time.monotonic()
                 if await http.is_disconnected():
-                    return None
-            if item is None:
-                continue
-            if isinstance(item, SchedulerError):
-                raise APIError(500, str(item), type_="server_error", code="generation_failed")
-            text.append(item.text)
-            if item.finish_reason is not None:
-                return "".join(text), item.finish_reason, item
+                    return False
+        return True
+
+    async def rest(self) -> AsyncIterator[tuple[int, Event]]:
+        """The buffered events, then the others as they come, until every row has finished."""
+        buffered, self.buffer = self.buffer, []
+        for item in buffered:
+            yield item
+        while not self.done:
+            yield await self.next()
+
+    def cancel(self) -> None:
+        """Free every row's slot (a no-op for finished rows)."""
+        for r in self.reqs:
+            self.scheduler.cancel(r)
+
+    def usage(self, prompt_tokens: int) -> dict[str, int]:
+        return P.usage(prompt_tokens, sum(len(ev.row.tokens) for ev in self.finished.values()))
+
+    def extra(self) -> dict[str, Any]:
+        """Decoding stats over the rows, returned beside ``usage``."""
+        s = DecodeStats()
+        for ev in self.finished.values():
+            s = s.merge(ev.row.stats)
+        tokens = sum(len(ev.row.tokens) for ev in self.finished.values())
+        return {"tpf": round(s.tpf, 4), "acceptance_length": round(s.acceptance_length, 4),
+                "forward_passes": s.forward_passes, "seconds": round(s.seconds, 4),
+                "tokens_per_second": round(tokens / s.seconds, 2) if s.seconds > 0 else 0.0}
+
+
+async def _reply(call: Call, http: Request, prompt_tokens: int, prefixes: list[str],
+                 respond: Callable[[list[tuple[str, str]], dict, dict], Any]) -> Any:
+    """A non-streamed reply: wait for every row, then ``respond(choices, usage, extra)`` with
+    ``choices`` = (prefix + text, finish_reason) per row. If the client goes away meanwhile, the
+    rows are cancelled (their slots freed)."""
+    try:
+        if not await call.wait(http, lambda: call.done):
+            return Response(status_code=CLIENT_CLOSED)
     finally:
-        server.scheduler.cancel(req)  # no-op once finished
+        call.cancel()  # no-op once finished
+    texts = [[p] for p in prefixes]
+    for i, ev in call.buffer:
+        texts[i].append(ev.text)
+    choices = [("".join(t), call.finished[i].finish_reason or "") for i, t in enumerate(texts)]
+    return respond(choices, call.usage(prompt_tokens), call.extra())
 
 
-async def _reply(server: Server, req: GenRequest, http: Request, prompt_tokens: int,
-                 respond: Callable[[str, str, dict, dict], Any]) -> Any:
-    """A non-streamed reply: wait for ``req``, then ``respond(text, finish_reason, usage, extra)``."""
-    done = await _collect(server, req, http)
-    if done is None:
-        return Response(status_code=CLIENT_CLOSED)
-    text, finish, last = done
-    return respond(text, finish, P.usage(prompt_tokens, len(last.row.tokens)), _extra(last))
+async def _streamed(call: Call, http: Request, chunks: Callable[[], AsyncIterator[dict]]) -> Any:
+    """A streamed reply: each chunk as a server-sent event, then ``[DONE]``.
 
+    The stream starts once every row has a slot, so that a row the decoder refuses fails the
+    request with a 4xx reply, not with an error event after a 200. A scheduler failure after that
+    becomes an error event; the rows are cancelled when the stream ends or the client leaves (a
+    no-op once they finished).
+    """
+    try:
+        if not await call.wait(http, lambda: call.admitted):
+            call.cancel()
+            return Response(status_code=CLIENT_CLOSED)
+    except BaseException:
+        call.cancel()
+        raise
 
-def _streamed(server: Server, req: GenRequest, chunks: AsyncIterator[dict]) -> StreamingResponse:
-    """A streamed reply: each chunk as a server-sent event, then ``[DONE]``. A scheduler failure
-    becomes an error event; the request is cancelled when the stream ends or the client leaves
-    (a no-op once it finished)."""
     async def body() -> AsyncIterator[str]:
         try:
-            async for chunk in chunks:
+            async for chunk in chunks():
                 yield _sse(chunk)
         except SchedulerError as e:
             yield _sse(P.error_body(str(e), "server_error"))
         finally:
-            server.scheduler.cancel(req)
+            call.cancel()
         yield _sse("[DONE]")
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
-def _extra(ev: Event) -> dict[str, Any]:
-    """Per-request decoding stats, returned beside ``usage``."""
-    s = ev.row.stats
-    return {"tpf": round(s.tpf, 4), "acceptance_length": round(s.acceptance_length, 4),
-            "forward_passes": s.forward_passes, "seconds": round(s.seconds, 4),
-            "tokens_per_second": round(len(ev.row.tokens) / s.seconds, 2) if s.seconds > 0 else 0.0}
 
 
 def create_app(engine: Orthrus, model_name: str, mode: str = "parallel", max_batch_size: int = 8,
@@ -313,56 +384,74 @@ def create_app(engine: Orthrus, model_name: str, mode: str = "parallel", max_bat
         server.check_model(body.model)
         ids = engine.encode(body.chat())
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        gen = server.generation(body, len(ids), max_tokens, "messages")
-        req = server.submit(ids, gen)
+        seeds = server.seeds(body, body.choices_per_prompt)
+        gen = server.generation(body, len(ids), max_tokens, "messages", seeds[0])
+        call = server.submit([(ids, replace(gen, seed=s)) for s in seeds])
         rid = P.new_id("chatcmpl")
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if not body.stream:
-            return await _reply(server, req, request, len(ids),
+            return await _reply(call, request, len(ids), [""] * len(seeds),
                                 lambda *a: P.chat_response(rid, model_name, *a))
 
         async def chunks() -> AsyncIterator[dict]:
             created = int(time.time())
-            yield P.chat_chunk(rid, model_name, created, {"role": "assistant", "content": ""}, None)
-            async for ev in _events(req):
+            for i in range(len(seeds)):
+                yield P.chat_chunk(rid, model_name, created, i, {"role": "assistant", "content": ""}, None)
+            async for i, ev in call.rest():
                 if ev.text:
-                    yield P.chat_chunk(rid, model_name, created, {"content": ev.text}, None)
+                    yield P.chat_chunk(rid, model_name, created, i, {"content": ev.text}, None)
                 if ev.finish_reason is not None:
-                    yield P.chat_chunk(rid, model_name, created, {}, ev.finish_reason)
-                    if include_usage:
-                        yield P.usage_chunk(rid, model_name, created, "chat.completion.chunk",
-                                            P.usage(len(ids), len(ev.row.tokens)))
+                    yield P.chat_chunk(rid, model_name, created, i, {}, ev.finish_reason)
+            if include_usage:
+                yield P.usage_chunk(rid, model_name, created, "chat.completion.chunk", call.usage(len(ids)))
 
-        return _streamed(server, req, chunks())
+        return await _streamed(call, request, chunks)
 
     @app.post("/v1/completions")
     async def completions(body: P.CompletionRequest, request: Request) -> Any:
         server.check_model(body.model)
-        if isinstance(body.prompt, str):
-            ids = engine.encode(body.prompt, chat_template=False)
-        else:
-            vocab = engine.model.config.vocab_size
-            if not all(0 <= t < vocab for t in body.prompt):
-                raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt",
-                               code="invalid_value")
-            ids = list(body.prompt)
-        gen = server.generation(body, len(ids), body.max_tokens, "prompt")
-        req = server.submit(ids, gen)
+        n, prompts = body.choices_per_prompt, body.prompt
+        if len(prompts) * n > P.MAX_CHOICES:
+            raise APIError(400, f"at most {P.MAX_CHOICES} choices per request (prompts x n), got "
+                                f"{len(prompts)} x {n}", param="n", code="invalid_value")
+        vocab = engine.model.config.vocab_size
+        seeds = server.seeds(body, len(prompts) * n)
+        rows: list[tuple[list[int], GenerationConfig]] = []
+        prefixes: list[str] = []
+        prompt_tokens = 0
+        for p, prompt in enumerate(prompts):
+            param = "prompt" if len(prompts) == 1 else f"prompt[{p}]"
+            if isinstance(prompt, str):
+                ids = engine.encode(prompt, chat_template=False)
+            else:
+                if not all(0 <= t < vocab for t in prompt):
+                    raise APIError(400, f"prompt token ids must be in [0, {vocab})", param=param,
+                                   code="invalid_value")
+                ids = list(prompt)
+            gen = server.generation(body, len(ids), body.max_tokens, param, seeds[p * n])
+            # prompt-major, as OpenAI: choice p * n + j is sample j of prompt p
+            rows += [(ids, replace(gen, seed=seeds[p * n + j])) for j in range(n)]
+            echo = (prompt if isinstance(prompt, str) else engine.decode(ids)) if body.echo else ""
+            prefixes += [echo] * n
+            prompt_tokens += len(ids)  # counted once per prompt, not per choice (as OpenAI)
+        call = server.submit(rows)
         rid = P.new_id("cmpl")
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if not body.stream:
-            return await _reply(server, req, request, len(ids),
+            return await _reply(call, request, prompt_tokens, prefixes,
                                 lambda *a: P.completion_response(rid, model_name, *a))
 
         async def chunks() -> AsyncIterator[dict]:
             created = int(time.time())
-            async for ev in _events(req):
+            for i, prefix in enumerate(prefixes):
+                if prefix:  # echo: the prompt text comes first
+                    yield P.completion_chunk(rid, model_name, created, i, prefix, None)
+            async for i, ev in call.rest():
                 if ev.text or ev.finish_reason is not None:
-                    yield P.completion_chunk(rid, model_name, created, ev.text, ev.finish_reason)
-                if ev.finish_reason is not None and include_usage:
-                    yield P.usage_chunk(rid, model_name, created, "text_completion",
-                                        P.usage(len(ids), len(ev.row.tokens)))
+                    yield P.completion_chunk(rid, model_name, created, i, ev.text, ev.finish_reason)
+            if include_usage:
+                yield P.usage_chunk(rid, model_name, created, "text_completion", call.usage(prompt_tokens))
 
-        return _streamed(server, req, chunks())
+        return await _streamed(call, request, chunks)
 
     return app

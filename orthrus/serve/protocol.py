@@ -13,22 +13,111 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 # a finite float: JSON numbers only (not booleans), NaN and infinities rejected
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
 MAX_STOP = 4  # as in the OpenAI API
+MAX_CHOICES = 128  # choices per request (n x prompts), as OpenAI caps n
+
+
+def _none(v: Any) -> bool:
+    return v is None
+
+
+def _zero(v: Any) -> bool:
+    return v is None or (type(v) in (int, float) and v == 0)
+
+
+def _empty(v: Any) -> bool:
+    return v is None or v == [] or v == {}
+
+
+def _one_of(*defaults: Any) -> Any:
+    """Accepts None or one of ``defaults`` (same type: ``False`` is not ``0``)."""
+    return lambda v: v is None or any(type(v) is type(d) and v == d for d in defaults)
+
+
+def _any(v: Any) -> bool:
+    return True
+
+
+# OpenAI fields we do not implement, each accepted only at a value that asks for nothing (its
+# default, or a hint that changes no output): anything else is a 400 naming the field, never a
+# silent ignore. Fields not listed here nor declared below are unknown: also a 400 naming them.
+_SHARED_DEFAULTS: dict[str, tuple[Any, str]] = {
+    "frequency_penalty": (_zero, "0"),
+    "presence_penalty": (_zero, "0"),
+    "logit_bias": (_empty, "null or {}"),
+    "user": (_any, ""),   # an end-user id: nothing to do with it, accepted as OpenAI does
+}
+_CHAT_DEFAULTS: dict[str, tuple[Any, str]] = {
+    **_SHARED_DEFAULTS,
+    "logprobs": (_one_of(False), "false"),
+    "top_logprobs": (_one_of(0), "null or 0"),
+    "response_format": (_one_of({"type": "text"}), '{"type": "text"}'),
+    "tools": (_empty, "null or []"),
+    "tool_choice": (_one_of("none", "auto"), '"none" (there are no tools)'),
+    "functions": (_empty, "null or []"),
+    "function_call": (_one_of("none", "auto"), '"none" (there are no functions)'),
+    "parallel_tool_calls": (_any, ""),  # only acts with tools, which are refused
+    "audio": (_none, "null"),
+    "modalities": (_one_of(["text"]), '["text"]'),
+    "prediction": (_none, "null"),
+    "moderation": (_none, "null"),
+    "reasoning_effort": (_none, "null"),
+    "verbosity": (_none, "null"),
+    "web_search_options": (_none, "null"),
+    "store": (_one_of(False), "false (completions are not stored)"),
+    "service_tier": (_one_of("auto", "default"), '"auto" or "default"'),
+    # hints about caching, tracing and abuse detection: they change no output
+    "metadata": (_any, ""),
+    "safety_identifier": (_any, ""),
+    "prompt_cache_key": (_any, ""),
+    "prompt_cache_retention": (_any, ""),
+    "prompt_cache_options": (_any, ""),
+}
+_COMPLETION_DEFAULTS: dict[str, tuple[Any, str]] = {
+    **_SHARED_DEFAULTS,
+    "logprobs": (_none, "null"),
+    "suffix": (_one_of(""), 'null or ""'),
+}
+# fields of an assistant turn that a client copies back from an earlier reply
+_MESSAGE_DEFAULTS: dict[str, tuple[Any, str]] = {
+    "name": (_none, "null (names are not part of the chat template)"),
+    "tool_calls": (_empty, "null or []"),
+    "function_call": (_none, "null"),
+    "refusal": (_none, "null"),
+    "audio": (_none, "null"),
+    "annotations": (_empty, "null or []"),
+}
+
+
+def _only_defaults(table: dict[str, tuple[Any, str]]) -> Any:
+    """A field validator: the value of an unimplemented field must ask for nothing (see the tables)."""
+    def check(cls: type, v: Any, info: ValidationInfo) -> Any:
+        ok, shown = table[info.field_name]
+        if not ok(v):
+            raise PydanticCustomError("unsupported_parameter",
+                                      "'{field}' is not supported by this server: only {shown} is accepted",
+                                      {"field": info.field_name, "shown": shown})
+        return v
+    return field_validator(*table, mode="before")(classmethod(check))
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     include_usage: StrictBool | None = False
+    include_obfuscation: StrictBool | None = None  # no obfuscation padding is sent; harmless
 
 
 class GenerationRequest(BaseModel):
     """Fields shared by chat and raw completions (sampling, limits, streaming)."""
 
-    # unknown fields (logit_bias, user, ...) are ignored, as most OpenAI-compatible servers do
-    model_config = ConfigDict(extra="ignore")
+    # unknown fields are refused by name (a field we silently dropped would answer another request)
+    model_config = ConfigDict(extra="forbid")
 
     model: Annotated[str, Field(strict=True)]
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
@@ -37,9 +126,13 @@ class GenerationRequest(BaseModel):
     top_k: Annotated[StrictInt, Field(ge=0)] | None = None  # an extension (vLLM has it too)
     seed: Annotated[StrictInt, Field(ge=0, lt=2**63)] | None = None
     stop: Any = ()
-    n: StrictInt | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] | None = None
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
+    frequency_penalty: Any = None
+    presence_penalty: Any = None
+    logit_bias: Any = None
+    user: Any = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -53,21 +146,26 @@ class GenerationRequest(BaseModel):
             raise ValueError(f"at most {MAX_STOP} stop strings are allowed, got {len(stops)}")
         return tuple(stops)
 
-    @field_validator("n")
-    @classmethod
-    def _n(cls, v: int | None) -> int | None:
-        if v is not None and v != 1:
-            raise ValueError(f"only n=1 is supported, got {v}")
-        return v
+    @property
+    def choices_per_prompt(self) -> int:
+        return self.n or 1
 
 
 class ChatMessage(BaseModel):
     """One chat turn. ``content`` is a string or a list of ``{"type": "text", "text": ...}`` parts."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant"]
     content: Any
+    name: Any = None
+    tool_calls: Any = None
+    function_call: Any = None
+    refusal: Any = None
+    audio: Any = None
+    annotations: Any = None
+
+    _defaults = _only_defaults(_MESSAGE_DEFAULTS)
 
     @field_validator("content", mode="before")
     @classmethod
@@ -85,6 +183,30 @@ class ChatCompletionRequest(GenerationRequest):
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None  # newer name of max_tokens
+    logprobs: Any = None
+    top_logprobs: Any = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    moderation: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+    store: Any = None
+    service_tier: Any = None
+    metadata: Any = None
+    safety_identifier: Any = None
+    prompt_cache_key: Any = None
+    prompt_cache_retention: Any = None
+    prompt_cache_options: Any = None
+
+    _defaults = _only_defaults(_CHAT_DEFAULTS)
 
     def chat(self) -> list[dict[str, str]]:
         # "developer" is the newer name of "system"; chat templates only know the latter
@@ -93,23 +215,46 @@ class ChatCompletionRequest(GenerationRequest):
 
 
 class CompletionRequest(GenerationRequest):
-    """POST /v1/completions: a raw prompt (no chat template): a string, a one-string list, or token ids."""
+    """POST /v1/completions: a raw prompt (no chat template), or a list of them.
+
+    ``prompt`` is a string, a list of strings, a list of token ids, or a list of token-id lists;
+    it is normalised to a list of prompts (each a string or token ids). The reply has ``n`` choices
+    per prompt, prompt-major (choice ``p * n + j`` is sample ``j`` of prompt ``p``), as OpenAI's.
+    """
 
     prompt: Any
+    echo: StrictBool | None = False
+    best_of: Annotated[StrictInt, Field(ge=1)] | None = None
+    logprobs: Any = None
+    suffix: Any = None
+
+    _defaults = _only_defaults(_COMPLETION_DEFAULTS)
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _prompt(cls, v: Any) -> str | list[int]:
-        if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str):
-            v = v[0]
-        if isinstance(v, str):
-            if not v:
-                raise ValueError("prompt is empty")
+    def _prompt(cls, v: Any) -> list[str | list[int]]:
+        def ids(x: Any) -> bool:
+            return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                           for t in x)
+        if isinstance(v, str) or ids(v):
+            v = [v]
+        if isinstance(v, list) and v and all(isinstance(p, str) or ids(p) for p in v):
+            for i, p in enumerate(v):
+                if isinstance(p, str) and not p:
+                    raise ValueError(f"prompt {i} is empty")
             return v
-        if isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v):
-            return v
-        raise ValueError("prompt must be a non-empty string, a list of one string, or a list of token ids "
-                         "(one prompt per request)")
+        raise ValueError("prompt must be a non-empty string, a list of token ids, or a non-empty list of "
+                         "either")
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v: int | None, info: ValidationInfo) -> int | None:
+        # best_of > n ranks candidates by log probability, which is not implemented
+        if v is not None and v != (info.data.get("n") or 1):
+            raise PydanticCustomError("unsupported_parameter",
+                                      "'best_of' is not supported by this server: only best_of = n is accepted",
+                                      {})
+        return v
 
 
 # ---- errors ------------------------------------------------------------------------------------
@@ -129,7 +274,7 @@ def _param(loc: tuple[Any, ...]) -> str | None:
 
 
 _CODES = {"missing": "missing_required_parameter", "json_invalid": "invalid_json",
-          "extra_forbidden": "unknown_parameter"}
+          "extra_forbidden": "unknown_parameter", "unsupported_parameter": "unsupported_parameter"}
 
 
 def validation_error_body(errors: list[dict[str, Any]]) -> dict[str, Any]:
@@ -147,6 +292,12 @@ def validation_error_body(errors: list[dict[str, Any]]) -> dict[str, Any]:
         return error_body("the request body must be a JSON object", code="invalid_type")
     if kind == "missing":
         msg = f"'{param}' is required" if param else "a JSON request body is required"
+    elif kind == "extra_forbidden":
+        msg = f"unknown parameter '{param}': this server does not implement it"
+    elif kind == "unsupported_parameter":
+        shown = repr(e.get("input"))
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        msg = f"{msg} (got {shown})"
     elif param:
         shown = repr(e.get("input"))
         shown = shown if len(shown) <= 60 else shown[:57] + "..."
@@ -166,27 +317,30 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_response(rid: str, model: str, text: str, finish: str, use: dict, extra: dict) -> dict:
+def chat_response(rid: str, model: str, choices: list[tuple[str, str]], use: dict, extra: dict) -> dict:
+    """A chat reply; ``choices``: (text, finish_reason) in index order."""
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish, "logprobs": None}],
+            "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finish, "logprobs": None} for i, (text, finish) in enumerate(choices)],
             "usage": use, "orthrus": extra}
 
 
-def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: str | None) -> dict:
+def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict, finish: str | None) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}]}
 
 
-def completion_response(rid: str, model: str, text: str, finish: str, use: dict, extra: dict) -> dict:
+def completion_response(rid: str, model: str, choices: list[tuple[str, str]], use: dict, extra: dict) -> dict:
+    """A completions reply; ``choices``: (text, finish_reason) in index order."""
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+            "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": None}
+                        for i, (text, finish) in enumerate(choices)],
             "usage": use, "orthrus": extra}
 
 
-def completion_chunk(rid: str, model: str, created: int, text: str, finish: str | None) -> dict:
+def completion_chunk(rid: str, model: str, created: int, index: int, text: str, finish: str | None) -> dict:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+            "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": None}]}
 
 
 def usage_chunk(rid: str, model: str, created: int, obj: str, use: dict) -> dict:

@@ -4,7 +4,8 @@ HTTP handlers (on the asyncio event loop) :meth:`Scheduler.submit` requests; the
 loops::
 
     release the slots of cancelled requests
-    move queued requests into free slots (Decoder.add: prefill, first token)
+    move queued requests into free slots (Decoder.add: prefill, first token; a request the
+        decoder refuses fails alone, with a 400)
     Decoder.step()  (one draft + verify cycle for every live row)
     route each Event to its request's asyncio queue; release the slots of finished rows
 
@@ -29,12 +30,21 @@ from orthrus.config import GenerationConfig
 from orthrus.decoding.generator import Event
 from orthrus.decoding.stats import DecodeStats
 from orthrus.engine import Orthrus
+from orthrus.errors import OrthrusError
 
 log = logging.getLogger(__name__)
 
 
 class SchedulerError(RuntimeError):
-    """The decoder failed while this request was in it (the request is dropped, the server goes on)."""
+    """The decoder failed while this request was in it (the request is dropped, the server goes on).
+
+    ``status`` is the HTTP status the request gets: 400 when the request itself could not be added
+    (the decoder refused it: too long for the cache, a bad parameter found late), else 500.
+    """
+
+    def __init__(self, message: str, status: int = 500, code: str = "generation_failed") -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
 
 
 @dataclass(eq=False)
@@ -106,12 +116,13 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def submit(self, req: Request) -> None:
-        """Queue ``req``; it joins the running batch at the next cycle with a free slot."""
+    def submit(self, *reqs: Request) -> None:
+        """Queue ``reqs`` (together); each joins the running batch at the next cycle with a free slot."""
         with self._cond:
-            self.metrics.requests += 1
-            self.metrics.prompt_tokens += len(req.prompt_ids)
-            self._pending.append(req)
+            for req in reqs:
+                self.metrics.requests += 1
+                self.metrics.prompt_tokens += len(req.prompt_ids)
+                self._pending.append(req)
             self._cond.notify()
 
     def cancel(self, req: Request) -> None:
@@ -170,13 +181,48 @@ class Scheduler:
             self._deliver(req, SchedulerError("the server is shutting down"))
 
     def _admit(self, admit: list[Request]) -> None:
-        for req in admit:
+        """Add ``admit`` into free slots (one batched prefill). If the decoder refuses the batch,
+        add them one by one, so that only the request at fault fails; the rows already decoding
+        are never touched (``Decoder.add`` checks before it writes, and a prefill writes only the
+        new slots)."""
+        try:
+            events = self._add(admit)
+        except Exception:
+            self._unadd(admit)
+            events = []
+            for req in admit:
+                try:
+                    events += self._add([req])
+                except Exception as e:  # this request alone fails
+                    self._unadd([req])
+                    bad_input = isinstance(e, (ValueError, OrthrusError))
+                    if not bad_input:
+                        log.exception("could not add request %s", req.id)
+                    self.metrics.failed += 1
+                    req.finished = True
+                    self._deliver(req, SchedulerError(
+                        f"the request could not be added: {e}" if bad_input else f"generation failed: {e}",
+                        400 if bad_input else 500, "invalid_request" if bad_input else "generation_failed"))
+        self._route(events)
+
+    def _add(self, reqs: list[Request]) -> list[Event]:
+        for req in reqs:
             self._live[req.id] = req
-        events = self.decoder.add([(r.id, r.prompt_ids, r.gen, r.block_size) for r in admit])
+        events = self.decoder.add([(r.id, r.prompt_ids, r.gen, r.block_size) for r in reqs])
         for slot, row in enumerate(self.decoder.rows):
             if row is not None and row.request_id in self._live:
                 self._live[row.request_id].slot = slot
-        self._route(events)
+        return events
+
+    def _unadd(self, reqs: list[Request]) -> None:
+        """Undo a failed :meth:`_add`: forget ``reqs`` and free the slots they may hold."""
+        ids = {r.id for r in reqs}
+        for req in reqs:
+            self._live.pop(req.id, None)
+            req.slot = None
+        for slot, row in enumerate(self.decoder.rows):
+            if row is not None and row.request_id in ids:
+                self.decoder.release(slot)
 
     def _route(self, events: list[Event]) -> None:
         m = self.metrics
