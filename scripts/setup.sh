@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Fresh machine -> working orthrus: install everything into the current python3, then run the main
-# job: parallel decoding of a few prompts on the default model (smollm2-135m), JSON Lines on stdout.
+# job: parallel decoding of a few prompts on the default model (smollm2-135m), JSON Lines on stdout,
+# then what the product does on them: plain AR decoding vs parallel decoding (the shipped adapter)
+# vs n-gram drafts (no adapter), tokens/s each, tokens per forward, and whether outputs are identical.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
@@ -12,7 +14,13 @@ ADAPTER=(--adapter init --block-size 8)
 if [ -f orthrus/adapters/smollm2-135m/adapter.safetensors ]; then
     ADAPTER=(--adapter orthrus/adapters/smollm2-135m)
 fi
+PROMPTS=("What is the capital of France? Answer in one sentence."
+         "Write a Python function that returns the square of a number.")
 python3 -m orthrus.cli generate --model smollm2-135m --mode parallel "${ADAPTER[@]}" \
-    --max-new-tokens 64 --json \
-    "What is the capital of France? Answer in one sentence." \
-    "Write a Python function that returns the square of a number."
+    --max-new-tokens 64 --json "${PROMPTS[@]}"
+
+SET="$(mktemp --suffix .jsonl)"
+trap 'rm -f "$SET"' EXIT
+for p in "${PROMPTS[@]}"; do python3 -c 'import json, sys; print(json.dumps({"prompt": sys.argv[1]}))' "$p"; done > "$SET"
+python3 -m orthrus.cli bench --model smollm2-135m "${ADAPTER[@]}" --prompts "$SET" --limit 0 \
+    --modes ar,parallel,ngram --block-size 4 --max-new-tokens 64 --warmup 1 >&2

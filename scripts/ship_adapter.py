@@ -115,7 +115,10 @@ def training_md(runs: list[Path], data: Path, points: list[dict], nbytes: int) -
         "",
     ]
     for run, cfg in zip(runs, cfgs):
-        lines += [f"`{run.name}`: {cfg['total_steps']} steps", "```", f"OMP_NUM_THREADS=1 {command(cfg)}", "```"]
+        done = max((r["step"] for r in _log(run) if "elapsed_s" in r), default=0)
+        planned = cfg.get("total_steps")
+        note = "" if done == planned else f" (stopped at step {done} of the {planned} planned; the adapter is that step's checkpoint)"
+        lines += [f"`{run.name}`: {done} steps{note}", "```", f"OMP_NUM_THREADS=1 {command(cfg)}", "```"]
     lines += ["", "then `python3 scripts/ship_adapter.py " + " ".join(f"runs/{r.name}" for r in runs)
               + f" --data {data}`.", "",
               "## Held-out evaluations (expected acceptance length at K = 8; per-slot acceptance)", "",

@@ -1,0 +1,84 @@
+"""Pass costs of the default model on this machine: plain kernels vs the prepared fast path.
+
+    python3 scripts/passcosts.py [--threads N] [--rounds R] [--context C] [--out bench/results/NAME.json]
+
+Times, in one process and interleaved round by round (this machine is noisy), the AR step (1 token
+with the LM head), the verify pass over K tokens and the draft pass of the shipped adapter over K
+tokens (LM head over K-1 slots), batch 1, at a ``--context``-token cache, for a model with plain
+kernels and one prepared by ``prepare_inference`` (prepacked weights). The first two rounds are
+warm-up; the median of the rest is reported, in ms and as a multiple of each setup's own AR step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from orthrus.adapter import DiffusionAdapter
+from orthrus.engine import DEFAULT_ADAPTERS, DEFAULT_MODEL
+from orthrus.models.loading import load_base
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    ctx = args.context
+    passes: dict[str, dict] = {}
+    for setup in ("plain", "prepared"):
+        base = load_base(DEFAULT_MODEL)
+        m = base.model
+        ad = DiffusionAdapter.load(DEFAULT_ADAPTERS[DEFAULT_MODEL], m, base.fingerprint).eval().requires_grad_(False)
+        if setup == "prepared":
+            m.prepare_inference()
+            ad.prepare_inference()
+        cache = m.new_cache(1, ctx + 64)
+        x = torch.randint(0, 1000, (1, ctx))
+        with torch.inference_mode():
+            m(x, torch.arange(ctx)[None], cache, kv_len=ctx)
+
+        def verify(k: int, m=m, cache=cache, x=x) -> None:
+            m.logits(m(x[:, :k], (ctx + torch.arange(k))[None], cache, kv_len=ctx + 64))
+
+        def draft(k: int, m=m, ad=ad, cache=cache, x=x) -> None:
+            m.logits(ad.draft(m, x[:, 0], (ctx + torch.arange(k))[None], cache, ctx + 64)[:, :-1])
+
+        fns = {"ar": lambda v=verify: v(1)}
+        for k in (4, 8, 16):
+            fns[f"verify K={k}"] = lambda k=k, v=verify: v(k)
+            fns[f"draft K={k}"] = lambda k=k, d=draft: d(k)
+        passes[setup] = fns
+    times: dict[tuple[str, str], list[float]] = {}
+    with torch.inference_mode():
+        for r in range(args.rounds):
+            for name in passes["plain"]:
+                for setup in (("plain", "prepared") if r % 2 else ("prepared", "plain")):
+                    t = time.perf_counter()
+                    passes[setup][name]()
+                    times.setdefault((setup, name), []).append(time.perf_counter() - t)
+    med = {key: 1000 * sorted(v[2:])[len(v[2:]) // 2] for key, v in times.items()}
+    rows = []
+    print(f"{'pass':14s} {'plain ms':>9s} {'x AR':>6s} {'prepared ms':>12s} {'x AR':>6s}")
+    for name in passes["plain"]:
+        p, f = med[("plain", name)], med[("prepared", name)]
+        rp, rf = p / med[("plain", "ar")], f / med[("prepared", "ar")]
+        rows.append({"pass": name, "plain_ms": p, "plain_x_ar": rp, "prepared_ms": f, "prepared_x_ar": rf})
+        print(f"{name:14s} {p:9.1f} {rp:6.2f} {f:12.1f} {rf:6.2f}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
+                                        "threads": args.threads, "context": ctx, "rounds": args.rounds,
+                                        "torch": torch.__version__, "passes": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
