@@ -28,6 +28,7 @@ from orthrus.bench.blocksize import (CALIBRATION_PROMPTS, DEFAULT_CANDIDATES, Bl
 from orthrus.bench.report import SCHEMA, check_plotting, format_table, plot, summarize, write_json
 from orthrus.bench.runner import (MODES, PLD_TOKENS, Bench, BenchSettings, ModeResult, device_name, exact_match,
                                   parse_modes, peak_rss_bytes, rss_bytes)
+from orthrus.decoding.ngram import NGRAM_BLOCK_SIZE
 
 if TYPE_CHECKING:
     from orthrus.engine import Orthrus
@@ -85,7 +86,9 @@ def run_bench(engine: "Orthrus", prompts: list[str], settings: BenchSettings, ou
         context = sum(len(x) for x in ids) // len(ids) + settings.max_new_tokens // 2
         choice = choose_block_size(engine, prompts[:AUTO_CALIBRATION_PROMPTS], batch_size=settings.batch_size,
                                    context=context, calibration_tokens=min(64, settings.max_new_tokens))
-        settings = dataclasses.replace(settings, block_size=choice.block_size)
+        # the measured K is the adapter's; n-gram drafts keep their own (no draft pass to pay for)
+        settings = dataclasses.replace(settings, block_size=choice.block_size,
+                                       ngram_block_size=settings.ngram_block_size or NGRAM_BLOCK_SIZE)
     bench = Bench(engine, settings)
     results = bench.run(ids)
     summary = summarize(results)

@@ -191,7 +191,8 @@ def device_name(device: torch.device) -> str:
 
 @dataclass(frozen=True)
 class BenchSettings:
-    """What to run. ``block_size`` is for ``parallel`` (None: the adapter's); ``warmup``: prompts run
+    """What to run. ``block_size`` is for ``parallel`` (None: the adapter's) and, unless
+    ``ngram_block_size`` is set, for ``ngram`` (None: ``NGRAM_BLOCK_SIZE``); ``warmup``: prompts run
     through every mode first, untimed."""
 
     modes: tuple[str, ...]
@@ -199,6 +200,7 @@ class BenchSettings:
     batch_size: int = 1
     warmup: int = 1
     block_size: int | None = None
+    ngram_block_size: int | None = None  # set when block_size is the adapter's measured choice
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modes", parse_modes(",".join(self.modes)))
@@ -227,7 +229,7 @@ class Bench:
         if "parallel" in s.modes:
             assert engine.adapter is not None
             self.block = s.block_size or engine.adapter.config.block_size
-        self.ngram_block = s.block_size or NGRAM_BLOCK_SIZE
+        self.ngram_block = s.ngram_block_size or s.block_size or NGRAM_BLOCK_SIZE
 
     def _sync(self) -> None:
         if self.cuda:
