@@ -635,3 +635,25 @@ def test_serve_command_bad_options(argv: list[str], capsys: pytest.CaptureFixtur
     assert cli.main(["serve", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("orthrus: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_ngram_server_is_exact_and_needs_no_adapter(real_engine) -> None:
+    """``serve --draft ngram``: drafts by prompt lookup (no draft pass), greedy output == AR."""
+    from orthrus.engine import Orthrus
+
+    engine = Orthrus(real_engine.base, None, prepare=False)  # no adapter at all (model already prepared)
+    app = create_app(engine, model_name=MODEL, mode="parallel", max_batch_size=2, max_seq_len=CONTEXT,
+                     block_size=4, draft="ngram")
+    srv = LiveServer(app)
+    try:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        q = "Repeat exactly: the cat sat on the mat, the cat sat on the mat, the cat sat on the mat."
+        got = chat(c, q, 40).choices[0].message.content
+        ref = real_engine.generate([q], mode="ar", max_new_tokens=40)[0].text
+        assert got == ref
+        with httpx.Client(base_url=srv.url, timeout=60) as h:
+            m = metrics(h)
+        assert m["orthrus_block_size"] == 4
+        assert m["orthrus_verify_passes_total"] < m["orthrus_generated_tokens_total"]  # drafts accepted
+    finally:
+        srv.close()

@@ -11,7 +11,7 @@ import importlib.util
 import logging
 from typing import Any
 
-from orthrus.commands.common import (add_model_args, apply_auto_block_size, block_size_arg, check_model_args,
+from orthrus.commands.common import (add_draft_arg, add_model_args, apply_auto_block_size, block_size_arg, check_model_args,
                                      load_engine, resolve_mode)
 from orthrus.config import GenerationConfig
 from orthrus.errors import OrthrusError
@@ -31,6 +31,7 @@ def register(subparsers: Any) -> None:
     g = p.add_argument_group("serving")
     g.add_argument("--mode", choices=("ar", "parallel"), default=None,
                    help="decoding for every request (default: parallel when an adapter is available, else ar)")
+    add_draft_arg(g)
     g.add_argument("--block-size", type=block_size_arg, default=None, metavar="K|auto",
                    help="tokens drafted per cycle in parallel mode (default: the adapter's; 32 for init; "
                         "on a CPU with the shipped adapter: auto); auto: measured here at "
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     engine = load_engine(args)
     gen = apply_auto_block_size(argparse.Namespace(**{**vars(args), "batch_size": args.max_batch_size}), engine,
                                 GenerationConfig(mode=mode, block_size=None if args.block_size == "auto"
-                                                 else args.block_size))
+                                                 else args.block_size, draft=args.draft))
     mode, block_size = gen.mode, gen.block_size
 
     import uvicorn
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from orthrus.serve.app import create_app
 
     app = create_app(engine, model_name=args.model, mode=mode, max_batch_size=args.max_batch_size,
-                     max_seq_len=args.max_seq_len, block_size=block_size)
+                     max_seq_len=args.max_seq_len, block_size=block_size, draft=args.draft)
     log.info("listening on http://%s:%d/v1", args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

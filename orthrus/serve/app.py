@@ -66,17 +66,17 @@ class Server:
     """The app's state: the engine, its scheduler, and the serving limits."""
 
     def __init__(self, engine: Orthrus, model_name: str, mode: str, max_batch_size: int,
-                 max_seq_len: int | None, block_size: int | None) -> None:
+                 max_seq_len: int | None, block_size: int | None, draft: str = "diffusion") -> None:
         if max_batch_size < 1:
             raise OrthrusError(f"--max-batch-size must be >= 1, got {max_batch_size}")
         if max_seq_len is not None and not 1 < max_seq_len <= engine.max_context:
             raise OrthrusError(f"--max-seq-len must be in [2, {engine.max_context}] (the model's context), "
                                f"got {max_seq_len}")
-        self.engine, self.model_name, self.mode = engine, model_name, mode
+        self.engine, self.model_name, self.mode, self.draft = engine, model_name, mode, draft
         self.block_size_override = block_size
         # the server-wide block size (rows of one batch share the adapter; its cycle runs at the
         # largest block of the live rows); this also checks that parallel mode has an adapter
-        self.block_size = engine._block_size(GenerationConfig(mode=mode, block_size=block_size))
+        self.block_size = engine._block_size(GenerationConfig(mode=mode, block_size=block_size, draft=draft))
         self.context = max_seq_len or min(engine.max_context, DEFAULT_MAX_SEQ_LEN)
         # one block of room past the context: the last verify pass writes up to K positions ahead
         self.scheduler = Scheduler(engine, max_batch_size, self.context + self.block_size)
@@ -109,7 +109,8 @@ class Server:
         try:
             return GenerationConfig(max_new_tokens=max_tokens, temperature=temperature, top_k=body.top_k or 0,
                                     top_p=1.0 if body.top_p is None else body.top_p, seed=seed,
-                                    stop=body.stop, mode=self.mode, block_size=self.block_size_override)
+                                    stop=body.stop, mode=self.mode, block_size=self.block_size_override,
+                                    draft=self.draft)
         except OrthrusError as e:
             raise APIError(400, str(e)) from None
 
@@ -296,7 +297,8 @@ async def _streamed(call: Call, http: Request, chunks: Callable[[], AsyncIterato
 
 
 def create_app(engine: Orthrus, model_name: str, mode: str = "parallel", max_batch_size: int = 8,
-               max_seq_len: int | None = None, block_size: int | None = None) -> FastAPI:
+               max_seq_len: int | None = None, block_size: int | None = None,
+               draft: str = "diffusion") -> FastAPI:
     """Build the app around a loaded engine.
 
     Args:
@@ -306,10 +308,12 @@ def create_app(engine: Orthrus, model_name: str, mode: str = "parallel", max_bat
         max_batch_size: decoding slots (requests decoded together).
         max_seq_len: prompt + completion limit per request (default: min(model context, 2048)).
         block_size: draft block size in parallel mode (default: the adapter's).
+        draft: where parallel mode's drafts come from: ``diffusion`` (the adapter) or ``ngram``
+            (prompt lookup, no adapter needed).
 
     The scheduler thread starts and stops with the app's lifespan.
     """
-    server = Server(engine, model_name, mode, max_batch_size, max_seq_len, block_size)
+    server = Server(engine, model_name, mode, max_batch_size, max_seq_len, block_size, draft)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
