@@ -149,12 +149,16 @@ class DiffusionAdapter(nn.Module):
         embeds = self.block_embeds(base, anchors, k)
         return base.run_layers(embeds, positions, list(self.layers), cached_attend(cache, positions, kv_len, mask))
 
-    def block_embeds(self, base: Transformer, anchors: Tensor, block_size: int) -> Tensor:
-        """``[x_t, MASK x (K-1)]`` embeddings ``[B, K, C]`` for anchor tokens ``[B]``."""
+    def block_embeds(self, base: Transformer, anchors: Tensor, block_size: int,
+                     masked: Tensor | None = None) -> Tensor:
+        """``[x_t, MASK x (K-1)]`` embeddings ``[B, K, C]`` for anchor tokens ``[B]``; rows where
+        ``masked [B]`` (bool) is True get ``[MASK x K]`` (a ``masked`` block, see ``BLOCK_KINDS``)."""
         b = anchors.shape[0]
         first = base.model.embed_tokens(anchors)[:, None]  # [B, 1, C]
-        masks = self.mask_embedding.to(first.dtype).expand(b, block_size - 1, -1)
-        return torch.cat((first, masks), dim=1)
+        mask = self.mask_embedding.to(first.dtype)
+        if masked is not None:
+            first = torch.where(masked[:, None, None], mask, first)
+        return torch.cat((first, mask.expand(b, block_size - 1, -1)), dim=1)
 
     # ---- persistence -------------------------------------------------------------------------
 

@@ -18,6 +18,11 @@ from orthrus.errors import OrthrusError
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 DTYPES = ("float32", "bfloat16", "float16")
 DRAFTS = ("diffusion", "ngram")  # draft sources of parallel mode (GenerationConfig.draft)
+# training block kinds: ``anchor`` is ``[x_s, MASK x (K-1)]`` at ``s..`` seeing the AR K/V below
+# ``s`` (the two-pass schedule's draft); ``masked`` is ``[MASK x K]`` at ``s..`` seeing the same
+# context, i.e. without the token at ``s`` (the one-pass schedule's candidate block, drafted in the
+# pass that verifies ``x_s``'s predecessor)
+BLOCK_KINDS = ("anchor", "masked")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -147,8 +152,14 @@ class AdapterConfig(_Serializable):
     base_arch: str = ""
     num_layers: int = 0
     hidden_size: int = 0
+    block_kinds: tuple[str, ...] = ("anchor",)  # the block kinds it was trained on (BLOCK_KINDS)
 
     def __post_init__(self) -> None:
+        if isinstance(self.block_kinds, (list, str)):  # from JSON
+            kinds = (self.block_kinds,) if isinstance(self.block_kinds, str) else tuple(self.block_kinds)
+            object.__setattr__(self, "block_kinds", kinds)
+        _check(bool(self.block_kinds) and all(k in BLOCK_KINDS for k in self.block_kinds),
+               f"adapter block kinds must be among {', '.join(BLOCK_KINDS)}, got {self.block_kinds!r}")
         _check(self.kind in ADAPTER_KINDS, f"unknown adapter kind '{self.kind}': use full or lora:R")
         _check(self.block_size >= 1, f"block size must be >= 1, got {self.block_size}")
         if self.kind == "lora":

@@ -14,7 +14,8 @@ from orthrus.models.llama import joint_attention
 from orthrus.train.data import Document, make_batch, pack
 from orthrus.train.masks import (block_context_mask, block_diagonal_mask, block_mask_mod, document_causal_mask,
                                  document_positions, flex_block_attention)
-from orthrus.train.trainer import BlockDrafter, draft_blocks, eval_anchor_chunks, teacher_forward, train_anchors
+from orthrus.train.trainer import (BlockDrafter, draft_blocks, eval_anchor_chunks, masked_blocks, teacher_forward,
+                                   train_anchors)
 from tiny import hf_model, ours_from_hf
 
 K = 4
@@ -77,16 +78,20 @@ def test_packed_teacher_equals_each_document_alone(setup):
     assert checked == 7
 
 
-def test_all_blocks_in_one_forward_equal_per_block_decoding(setup):
+@pytest.mark.parametrize("kind", ["anchor", "mix"])
+def test_all_blocks_in_one_forward_equal_per_block_decoding(setup, kind):
     """Each block of the batched training forward == one decoding draft: the document alone, its
-    cache truncated to positions < s, the block [x_s, MASK...] at s..s+K-1 attending all of it."""
+    cache truncated to positions < s, the block [x_s, MASK...] (or, a masked block, [MASK...])
+    at s..s+K-1 attending all of it."""
     base, adapter, packed, batch = setup
     b, s = batch.tokens.shape
     cache = base.new_cache(b, s)
     th = teacher_forward(base, batch, cache)
     anchors, valid = train_anchors(batch, 24, torch.Generator().manual_seed(0))
     assert not valid.all(), "padding anchors are exercised too"
-    out = draft_blocks(BlockDrafter(adapter), base, batch, cache, th, anchors, valid, K)
+    masked = masked_blocks(kind, anchors)
+    assert (masked is None) == (kind == "anchor")
+    out = draft_blocks(BlockDrafter(adapter), base, batch, cache, th, anchors, valid, K, masked=masked)
     got = base.logits(out.student)  # [B, N, K-1, V]
     checked = 0
     for r in range(b):
@@ -100,7 +105,10 @@ def test_all_blocks_in_one_forward_equal_per_block_decoding(setup):
             own = base.new_cache(1, p + K)
             if p > 0:
                 base(batch.tokens[r, start:a][None], torch.arange(p)[None], own)
-            embeds = adapter.block_embeds(base, batch.tokens[r, a][None], K)
+            is_masked = masked is not None and bool(masked[r, n])
+            embeds = adapter.block_embeds(base, batch.tokens[r, a][None], K, torch.tensor([is_masked]))
+            if is_masked:  # the anchor token is not an input at all
+                assert torch.equal(embeds[0, 0], adapter.mask_embedding)
             ctx = torch.ones(1, 1, 1, p, dtype=torch.bool)
             ref = adapter(base, embeds, torch.arange(p, p + K)[None], own, p, ctx, None)
             ref_logits = base.logits(ref[0, : K - 1])

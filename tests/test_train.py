@@ -162,6 +162,28 @@ def test_adapter_learns_and_still_decodes_exactly_ar(loaded, tmp_path, kind):
     assert sum(r.stats.tokens for r in par) > sum(r.stats.verify_passes for r in par), "some drafts accepted"
 
 
+def test_mixed_block_kinds_train_and_evaluate_both(loaded, tmp_path):
+    """--block-kind mix: both kinds learn, each is evaluated on its own, the adapter records both,
+    and a resumed run refuses another block kind."""
+    base = loaded.model
+    docs = random_docs(30, seed=1, lo=24, hi=40)
+    cfg = config(tmp_path, adapter_kind="lora:4", max_steps=30, anchors_per_seq=24, lr=3e-3, warmup=2,
+                 block_kind="mix", eval_rows=4, save_every=30)
+    summary = Trainer(cfg, base, loaded.fingerprint, docs, progress=False).train()
+    before, after = summary["eval_before"], summary["eval_after"]
+    for sfx in ("", "_masked"):
+        assert len(after[f"eval_slot_accept{sfx}"]) == K - 1 and after[f"eval_blocks{sfx}"] > 0
+        assert after[f"eval_loss{sfx}"] < before[f"eval_loss{sfx}"], sfx
+    # a masked block does not see x_s: its first draft is the harder one
+    assert after["eval_slot_accept_masked"][0] <= after["eval_slot_accept"][0]
+    ad = DiffusionAdapter.load(tmp_path, base, loaded.fingerprint)
+    assert ad.config.block_kinds == ("anchor", "masked")
+    with pytest.raises(OrthrusError, match="block_kind"):
+        Trainer(config(tmp_path, adapter_kind="lora:4", max_steps=30, anchors_per_seq=24, lr=3e-3, warmup=2,
+                       eval_rows=4, save_every=30, resume=True), base, loaded.fingerprint, docs,
+                progress=False).train()
+
+
 def test_two_process_ddp_gloo_matches_gradient_accumulation(folder, loaded, tmp_path):
     """`torchrun --nproc-per-node 2 orthrus train` (gloo): both ranks end with identical weights
     (hash checked at every save), equal to one process accumulating the same two batches."""

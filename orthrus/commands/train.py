@@ -54,6 +54,9 @@ def register(subparsers: Any) -> None:
     g = p.add_argument_group("batches")
     g.add_argument("--block-size", type=int, default=None, metavar="K",
                    help="tokens per drafted block (default: the continued adapter's, else 16)")
+    g.add_argument("--block-kind", default="anchor", choices=("anchor", "masked", "mix"),
+                   help="blocks to train: anchor, [x_s, MASK..] (the two-pass schedule's draft); masked, "
+                        "[MASK..] without x_s (the one-pass schedule's); mix: half of each (default: anchor)")
     g.add_argument("--seq-len", type=int, default=C.seq_len, metavar="S",
                    help=f"packed row length; longer documents are cut (default: {C.seq_len})")
     g.add_argument("--anchors-per-seq", type=int, default=C.anchors_per_seq, metavar="N",
@@ -91,12 +94,13 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, loss=args.loss, device=args.device,
         dtype=args.dtype, resume=args.resume, seed=args.seed, log_every=args.log_every,
         eval_every=args.eval_every, save_every=args.save_every, eval_rows=args.eval_rows, eval_blocks=args.eval_blocks,
-        use_flex=args.use_flex)
+        use_flex=args.use_flex, block_kind=args.block_kind)
     summary = run_training(cfg, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         ev0, ev1 = summary.get("eval_before"), summary.get("eval_after")
-        acc = (f", eval acceptance length {ev0['eval_acceptance_length']:.3f} -> "
-               f"{ev1['eval_acceptance_length']:.3f}" if ev0 and ev1 else "")
+        acc = "".join(f", eval acceptance length{sfx.replace('_', ' ')} {ev0[key]:.3f} -> {ev1[key]:.3f}"
+                      for sfx in ("", "_masked") for key in [f"eval_acceptance_length{sfx}"]
+                      if ev0 and ev1 and key in ev0 and key in ev1)
         first, last = summary.get("first_loss"), summary.get("last_loss")
         losses = f"loss {first:.4f} -> {last:.4f}" if first is not None else "no steps run"
         print(f"orthrus train: {summary['steps']} steps in {summary['seconds']:.1f} s, {losses}{acc} -> "

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from orthrus.adapter import CONFIG, WEIGHTS, DiffusionAdapter
 from orthrus.cache import KVCache
-from orthrus.config import DTYPES, AdapterConfig
+from orthrus.config import BLOCK_KINDS, DTYPES, AdapterConfig
 from orthrus.errors import OrthrusError
 from orthrus.models.llama import Transformer, cached_attention, rope_cos_sin
 from orthrus.models.loading import DEFAULT_MODEL
@@ -66,7 +66,8 @@ LOG = "log.jsonl"
 TRAIN_CONFIG = "train_config.json"
 # options that fix the data order and the meaning of a step: a resumed run must keep them
 RESUME_KEYS = ("seq_len", "batch_size", "grad_accum", "anchors_per_seq", "block_size", "seed",
-               "eval_rows", "adapter_kind", "loss")
+               "eval_rows", "adapter_kind", "loss", "block_kind")
+TRAIN_BLOCK_KINDS = BLOCK_KINDS + ("mix",)  # --block-kind; mix: alternate anchors of a row
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -85,7 +86,9 @@ class TrainConfig:
     ``max_minutes``: a time budget; once a few steps are timed, the step count (and the lr
     schedule's horizon) is cut to what fits, so the cosine decay still ends at the last step.
     ``adapter_kind`` and ``block_size`` None: the continued adapter's, else ``full`` and 16.
-    ``warmup`` None: 5% of the steps.
+    ``warmup`` None: 5% of the steps. ``block_kind``: which blocks to train (``BLOCK_KINDS``, or
+    ``mix``: every other anchor of a row is a ``masked`` block, so one adapter drafts for both
+    schedules).
     ``eval_rows`` None: the last 2% of documents (none under 20). ``dtype`` None: float32 on CPU,
     bfloat16 on CUDA (then bf16 autocast, fp32 adapter weights). ``use_flex`` None: on CUDA.
     """
@@ -119,8 +122,11 @@ class TrainConfig:
     eval_rows: int | None = None
     eval_blocks: int = 4096
     use_flex: bool | None = None
+    block_kind: str = "anchor"
 
     def __post_init__(self) -> None:
+        _check(self.block_kind in TRAIN_BLOCK_KINDS,
+               f"--block-kind must be one of {', '.join(TRAIN_BLOCK_KINDS)}, got {self.block_kind!r}")
         if self.adapter_kind is not None:
             AdapterConfig.parse_kind(self.adapter_kind)
         _check(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}")
@@ -192,11 +198,14 @@ class BlockDrafter(nn.Module):
         self.adapter = adapter
 
     def forward(self, base: Transformer, anchor_tokens: Tensor, positions: Tensor, cache: KVCache,
-                kv_len: int, ctx_mask: Tensor | None, block_mask: Tensor | None, attn_fn: Any = None) -> Tensor:
-        """``anchor_tokens [B, N]``, ``positions [B, N*K]`` -> hidden ``[B, N*K, C]``."""
+                kv_len: int, ctx_mask: Tensor | None, block_mask: Tensor | None, attn_fn: Any = None,
+                masked: Tensor | None = None) -> Tensor:
+        """``anchor_tokens [B, N]``, ``positions [B, N*K]`` -> hidden ``[B, N*K, C]``; ``masked
+        [B, N]`` bool (None: none) marks ``masked`` blocks (slot 0 a mask, not the anchor token)."""
         b, n = anchor_tokens.shape
         k = positions.shape[1] // n
-        embeds = self.adapter.block_embeds(base, anchor_tokens.reshape(-1), k).view(b, n * k, -1)
+        flat = None if masked is None else masked.reshape(-1)
+        embeds = self.adapter.block_embeds(base, anchor_tokens.reshape(-1), k, flat).view(b, n * k, -1)
         return self.adapter(base, embeds, positions, cache, kv_len, ctx_mask, block_mask, attn_fn)
 
 
@@ -211,13 +220,16 @@ class BlockOutputs:
 
 
 def draft_blocks(drafter: nn.Module, base: Transformer, batch: Batch, cache: KVCache, teacher_hidden: Tensor,
-                 anchors: Tensor, anchor_valid: Tensor, block_size: int, use_flex: bool = False) -> BlockOutputs:
+                 anchors: Tensor, anchor_valid: Tensor, block_size: int, use_flex: bool = False,
+                 masked: Tensor | None = None) -> BlockOutputs:
     """All blocks of a batch in one diffusion forward (``cache`` must hold the teacher's K/V).
 
     Args:
         drafter: a :class:`BlockDrafter` (or DDP around one).
         teacher_hidden: ``[B, S, C]`` from :func:`teacher_forward` on the same batch.
         anchors: ``[B, N]`` anchor slots; anchor_valid: ``[B, N]`` bool (False: padding anchor).
+        masked: ``[B, N]`` bool, the ``masked`` blocks (None: all are ``anchor`` blocks). Both kinds
+            see the same context and draft the same targets; a masked block does not see ``x_s``.
     """
     b, s = batch.tokens.shape
     n, k = anchors.shape[1], block_size
@@ -229,7 +241,8 @@ def draft_blocks(drafter: nn.Module, base: Transformer, batch: Batch, cache: KVC
         attn_fn = None
         ctx_mask = block_context_mask(batch.doc, anchors, anchor_valid, k)  # [B, 1, N*K, S]
         block_mask = block_diagonal_mask(n, k, anchors.device)              # [1, 1, N*K, N*K]
-    hidden = drafter(base, batch.tokens.gather(1, anchors), positions, cache, s, ctx_mask, block_mask, attn_fn)
+    hidden = drafter(base, batch.tokens.gather(1, anchors), positions, cache, s, ctx_mask, block_mask, attn_fn,
+                     masked)
     student = hidden.view(b, n, k, -1)[:, :, : k - 1]  # slot K-1 would draft past the block
     src = anchors[:, :, None] + torch.arange(k - 1, device=anchors.device)  # [B, N, K-1]: s+i
     tgt = src + 1
@@ -239,6 +252,17 @@ def draft_blocks(drafter: nn.Module, base: Transformer, batch: Batch, cache: KVC
     teacher = teacher_hidden.gather(1, src.clamp(max=s - 1).flatten(1)[..., None].expand(-1, -1, hidden.shape[-1]))
     return BlockOutputs(student, teacher.view(b, n, k - 1, -1),
                         batch.tokens.gather(1, tgt_c.flatten(1)).view_as(tgt), valid)
+
+
+def masked_blocks(kind: str, anchors: Tensor) -> Tensor | None:
+    """Which blocks at ``anchors [B, N]`` are ``masked`` ones for a ``--block-kind``: ``[B, N]``
+    bool, or None (all ``anchor`` blocks). ``mix`` alternates along the row (anchors are sorted, so
+    both kinds cover the whole row)."""
+    if kind == "anchor":
+        return None
+    if kind == "masked":
+        return torch.ones(anchors.shape, dtype=torch.bool, device=anchors.device)
+    return (torch.arange(anchors.shape[1], device=anchors.device) % 2 == 1).expand(anchors.shape)
 
 
 def train_anchors(batch: Batch, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -340,7 +364,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # lora init; DDP broadcasts rank 0's weights anyway
         if adapter is None:
             adapter = DiffusionAdapter.init(base, fingerprint, kind=kind, block_size=self.block_size, lora_rank=rank)
-        adapter.config = dataclasses.replace(adapter.config, block_size=self.block_size)
+        # the kinds this run trains (a warm start's earlier kinds are not claimed: they may fade)
+        adapter.config = dataclasses.replace(adapter.config, block_size=self.block_size,
+                                             block_kinds=self.block_kinds)
         # fp32 master weights; under bf16 the forward runs in autocast
         self.adapter = adapter.to(device=self.device, dtype=torch.float32).train().requires_grad_(True)
         base.requires_grad_(False)
@@ -450,7 +476,7 @@ class Trainer:
         with self._autocast():
             th = teacher_forward(self.base, batch, self.cache)
             out = draft_blocks(self.drafter, self.base, batch, self.cache, th, anchors, valid,
-                               self.block_size, self.use_flex)
+                               self.block_size, self.use_flex, masked_blocks(self.cfg.block_kind, anchors))
             loss_sum, count = distill_loss(self.base.logits, out.student, out.teacher, out.target, out.valid,
                                            self.cfg.loss, self.chunk)
         return loss_sum / count.clamp(min=1), self.train_data.real_tokens(rows)
@@ -490,10 +516,17 @@ class Trainer:
 
     # ---- evaluation ----------------------------------------------------------------------------
 
+    @property
+    def block_kinds(self) -> tuple[str, ...]:
+        """The block kinds this run trains (and evaluates)."""
+        return BLOCK_KINDS if self.cfg.block_kind == "mix" else (self.cfg.block_kind,)
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any] | None:
         """Held-out KL / CE and expected acceptance (every anchor whose block lies in a response, or
-        every ``eval_stride``-th of them: at most about ``--eval-blocks`` blocks).
+        every ``eval_stride``-th of them: at most about ``--eval-blocks`` blocks), for each block
+        kind the run trains: the ``anchor`` kind's keys have no suffix, the ``masked`` kind's end
+        in ``_masked``.
 
         ``eval_slot_accept[i]``: fraction of blocks whose drafts 1..i+1 all equal the teacher's
         argmax (greedy verification accepts them); ``eval_acceptance_length``: 1 + their sum, the
@@ -501,6 +534,14 @@ class Trainer:
         """
         if self.eval_data is None:
             return None
+        record: dict[str, Any] = {"step": self.step}
+        for kind in self.block_kinds:
+            ev = self._evaluate_kind(kind == "masked")
+            suffix = "_masked" if kind == "masked" else ""
+            record.update({f"{key}{suffix}": v for key, v in ev.items()})
+        return record
+
+    def _evaluate_kind(self, masked: bool) -> dict[str, Any]:
         k, n = self.block_size, self.cfg.anchors_per_seq
         loss_sum = torch.zeros((), device=self.device)
         slots = torch.zeros(k - 1, device=self.device)
@@ -517,7 +558,8 @@ class Trainer:
                 th = teacher_forward(self.base, batch, cache)
                 for anchors, valid in eval_anchor_chunks(cpu, n, k, self.eval_stride):
                     anchors, valid = anchors.to(self.device), valid.to(self.device)
-                    out = draft_blocks(drafter, self.base, batch, cache, th, anchors, valid, k, self.use_flex)
+                    out = draft_blocks(drafter, self.base, batch, cache, th, anchors, valid, k, self.use_flex,
+                                       valid if masked else None)
                     ls, c = distill_loss(self.base.logits, out.student, out.teacher, out.target, out.valid,
                                          self.cfg.loss, self.chunk)
                     loss_sum += ls
@@ -530,7 +572,7 @@ class Trainer:
         self.adapter.train()
         nb = max(1.0, blocks.item())
         rates = (slots / nb).tolist()
-        return {"step": self.step, "eval_loss": (loss_sum / count.clamp(min=1)).item(),
+        return {"eval_loss": (loss_sum / count.clamp(min=1)).item(),
                 "eval_slot_accept": [round(r, 5) for r in rates],
                 "eval_acceptance_length": 1.0 + sum(rates), "eval_blocks": int(blocks.item())}
 
@@ -583,6 +625,7 @@ class Trainer:
         except Exception as e:
             raise OrthrusError(f"--resume: '{path}' is unreadable: {e}") from e
         old = state["config"]
+        old = dict(old, block_kind=old.get("block_kind", "anchor"))  # runs from before --block-kind
         changed = [k for k in RESUME_KEYS if old.get(k) != getattr(self.cfg, k)
                    and not (k == "block_size" and self.cfg.block_size is None)]
         if state.get("world_size") != self.world:
