@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from orthrus.cache import KVCache
 from orthrus.config import AdapterConfig
 from orthrus.errors import OrthrusError
-from orthrus.models.llama import (Attention, Transformer, cached_attend, causal_mask, joint_attention,
-                                  packing_available)
+from orthrus.models.llama import (Attention, InferenceLinear, Transformer, cached_attend, causal_mask,
+                                  joint_attention, merge_heads, packing_available)
 
 WEIGHTS = "adapter.safetensors"
 CONFIG = "adapter_config.json"
@@ -69,6 +69,72 @@ def _diffusion_attention(base_attn: Attention, cfg: AdapterConfig) -> Attention:
     return attn.requires_grad_(True)
 
 
+class SplitAttention:
+    """The attention projections of one layer for a pass whose first ``n`` rows are AR-view
+    queries (the frozen projections) and whose other rows are diffusion-view queries (the
+    adapter's), as the one-pass cycle needs (:meth:`DiffusionAdapter.verify_and_draft`).
+
+    A LoRA adapter (deltas on the frozen projections) runs the frozen q/k/v and o GEMMs once over
+    all rows and adds the rank-R delta to the diffusion rows only: each frozen weight is read once
+    per pass, and the delta costs two thin GEMMs. A ``full`` adapter has weights of its own: its
+    rows get their own GEMMs. Built by the adapter for decoding (not a module; weights detached).
+    """
+
+    PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def __init__(self, frozen: Attention, diff: Attention, pack: bool = False) -> None:
+        self.frozen, self.diff, self.n = frozen, diff, 0
+        mods = [getattr(diff, name) for name in self.PROJ]
+        self.delta = all(isinstance(m, LoRALinear) and m.base[0] is getattr(frozen, name)
+                         for m, name in zip(mods, self.PROJ))
+        if self.delta:
+            with torch.no_grad():
+                # A_q, A_k, A_v stacked [3R, C]; B_q, B_k, B_v as one block-diagonal
+                # [N_q + N_k + N_v, 3R] with the scale folded in: two GEMMs for the q/k/v deltas,
+                # prepacked like the frozen weights (a small GEMM re-packs its weight every call)
+                a_qkv = torch.cat([m.lora_A for m in mods[:3]])
+                b_qkv = torch.block_diag(*[m.lora_B * m.scale for m in mods[:3]])
+                self.a_qkv, self.b_qkv = (InferenceLinear([w], [None], pack) for w in (a_qkv, b_qkv))
+                self.a_o, self.b_o = (InferenceLinear([w], [None], pack)
+                                      for w in (mods[3].lora_A, mods[3].lora_B * mods[3].scale))
+
+    def at(self, n: int) -> "SplitAttention":
+        """This layer's projections with the first ``n`` rows on the AR view (a shallow copy)."""
+        view = copy.copy(self)
+        view.n = n
+        return view
+
+    def _norm(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        if self.frozen.q_norm is None:
+            return q, k
+        n = self.n
+        q1, k1 = self.frozen.qk_norm(q[:, :n], k[:, :n])
+        q2, k2 = self.diff.qk_norm(q[:, n:], k[:, n:])
+        return torch.cat((q1, q2), 1), torch.cat((k1, k2), 1)
+
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``x [B, T, C]`` -> q ``[B, H, T, D]``, k, v ``[B, Hkv, T, D]``; rows ``>= n`` diffusion."""
+        n = self.n
+        if self.delta:
+            y = self.frozen.fused_qkv(x)  # every row through the frozen weights, once
+            y[:, n:] += self.b_qkv.fused(self.a_qkv.fused(x[:, n:]))
+            q, k, v = self.frozen.split_qkv(y)
+        else:
+            parts = zip(self.frozen.linear_qkv(x[:, :n]), self.diff.linear_qkv(x[:, n:]))
+            q, k, v = (torch.cat(p, dim=1) for p in parts)
+        return self.frozen.heads(q, k, v, cos, sin, self._norm)
+
+    def out(self, y: Tensor) -> Tensor:
+        """``y [B, H, T, D]`` -> ``[B, T, C]`` (the rows' own output projections)."""
+        n = self.n
+        y = merge_heads(y)
+        if self.delta:
+            o = self.frozen.linear_o(y)
+            o[:, n:] += self.b_o.fused(self.a_o.fused(y[:, n:]))
+            return o
+        return torch.cat((self.frozen.linear_o(y[:, :n]), self.diff.linear_o(y[:, n:])), dim=1)
+
+
 class DiffusionAdapter(nn.Module):
     """The trainable diffusion view of one frozen :class:`Transformer`."""
 
@@ -102,6 +168,22 @@ class DiffusionAdapter(nn.Module):
         with torch.no_grad():
             for attn in self.layers:
                 attn.prepare_inference(pack)
+        self._split = None  # rebuilt from the current weights by the next one-pass cycle
+
+    def __getstate__(self) -> dict:  # copies leave the decoding-only split projections behind
+        state = self.__dict__.copy()
+        state["_split"] = None
+        return state
+
+    def split_attentions(self, base: Transformer) -> list[SplitAttention]:
+        """The per-layer :class:`SplitAttention` of a one-pass cycle (built once per prepare)."""
+        split = self.__dict__.get("_split")
+        if split is None or split[0].frozen is not base.model.layers[0].self_attn:
+            w = self.mask_embedding
+            pack = w.device.type == "cpu" and w.dtype == torch.float32 and packing_available()
+            split = [SplitAttention(layer.self_attn, attn, pack) for layer, attn in zip(base.model.layers, self.layers)]
+            self.__dict__["_split"] = split
+        return split
 
     def forward(self, base: Transformer, embeds: Tensor, positions: Tensor, cache: KVCache, kv_len: int,
                 ctx_mask: Tensor | None, block_mask: Tensor | None,
@@ -148,6 +230,47 @@ class DiffusionAdapter(nn.Module):
         mask = causal_mask(last.expand(-1, k), kv_len)  # [B, 1, K, S]
         embeds = self.block_embeds(base, anchors, k)
         return base.run_layers(embeds, positions, list(self.layers), cached_attend(cache, positions, kv_len, mask))
+
+    def verify_and_draft(self, base: Transformer, tokens: Tensor, positions: Tensor, offsets: Tensor,
+                         cache: KVCache, kv_len: int) -> tuple[Tensor, Tensor]:
+        """The one-pass cycle's forward: verify ``tokens`` and draft the candidate next blocks in it.
+
+        Rows ``[0, K)`` are the verify segment ``[x_t, d_1..d_{K-1}]`` at ``positions`` ``t..t+K-1``
+        on the AR view: causal, writing their K/V at ``t..t+K-1`` as a verify pass does. Then, for
+        each candidate acceptance ``j`` in ``offsets``, a ``masked`` block ``[MASK x K]`` at
+        ``t+j+1..t+j+K`` on the diffusion view: it sees the cache up to ``t+j`` (including the
+        verify segment's K/V of this very layer) and itself, bidirectionally, as a training block
+        of the ``masked`` kind does. Its K/V go to scratch slots ``[kv_len, kv_len + C*K)`` above
+        every row's live slots, written and read within the layer (nothing committed moves).
+        Norms, MLPs and the LM head are shared, so every frozen weight is read once per cycle.
+
+        Args:
+            tokens: ``[B, K]``; positions: ``[B, K]`` (``t + 0..K-1``).
+            offsets: ``[C]`` int64, the candidate acceptances ``j`` (each in ``[0, K-1]``).
+            cache: the AR cache (``B`` rows); slots ``[0, kv_len + C*K)`` must exist.
+            kv_len: the verify segment's attention bound (exceeds ``t + K - 1`` in every row).
+        Returns:
+            Final-normed hidden ``[B, K, C]`` of the verify segment and ``[B, C, K, C]`` of the
+            candidate blocks (block ``c``'s slot ``i`` drafts position ``t + offsets[c] + i + 2``).
+        """
+        b, k = tokens.shape
+        c = offsets.shape[0]
+        dev = tokens.device
+        steps = torch.arange(k, device=dev)
+        ctx = positions[:, :1] + offsets  # [B, C]: block j sees the cache up to t + j
+        cand_pos = (ctx + 1)[:, :, None] + steps  # [B, C, K]
+        scratch = (kv_len + torch.arange(c * k, device=dev)).expand(b, -1)  # [B, C*K] write slots
+        seen = torch.cat((positions, ctx.repeat_interleave(k, dim=1)), dim=1)  # [B, T] last main slot seen
+        blk = torch.arange(c, device=dev).repeat_interleave(k)  # [C*K] block of each scratch slot
+        own = torch.cat((blk.new_full((k,), -1), blk))[:, None] == blk  # [T, C*K]
+        mask = torch.cat((causal_mask(seen, kv_len, base.config.sliding_window),
+                          own.expand(b, 1, -1, -1)), dim=-1)  # [B, 1, T, kv_len + C*K]
+        embeds = torch.cat((base.model.embed_tokens(tokens),
+                            self.mask_embedding.to(base.dtype).expand(b, c * k, -1)), dim=1)
+        attns = [a.at(k) for a in self.split_attentions(base)]
+        h = base.run_layers(embeds, torch.cat((positions, cand_pos.flatten(1)), dim=1), attns,
+                            cached_attend(cache, torch.cat((positions, scratch), dim=1), kv_len + c * k, mask))
+        return h[:, :k], h[:, k:].view(b, c, k, -1)
 
     def block_embeds(self, base: Transformer, anchors: Tensor, block_size: int,
                      masked: Tensor | None = None) -> Tensor:

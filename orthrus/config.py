@@ -23,6 +23,7 @@ DRAFTS = ("diffusion", "ngram")  # draft sources of parallel mode (GenerationCon
 # context, i.e. without the token at ``s`` (the one-pass schedule's candidate block, drafted in the
 # pass that verifies ``x_s``'s predecessor)
 BLOCK_KINDS = ("anchor", "masked")
+SCHEDULES = ("two-pass", "one-pass", "auto")  # GenerationConfig.schedule
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -185,6 +186,10 @@ class GenerationConfig(_Serializable):
     view, one extra forward pass per cycle) or ``ngram`` (prompt lookup over the row's own prompt
     and output, on the host: no adapter and no draft pass). ``ngram_max``: the longest suffix the
     n-gram lookup tries to match (then shorter ones, down to 1).
+    ``schedule`` (parallel mode, diffusion drafts): ``two-pass`` (a draft pass, then a verify pass),
+    ``one-pass`` (the verify pass also drafts the next block, for ``candidates`` guesses of how
+    many drafts it will accept: one forward per cycle) or ``auto`` (the engine picks one from the
+    adapter and the measured pass costs of this machine). ``candidates`` None: the engine's default.
     """
 
     max_new_tokens: int = 256
@@ -198,8 +203,13 @@ class GenerationConfig(_Serializable):
     ignore_eos: bool = False
     draft: str = "diffusion"
     ngram_max: int = 4
+    schedule: str = "two-pass"
+    candidates: int | None = None
 
     def __post_init__(self) -> None:
+        _check(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        _check(self.candidates is None or (isinstance(self.candidates, int) and self.candidates >= 1),
+               f"candidates must be an integer >= 1, got {self.candidates!r}")
         _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0,
                f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         _check(math.isfinite(self.temperature) and self.temperature >= 0,

@@ -455,7 +455,7 @@ def test_one_static_cache(monkeypatch):
     for c in made:
         assert {t.untyped_storage().data_ptr() for t in c.k + c.v} <= storages
     layers = model.config.num_layers
-    assert dec.cache.nbytes() == 2 * layers * 3 * model.config.num_kv_heads * dec.capacity * \
+    assert dec.cache.nbytes() == 2 * layers * 3 * model.config.num_kv_heads * (dec.capacity + dec.scratch) * \
         model.config.head_dim * 4
 
 

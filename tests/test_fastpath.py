@@ -32,13 +32,11 @@ def test_packed_linear_rows_do_not_depend_on_the_row_count() -> None:
     lin = InferenceLinear(ws, bs, pack=True)
     x = torch.randn(2, 16, 32)
     full = lin(x)
-    for rows in (3, 8, 16):
+    for rows in (1, 2, 3, 8, 16):
         part = lin(x[:1, :rows].contiguous())
         assert all(torch.equal(p, f[:1, :rows]) for p, f in zip(part, full))
     ref = (torch.nn.functional.linear(x, ws[0], bs[0]), torch.nn.functional.linear(x, ws[1]))
     assert all((a - b).abs().max() < 1e-4 for a, b in zip(full, ref))
-    small = lin(x[:1, :1])  # one row: the plain kernel
-    assert all((a - b[:1, :1]).abs().max() < 1e-4 for a, b in zip(small, ref))
 
 
 @needs_packing

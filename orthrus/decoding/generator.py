@@ -4,12 +4,18 @@ One code path for every case: AR decoding is a cycle with block size 1 and no dr
 B = 1; offline ``generate`` and the server both add requests into free slots (continuous batching)
 and call :meth:`Decoder.step` until the slots drain.
 
-One cycle (METHOD.md), for all active rows at once:
+One cycle (METHOD.md), for all active rows at once, in the two-pass schedule:
 
 1. draft: the diffusion view reads ``[x_t, MASK x (K-1)]`` at ``t..t+K-1`` -> drafts ``d_1..d_{K-1}``;
 2. verify: the frozen model reads ``[x_t, d_1..d_{K-1}]``, writing K/V at ``t..t+K-1``;
 3. consensus: greedy prefix match, or speculative rejection sampling (same code for both);
 4. commit: each row's length moves by ``a + 1`` on the device; the correction token is the new x_t.
+
+The one-pass schedule (:meth:`Decoder._cycle_onepass`) folds step 1 of the *next* cycle into step
+2: the drafts come from the previous pass, and one forward verifies them while the diffusion view
+drafts the next block for each of ``C`` candidate acceptances ``j`` (a ``masked`` block at
+``t+j+1..``, seeing the cache up to ``t+j``). Consensus picks ``a``; block ``a``'s drafts (or, when
+``a`` was not a candidate, the largest candidate below it, shifted) are the next cycle's drafts.
 
 The device part has no Python loop over rows or tokens and no host sync; the single sync per cycle
 is the copy of the emitted tokens to the host (marked below), after which the host does the per-row
@@ -43,6 +49,8 @@ from orthrus.models.llama import Transformer
 DETOK_WINDOW = 16  # incremental detokenisation re-decodes at most ~2x this many tokens per row and cycle
 KV_BUCKET = 64  # eager mode: attend over the cache in multiples of this many slots
 STATIC_MIN_KV = 256  # static mode: kv_len is a power of two, at least this (or the capacity)
+ONEPASS_SCRATCH = 64  # cache slots above the live ones for the one-pass candidate blocks' K/V
+DEFAULT_CANDIDATES = 2  # one-pass candidate blocks per cycle when a request does not say
 
 
 @dataclass(eq=False)
@@ -120,7 +128,10 @@ class Decoder:
             raise ValueError("CUDA graphs need static shapes")
         if self.cuda_graphs and dev.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; the model is on {dev}")
-        self.cache = model.new_cache(max_batch, capacity)
+        # slots above the live ones where one-pass cycles put their candidate blocks' K/V (only
+        # with an adapter: nothing else drafts that way)
+        self.scratch = ONEPASS_SCRATCH if adapter is not None else 0
+        self.cache = model.new_cache(max_batch, capacity + self.scratch)
         self.rows: list[Row | None] = [None] * max_batch
         self.lengths_host = [0] * max_batch
         # device state, one entry per slot
@@ -139,6 +150,13 @@ class Decoder:
         self.ngram: list[NgramIndex | None] = [None] * max_batch
         self.ngram_rows = torch.zeros(max_batch, dtype=torch.bool, device=dev)
         self.ngram_in: dict[int, Tensor] = {}
+        # one-pass schedule, per block size K: the drafts the last pass made for each slot's next
+        # cycle [max_batch, K-1], whether each is fresh [max_batch, K-1] (sampled from the q stored
+        # beside it in this schedule's last cycle; stale or junk drafts are verified against a
+        # one-hot q, which keeps sampling exact), and q [max_batch, K-1, V] (sampling only)
+        self.op_drafts: dict[int, Tensor] = {}
+        self.op_fresh: dict[int, Tensor] = {}
+        self.op_q: dict[int, Tensor] = {}
         # Decode each row's text every cycle (streaming); False: only when a row finishes (or when
         # it has stop strings), which saves O(tokens) host work per row and cycle in batch jobs.
         self.stream_text = True
@@ -152,6 +170,20 @@ class Decoder:
             self._cycle_fn = torch.compile(self._cycle, fullgraph=True, dynamic=False)
         # the cycle mutates only lengths and x_t (and not-yet-committed cache slots)
         self.graphs = CycleGraphs(self._cycle_no_grad, (self.lengths, self.x_t)) if self.cuda_graphs else None
+
+    def _onepass_buffers(self, k: int, sampled: bool) -> None:
+        """Allocate the one-pass state for block size ``k`` (before any cycle, or capture, reads it)."""
+        dev = self.model.device
+        if k not in self.op_drafts:
+            self.op_drafts[k] = torch.zeros(self.max_batch, k - 1, dtype=torch.long, device=dev)
+            self.op_fresh[k] = torch.zeros(self.max_batch, k - 1, dtype=torch.bool, device=dev)
+            if self.graphs is not None:
+                self.graphs.state += (self.op_drafts[k], self.op_fresh[k])
+        if sampled and k not in self.op_q:
+            vocab = self.model.config.vocab_size
+            self.op_q[k] = torch.zeros(self.max_batch, k - 1, vocab, dtype=torch.float32, device=dev)
+            if self.graphs is not None:
+                self.graphs.state += (self.op_q[k],)
 
     # ---- slots --------------------------------------------------------------------------------
 
@@ -229,6 +261,8 @@ class Decoder:
             first = sample(probs, uniform(self.seeds[sl], (n - 1)[:, None], STREAM_BONUS))[:, 0]
         self.lengths[sl] = n
         self.x_t[sl] = first
+        for fresh in self.op_fresh.values():  # a new row has no one-pass drafts yet
+            fresh[sl] = False
         self.active[sl] = 1
         for i, r in enumerate(rows):
             self.lengths_host[a + i] = len(r.prompt_ids)
@@ -262,18 +296,21 @@ class Decoder:
         return sample(q, uniform(self.seeds[:hi], positions[:, 1:], STREAM_DRAFT)), q
 
     def _cycle(self, hi: int, k: int, kv_len: int, greedy: bool, filters: bool,
-               source: str = "diffusion") -> Tensor:
+               source: str = "diffusion", candidates: int = 0) -> Tensor:
         """Device part of one cycle over slots ``[0, hi)`` with block size ``k`` (run it under
         ``torch.no_grad``, as :meth:`run_cycle` does).
 
         ``source`` says where the drafts come from: ``diffusion`` (the adapter's draft pass),
         ``ngram`` (the host's n-gram drafts in ``self.ngram_in[k]``, written by :meth:`step`
         before the cycle; no draft pass) or ``mixed`` (both; each row takes its own source's by
-        ``self.ngram_rows``).
+        ``self.ngram_rows``), or ``onepass`` (the one-pass schedule with ``candidates`` candidate
+        blocks: :meth:`_cycle_onepass`).
 
         Returns ``[hi, k + 1]`` int64: the ``k`` emitted-token slots (accepted drafts then the
         correction/bonus token; the rest is junk) and, last, the number of accepted drafts ``a``.
         """
+        if source == "onepass":
+            return self._cycle_onepass(hi, k, kv_len, greedy, filters, candidates)
         model, dev = self.model, self.model.device
         cache = self.cache.rows(0, hi)
         t, x = self.lengths[:hi], self.x_t[:hi]  # [B]
@@ -307,13 +344,74 @@ class Decoder:
             n_acc, nxt = rejection_accept(drafts, q, p, u_acc, u_res, u_bonus)
         else:
             n_acc, nxt = greedy_accept(drafts, p_logits)
+        return self._commit(hi, drafts, n_acc, nxt)
+
+    def _commit(self, hi: int, drafts: Tensor, n_acc: Tensor, nxt: Tensor) -> Tensor:
+        """Move each active row by ``a + 1`` and make the correction/bonus token its new ``x_t``;
+        returns the cycle's ``[hi, K + 1]`` output (see :meth:`_cycle`)."""
         out = torch.cat((drafts, drafts.new_zeros(hi, 1)), dim=1)  # [B, K]
         out.scatter_(1, n_acc[:, None], nxt[:, None])
-        # commit: rows still decoding advance by a + 1; finished rows stay where they are
+        # rows still decoding advance by a + 1; finished rows stay where they are
         act = self.active[:hi]
         self.lengths[:hi] += (n_acc + 1) * act
-        self.x_t[:hi] = torch.where(act.bool(), nxt, x)
+        self.x_t[:hi] = torch.where(act.bool(), nxt, self.x_t[:hi])
         return torch.cat((out, n_acc[:, None]), dim=1)
+
+    def _cycle_onepass(self, hi: int, k: int, kv_len: int, greedy: bool, filters: bool, c: int) -> Tensor:
+        """Device part of one one-pass cycle: verify the stored drafts and draft the next block.
+
+        One forward (:meth:`DiffusionAdapter.verify_and_draft`) over ``[x_t, d_1..d_{K-1}]`` (the
+        drafts the previous one-pass cycle stored) and ``c`` masked blocks, one per candidate
+        acceptance ``j = 0..c-1``; block ``j``'s slot ``i`` drafts position ``t+j+2+i``.
+
+        Consensus is the two-pass one. Then the next drafts: block ``j* = min(a, c-1)``'s slots
+        ``i + (a - j*)``, which draft positions ``t'+1+i`` of the next cycle (``t' = t+a+1``); when
+        ``a > j*`` the block's last slots run out and the rest are junk. Exactness under sampling:
+        a fresh draft was sampled from its block's ``q``, which conditions only on committed tokens
+        (the block sees ``x_t, d_1..d_j``, all accepted when ``j <= a``) with the draft stream's
+        uniform of its own position, independent of every uniform the consensus used; stale or
+        junk drafts get a one-hot ``q`` (see :meth:`_ngram_q`).
+        """
+        model, ad = self.model, self.adapter
+        assert ad is not None
+        dev = model.device
+        cache = self.cache.rows(0, hi)
+        t, x, seeds = self.lengths[:hi], self.x_t[:hi], self.seeds[:hi]
+        # copies: this cycle overwrites the stored drafts with the next cycle's
+        drafts, fresh = self.op_drafts[k][:hi].clone(), self.op_fresh[k][:hi].clone()  # [B, K-1]
+        positions = t[:, None] + torch.arange(k, device=dev)  # [B, K]
+        offsets = torch.arange(c, device=dev)
+        h_ver, h_cand = ad.verify_and_draft(model, torch.cat((x[:, None], drafts), dim=1), positions, offsets,
+                                            cache, kv_len)
+        # one LM head over the verify rows and every candidate slot that drafts (slot K-1 would
+        # draft past the next verify segment)
+        logits = model.logits(torch.cat((h_ver, h_cand[:, :, : k - 1].flatten(1, 2)), dim=1))
+        p_logits, q_logits = logits[:, :k], logits[:, k:]  # [B, K, V], [B, C*(K-1), V]
+        rows = torch.arange(hi, device=dev)
+        if greedy:
+            n_acc, nxt = greedy_accept(drafts, p_logits)
+            cand = q_logits.argmax(-1).view(hi, c, k - 1)
+        else:
+            temp, top_k, top_p = self.temperature[:hi], self.top_k[:hi], self.top_p[:hi]
+            p = process_logits(p_logits, temp, top_k, top_p, use_filters=filters)
+            one_hot = torch.zeros_like(p[:, 1:]).scatter_(-1, drafts[..., None], 1.0)
+            q_prev = torch.where(fresh[..., None], self.op_q[k][:hi], one_hot)
+            u_acc = uniform(seeds, positions[:, 1:], STREAM_ACCEPT)
+            u_res = uniform(seeds, t[:, None], STREAM_RESIDUAL)[:, 0]
+            u_bonus = uniform(seeds, t[:, None], STREAM_BONUS)[:, 0]
+            n_acc, nxt = rejection_accept(drafts, q_prev, p, u_acc, u_res, u_bonus)
+            q_c = process_logits(q_logits, temp, top_k, top_p, use_filters=filters)  # [B, C*(K-1), V]
+            drafted = (t[:, None, None] + offsets[:, None] + 2 + torch.arange(k - 1, device=dev)).flatten(1)
+            cand = sample(q_c, uniform(seeds, drafted, STREAM_DRAFT)).view(hi, c, k - 1)
+        j_star = n_acc.clamp(max=c - 1)  # [B]
+        src = torch.arange(k - 1, device=dev) + (n_acc - j_star)[:, None]  # [B, K-1] slot of block j*
+        self.op_fresh[k][:hi] = src <= k - 2
+        src = src.clamp(max=k - 2)
+        self.op_drafts[k][:hi] = cand[rows, j_star].gather(1, src)
+        if not greedy:
+            q_blk = q_c.view(hi, c, k - 1, -1)[rows, j_star]  # [B, K-1, V]
+            self.op_q[k][:hi] = q_blk.gather(1, src[..., None].expand(-1, -1, q_blk.shape[-1]))
+        return self._commit(hi, drafts, n_acc, nxt)
 
     def _ngram_q(self, drafts: Tensor, q: Tensor | None, vocab: int, mixed: bool, hi: int) -> Tensor:
         """Draft distributions for rejection sampling when (some) drafts are n-gram ones.
@@ -337,15 +435,15 @@ class Decoder:
         return torch.where(self.ngram_rows[:hi, None, None], one_hot, q)
 
     def run_cycle(self, rows: int, k: int, kv_len: int, greedy: bool, filters: bool,
-                  source: str = "diffusion") -> Tensor:
+                  source: str = "diffusion", candidates: int = 0) -> Tensor:
         """One cycle (see :meth:`_cycle`): a replayed CUDA graph in graph mode, else eager
         (compiled with ``torch.compile`` when asked).
 
         In graph mode the result is the graph's static output: read it before the next cycle.
         """
         if self.graphs is not None:
-            return self.graphs.run(rows, k, kv_len, greedy, filters, source)
-        return self._cycle_no_grad(rows, k, kv_len, greedy, filters, source)
+            return self.graphs.run(rows, k, kv_len, greedy, filters, source, candidates)
+        return self._cycle_no_grad(rows, k, kv_len, greedy, filters, source, candidates)
 
     def _cycle_no_grad(self, *key: Any) -> Tensor:
         # no_grad, not inference_mode: torch.compile cannot trace in-place updates of the state
@@ -375,12 +473,19 @@ class Decoder:
         greedy = all(r.gen.temperature == 0 for r in rows)
         filters = any(r.gen.top_k or r.gen.top_p < 1 for r in rows)
         ngram = [self._uses_ngram(r) for r in rows]
-        source = "diffusion"
+        source, c = "diffusion", 0
         if k > 1 and any(ngram):
             source = "ngram" if all(ngram) else "mixed"
             self._upload_ngram_drafts([i for i, ng in zip(live, ngram) if ng], hi, k)
+        elif k > 1 and self.scratch and all(r.gen.schedule == "one-pass" for r in rows):
+            source = "onepass"
+            c = self.onepass_candidates(rows, k)
+            self._onepass_buffers(k, not greedy)
+        for kk, fresh in self.op_fresh.items():  # only this cycle's one-pass drafts stay fresh
+            if source != "onepass" or kk != k:
+                fresh[:hi] = False
         # host sync: once per cycle
-        result = self.run_cycle(hi, k, kv_len, greedy, filters, source).tolist()
+        result = self.run_cycle(hi, k, kv_len, greedy, filters, source, c).tolist()
         events = []
         for i, ng in zip(live, ngram):
             row_out = result[i]
@@ -390,12 +495,20 @@ class Decoder:
             ev = self._emit(i, row_out[: a + 1], a)
             # count the tokens kept, not those cut by EOS / max tokens / a stop string (TPF);
             # an n-gram row had no draft pass (its drafts came from the host)
-            r.stats.record_cycle(len(ev.token_ids), a, k, drafted=k > 1 and not ng)
+            r.stats.record_cycle(len(ev.token_ids), a, k, drafted=k > 1 and not ng and source != "onepass")
             ix = self.ngram[i]
             if ix is not None and ev.finish_reason is None:
                 ix.extend(r.tokens[len(ix) - len(r.prompt_ids):])  # the new tokens only
             events.append(ev)
         return events
+
+    @staticmethod
+    def onepass_candidates(rows: list[Row], k: int) -> int:
+        """Candidate blocks of a one-pass cycle: the most any row asks for (``DEFAULT_CANDIDATES``
+        when none says), at most ``k`` (acceptances run ``0..k-1``) and at most what the scratch
+        slots hold."""
+        want = max(r.gen.candidates or DEFAULT_CANDIDATES for r in rows)
+        return max(1, min(want, k, ONEPASS_SCRATCH // k))
 
     def _uses_ngram(self, r: Row) -> bool:
         """Whether row ``r`` drafts by n-gram: it asks to, or there is no adapter to draft with (an

@@ -73,9 +73,10 @@ def apply_rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tenso
     return qk[:, :h], qk[:, h:]
 
 
-# Up to this many rows a GEMM is a matrix-vector product, which the plain kernel streams as fast as
-# a prepacked one; above it the prepacked kernel wins (see InferenceLinear).
-PACKED_MIN_ROWS = 3
+# Passes of at least this many rows use the prepacked kernel. Every pass does: on our 2-core EPYC the
+# real model's 1-token AR step took 48.6 ms with the plain kernel and 27.7 ms prepacked (1 thread;
+# 56.7 / 29.5 ms on 2 threads), and a 2-row pass 80.8 ms plain (median of 15, interleaved).
+PACKED_MIN_ROWS = 1
 
 
 def packing_available() -> bool:
@@ -88,12 +89,12 @@ class InferenceLinear:
 
     ``weights [N_i, C]`` (q/k/v, or gate/up, or one) map ``x [..., C]`` to a tuple of ``[..., N_i]``.
     With ``pack`` (fp32 on a CPU) they are also concatenated and reordered once into oneDNN's blocked
-    layout, used for passes of more than ``PACKED_MIN_ROWS - 1`` rows. Why: eager PyTorch's small-M
+    layout, used for passes of at least ``PACKED_MIN_ROWS`` rows. Why: eager PyTorch's small-M
     GEMM re-packs the weight on every call, so 8 rows cost ~2.5x one row on our CPU while their
     arithmetic is a fraction of the weight streaming; prepacked, 8 rows cost ~1.3x (measured on 30
-    out-of-cache MLP-sized weights, 1 thread: 44 ms -> 24 ms). One or two rows keep the plain kernel
-    (a matrix-vector product, already bandwidth-bound). Memory: the packed copy is as large as the
-    weights; the dense ones stay (the parameters, for training, saving and small passes).
+    out-of-cache MLP-sized weights, 1 thread: 44 ms -> 24 ms), and even one row runs ~1.8x faster
+    packed (see ``PACKED_MIN_ROWS``). Memory: the packed copy is as large as the
+    weights; the dense ones stay (the parameters, for training and saving).
     """
 
     def __init__(self, weights: list[Tensor], biases: list[Tensor | None], pack: bool) -> None:
@@ -112,9 +113,15 @@ class InferenceLinear:
     def __call__(self, x: Tensor) -> tuple[Tensor, ...]:
         """``x [..., C]`` -> one ``[..., N_i]`` per weight."""
         if self.packed is not None and x.numel() // x.shape[-1] >= PACKED_MIN_ROWS:  # static shapes: no sync
-            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            y = self.fused(x)
             return y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (y,)
         return tuple(F.linear(x, w, b) for w, b in zip(self.weights, self.biases))
+
+    def fused(self, x: Tensor) -> Tensor:
+        """``x [..., C]`` -> all outputs side by side ``[..., sum N_i]`` (one GEMM when packed)."""
+        if self.packed is not None and x.numel() // x.shape[-1] >= PACKED_MIN_ROWS:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return torch.cat(self(x), dim=-1) if len(self.sizes) > 1 else self(x)[0]
 
 
 def inference_linear(linears: list[nn.Module], pack: bool) -> InferenceLinear:
@@ -159,24 +166,55 @@ class Attention(nn.Module):
 
     def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``x [B, T, C]`` -> q ``[B, H, T, D]``, k and v ``[B, Hkv, T, D]`` (rope applied)."""
-        b, t, _ = x.shape
-        h, kv, d = self.n_heads, self.n_kv, self.head_dim
+        q, k, v = self.linear_qkv(x)
+        return self.heads(q, k, v, cos, sin, self.qk_norm)
+
+    def fused_qkv(self, x: Tensor) -> Tensor:
+        """q/k/v side by side ``[B, T, (H + 2 Hkv) * D]`` (split them with :meth:`split_qkv`)."""
+        if self.qkv is not None:
+            return self.qkv.fused(x)
+        return torch.cat(self.linear_qkv(x), dim=-1)
+
+    def split_qkv(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return y.split((self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim), dim=-1)
+
+    def linear_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The q/k/v projections ``x [B, T, C]`` -> ``[B, T, H*D]``, ``[B, T, Hkv*D]`` twice (one
+        prepacked GEMM when prepared)."""
         if self.qkv is not None:
             q, k, v = self.qkv(x)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q, k, v = q.view(b, t, h, d), k.view(b, t, kv, d), v.view(b, t, kv, d)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            return q, k, v
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def qk_norm(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """The q/k norms (qwen3) of ``[B, T, H|Hkv, D]`` heads; identity without them."""
+        if self.q_norm is None:
+            return q, k
+        return self.q_norm(q), self.k_norm(k)
+
+    def heads(self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
+              norm: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+        """Projections ``[B, T, *]`` -> heads ``[B, H|Hkv, T, D]``, q/k normed by ``norm`` and rotated."""
+        b, t, _ = q.shape
+        h, kv, d = self.n_heads, self.n_kv, self.head_dim
+        q, k = norm(q.view(b, t, h, d), k.view(b, t, kv, d))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(b, t, kv, d).transpose(1, 2)
         q, k = apply_rope_qk(q, k, cos, sin)
         return q, k, v
 
     def out(self, y: Tensor) -> Tensor:
         """``y [B, H, T, D]`` -> ``[B, T, C]``."""
-        b, _, t, _ = y.shape
-        y = y.transpose(1, 2).reshape(b, t, -1)
+        return self.linear_o(merge_heads(y))
+
+    def linear_o(self, y: Tensor) -> Tensor:
+        """The output projection ``[B, T, H*D] -> [B, T, C]``."""
         return self.o(y)[0] if self.o is not None else self.o_proj(y)
+
+
+def merge_heads(y: Tensor) -> Tensor:
+    """``[B, H, T, D]`` -> ``[B, T, H*D]``."""
+    b, _, t, _ = y.shape
+    return y.transpose(1, 2).reshape(b, t, -1)
 
 
 def causal_mask(positions: Tensor, kv_len: int, sliding_window: int | None = None) -> Tensor:
