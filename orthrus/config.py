@@ -17,7 +17,7 @@ from orthrus.errors import OrthrusError
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 DTYPES = ("float32", "bfloat16", "float16")
-DRAFTS = ("diffusion", "ngram")  # draft sources of parallel mode (GenerationConfig.draft)
+DRAFTS = ("diffusion", "ngram", "hybrid")  # draft sources of parallel mode (GenerationConfig.draft)
 # training block kinds: ``anchor`` is ``[x_s, MASK x (K-1)]`` at ``s..`` seeing the AR K/V below
 # ``s`` (the two-pass schedule's draft); ``masked`` is ``[MASK x K]`` at ``s..`` seeing the same
 # context, i.e. without the token at ``s`` (the one-pass schedule's candidate block, drafted in the
@@ -184,7 +184,9 @@ class GenerationConfig(_Serializable):
     ``stop`` strings end a row (not included in the text). ``mode``: ``ar`` or ``parallel``.
     ``draft`` (parallel mode): where the drafts come from: ``diffusion`` (the adapter's diffusion
     view, one extra forward pass per cycle) or ``ngram`` (prompt lookup over the row's own prompt
-    and output, on the host: no adapter and no draft pass). ``ngram_max``: the longest suffix the
+    and output, on the host: no adapter and no draft pass) or ``hybrid`` (per cycle and row: n-gram
+    drafts when the latest tokens repeat an earlier n-gram, else the diffusion view's; the n-gram
+    cycles run at block size ``max(K, 8)``). ``ngram_max``: the longest suffix the
     n-gram lookup tries to match (then shorter ones, down to 1).
     ``schedule`` (parallel mode, diffusion drafts): ``two-pass`` (a draft pass, then a verify pass),
     ``one-pass`` (the verify pass also drafts the next block, for ``candidates`` guesses of how
@@ -208,6 +210,9 @@ class GenerationConfig(_Serializable):
 
     def __post_init__(self) -> None:
         _check(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        _check(self.schedule != "one-pass" or self.draft == "diffusion",
+               f"schedule 'one-pass' drafts with the diffusion view: use draft 'diffusion' (got {self.draft!r}) "
+               "or schedule 'two-pass'")
         _check(self.candidates is None or (isinstance(self.candidates, int) and self.candidates >= 1),
                f"candidates must be an integer >= 1, got {self.candidates!r}")
         _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0,
@@ -218,7 +223,6 @@ class GenerationConfig(_Serializable):
         _check(math.isfinite(self.top_p) and 0 < self.top_p <= 1,
                f"top_p must be in (0, 1], got {self.top_p!r}")
         _check(self.mode in ("ar", "parallel"), f"mode must be 'ar' or 'parallel', got {self.mode!r}")
-        _check(self.draft != "hybrid", "draft 'hybrid' is not implemented yet: use 'diffusion' or 'ngram'")
         _check(self.draft in DRAFTS, f"draft must be one of {', '.join(DRAFTS)}, got {self.draft!r}")
         _check(isinstance(self.ngram_max, int) and self.ngram_max >= 1,
                f"ngram_max must be an integer >= 1, got {self.ngram_max!r}")

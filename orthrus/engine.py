@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator
 
 from orthrus.adapter import DiffusionAdapter
 from orthrus.config import AdapterConfig, GenerationConfig
-from orthrus.decoding.generator import Decoder, Event, pow2, uses_cuda_graphs
+from orthrus.decoding.generator import Decoder, Event, cache_room, pow2, uses_cuda_graphs
 from orthrus.decoding.ngram import NGRAM_BLOCK_SIZE
 from orthrus.decoding.stats import DecodeStats
 from orthrus.errors import ContextLengthError, OrthrusError
@@ -216,7 +216,7 @@ class Orthrus:
         gens = [gen if s == gen.seed else replace(gen, seed=s) for s in seeds]
         if not encoded:
             return
-        capacity = max(len(n) for n in encoded) + gen.max_new_tokens + k
+        capacity = max(len(n) for n in encoded) + gen.max_new_tokens + cache_room(gen, k)
         dec = self._take_decoder(min(batch_size, len(encoded)), capacity, decoder_key)
         dec.stream_text = stream_text
         pending = list(zip(ids, encoded, gens))

@@ -106,7 +106,7 @@ def test_exact_match():
 
 def test_parse_modes_and_settings():
     assert parse_modes("ar, parallel,hf,ar") == ("ar", "parallel", "hf")
-    with pytest.raises(OrthrusError, match="unknown mode.*vllm.*use a comma list of ar, parallel, ngram, hf, hf-pld"):
+    with pytest.raises(OrthrusError, match="unknown mode.*vllm.*use a comma list of ar, parallel, onepass, hybrid, ngram, hf, hf-pld"):
         parse_modes("ar,vllm")
     with pytest.raises(OrthrusError):
         parse_modes(" , ")
@@ -162,6 +162,21 @@ def test_ties_go_to_the_smaller_block():
     # K=2: 1.5 tokens / 0.5 s = 3; K=4: (1 + 0.5 + 0.75 + 0.75) / 1.0 s = 3
     choice = decide_block_size(times, [0.5, 0.75, 0.75], [2, 4])
     assert choice.predicted[2] == choice.predicted[4] == 3.0 and choice.block_size == 2
+
+
+def test_one_pass_schedule_is_chosen_only_when_its_measured_rate_wins():
+    # two-pass K=4: 2.0 tokens / 2.0 s = 1.0 (AR: 1.0); one-pass K=4: its own curve, one pass
+    times = PassTimes(ar=1.0, cycle={4: 2.0}, onepass={4: 1.25})
+    choice = decide_block_size(times, [0.5, 0.3, 0.2], [4], onepass_curve=[0.4, 0.1], onepass_candidates=2)
+    assert choice.onepass_predicted[4] == pytest.approx(1.5 / 1.25)
+    assert (choice.block_size, choice.schedule, choice.candidates) == (4, "one-pass", 2)
+    assert "one-pass" in choice.reason and choice.to_dict()["schedule"] == "one-pass"
+    # a weaker one-pass curve: two-pass wins; no one-pass curve: one-pass is not considered
+    weak = decide_block_size(PassTimes(ar=0.8, cycle={4: 1.0}, onepass={4: 1.25}), [0.5, 0.3, 0.2], [4],
+                             onepass_curve=[0.1], onepass_candidates=2)
+    assert (weak.block_size, weak.schedule, weak.candidates) == (4, "two-pass", 0)
+    assert decide_block_size(times, [0.5, 0.3, 0.2], [4]).block_size == 1
+    assert acceptance_curve(DecodeStats(verify_passes=4, slot_accepts=[2, 1])) == [0.5, 0.25]  # one-pass stats
 
 
 def test_unknown_slots_count_as_rejected_and_missing_timings_raise():

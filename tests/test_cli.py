@@ -324,13 +324,24 @@ def test_block_size_auto_applies_the_measured_choice(monkeypatch: pytest.MonkeyP
     args = argparse.Namespace(block_size="auto", batch_size=2)
     seen = []
     for k, mode, block in ((1, "ar", None), (4, "parallel", 4)):
-        monkeypatch.setattr(blocksize, "cached_block_size", lambda engine, batch_size, k=k:
+        monkeypatch.setattr(blocksize, "cached_block_size", lambda engine, batch_size, candidates, k=k:
                             seen.append(batch_size) or blocksize.BlockSizeChoice(k, reason="test"))
         out = apply_auto_block_size(args, object(), gen)
         assert (out.mode, out.block_size) == (mode, block)
     assert apply_auto_block_size(args, object(), gen, n_prompts=1).block_size == 4
     assert seen == [2, 2, 1]  # timed at the batch the run will have: --batch-size, at most the prompts
     assert apply_auto_block_size(argparse.Namespace(block_size=8), object(), gen) is gen
+    # the measured schedule: taken with --schedule auto only; an explicit K is kept (only its schedule measured)
+    asked = []
+    monkeypatch.setattr(blocksize, "cached_block_size", lambda engine, batch_size, candidates:
+                        asked.append(tuple(candidates)) or blocksize.BlockSizeChoice(4, "one-pass", 2, reason="t"))
+    out = apply_auto_block_size(args, object(), gen)
+    assert (out.block_size, out.schedule) == (4, "two-pass")
+    out = apply_auto_block_size(argparse.Namespace(block_size="auto", schedule="auto"), object(), gen)
+    assert (out.block_size, out.schedule, out.candidates) == (4, "one-pass", 2)
+    fixed = GenerationConfig(mode="parallel", block_size=8)
+    out = apply_auto_block_size(argparse.Namespace(block_size=8, schedule="auto"), object(), fixed)
+    assert (out.block_size, out.schedule, out.candidates) == (8, "one-pass", 2) and asked[-1] == (8,)
 
 
 def test_cpu_default_with_the_shipped_adapter_measures_the_block_size(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from conftest import random_prompts, tiny_adapter, tiny_base, token_text
 from orthrus.config import GenerationConfig
-from orthrus.decoding.generator import Decoder, Row
+from orthrus.decoding.generator import Decoder, Row, cache_room
 from orthrus.decoding.ngram import NgramIndex, brute_force_propose, ngram_drafts
 from orthrus.errors import OrthrusError
 from orthrus.models.llama import Transformer
@@ -75,8 +75,8 @@ def test_ngram_drafts_one_tensor_with_padding():
 
 
 def test_bad_configs():
-    with pytest.raises(OrthrusError, match="not implemented yet"):
-        GenerationConfig(draft="hybrid")
+    with pytest.raises(OrthrusError, match="one-pass"):
+        GenerationConfig(draft="hybrid", schedule="one-pass")
     with pytest.raises(OrthrusError, match="draft must be"):
         GenerationConfig(draft="lookup")
     with pytest.raises(OrthrusError, match="ngram_max"):
@@ -95,7 +95,7 @@ def decode_all(model: Transformer, prompts: list[list[int]], gen: GenerationConf
     for parallel rows; rows come back in prompt order."""
     gens = gen if isinstance(gen, list) else [gen] * len(prompts)
     ks = [1 if g.mode == "ar" else k for g in gens]
-    cap = max(len(p) + g.max_new_tokens + k for p, g in zip(prompts, gens))
+    cap = max(len(p) + g.max_new_tokens + cache_room(g, k) for p, g in zip(prompts, gens))
     dec = Decoder(model, adapter, eos_ids, token_text, batch_size or len(prompts), cap)
     pending, done = list(enumerate(prompts)), {}
 
@@ -195,6 +195,58 @@ def test_ngram_rows_beside_diffusion_and_ar_rows():
             assert r.stats.draft_passes == r.stats.verify_passes
 
 
+@pytest.mark.parametrize("arch,k", [("llama", 3), ("qwen3", 4), ("mistral", 8)])
+def test_greedy_hybrid_equals_ar_and_switches_source(arch, k):
+    """Hybrid rows (beside diffusion, n-gram and AR rows) are token-identical to AR; on repetitive
+    prompts they take n-gram cycles (no draft pass, block size max(K, 8)), elsewhere diffusion ones."""
+    model = tiny_base(arch, initializer_range=0.02)[1]  # falls into loops: the lookup hits
+    adapter = tiny_adapter(model, "lora", block_size=k)
+    prompts = random_prompts([4, 9, 3], VOCAB, seed=5) + repetitive_prompts(5)
+    ar, _ = decode_all(model, prompts, GenerationConfig(max_new_tokens=30), 1)
+    hyb = GenerationConfig(max_new_tokens=30, mode="parallel", draft="hybrid")
+    gens = [hyb] * 6
+    par, _ = decode_all(model, prompts, gens, k, batch_size=2, adapter=adapter)
+    assert [r.tokens for r in par] == [r.tokens for r in ar]
+    mixed = [hyb, GenerationConfig(max_new_tokens=30, mode="parallel"), ngram(30),
+             GenerationConfig(max_new_tokens=30)] + [hyb] * 2
+    par2, _ = decode_all(model, prompts, mixed, k, adapter=adapter)
+    assert [r.tokens for r in par2] == [r.tokens for r in ar]
+    assert any(r.stats.draft_passes < r.stats.verify_passes for r in par)  # some n-gram cycles
+    assert any(r.stats.draft_passes > 0 for r in par)
+    if k < 8:  # n-gram cycles ran at block size 8: their slots past K - 1 were reached
+        assert any(len(r.stats.slot_accepts) == 7 for r in par)
+
+
+def test_hybrid_needs_an_adapter_and_room():
+    from orthrus.decoding.generator import hybrid_ngram_block
+
+    hyb = GenerationConfig(max_new_tokens=5, mode="parallel", draft="hybrid")
+    assert hybrid_ngram_block(hyb, 4) == 8 and hybrid_ngram_block(hyb, 16) == 16
+    assert hybrid_ngram_block(GenerationConfig(mode="parallel"), 4) == 0
+    model = tiny_base("llama")[1]
+    dec = Decoder(model, tiny_adapter(model, "lora", block_size=4), (), token_text, 1, 3 + 5 + 4)
+    with pytest.raises(ValueError, match="cache positions"):  # the n-gram block does not fit
+        dec.add([(0, [5, 6, 7], hyb, 4)])
+
+
+@pytest.mark.parametrize("k,temperature,top_k", [(3, 1.0, 0), (4, 0.8, 5)])
+def test_sampling_hybrid_matches_exact_ar_distribution(k, temperature, top_k):
+    from chi2 import assert_sequence_distribution
+    from test_decoding import exact_sequence_probs, perturb, sampling_model
+
+    model = sampling_model()
+    adapter = perturb(tiny_adapter(model, "full", block_size=k), scale=0.3, seed=1)
+    prompt, n, rows = [3, 1, 4, 1, 5, 3, 1], 4, 16000
+    probs = exact_sequence_probs(model, prompt, n, temperature, top_k, 1.0)
+    gens = [GenerationConfig(max_new_tokens=n, mode="parallel", draft="hybrid", temperature=temperature,
+                             top_k=top_k, seed=1000 + s) for s in range(rows)]
+    out, _ = decode_all(model, [prompt] * rows, gens, k, adapter=adapter)
+    assert_sequence_distribution(torch.tensor([r.tokens for r in out]), probs, model.config.vocab_size)
+    # both sources were used across rows (the repeat [3, 1] matches at once; later cycles vary)
+    assert any(r.stats.draft_passes < r.stats.verify_passes for r in out)
+    assert any(r.stats.draft_passes > 0 for r in out)
+
+
 def test_eos_and_length_inside_an_ngram_block():
     model = tiny_base("qwen2", initializer_range=0.02)[1]
     prompts = repetitive_prompts(4)
@@ -276,7 +328,7 @@ def test_cli_draft_ngram_needs_no_adapter(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,needle", [
     (["--draft", "fast"], "--draft"),
-    (["--draft", "hybrid"], "not implemented yet"),
+    (["--draft", "ngram", "--schedule", "one-pass"], "one-pass"),
     (["--draft", "ngram", "--mode", "ar"], "--mode ar"),
 ])
 def test_cli_bad_draft_one_line_exit_2(argv, needle, monkeypatch, capsys):

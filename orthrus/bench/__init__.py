@@ -26,15 +26,15 @@ from orthrus.bench.blocksize import (CALIBRATION_PROMPTS, DEFAULT_CANDIDATES, Bl
                                      acceptance_curve, choose_block_size, decide_block_size, expected_tokens,
                                      measure_pass_times)
 from orthrus.bench.report import SCHEMA, check_plotting, format_table, plot, summarize, write_json
-from orthrus.bench.runner import (MODES, PLD_TOKENS, Bench, BenchSettings, ModeResult, device_name, exact_match,
-                                  parse_modes, peak_rss_bytes, rss_bytes)
+from orthrus.bench.runner import (ADAPTER_MODES, MODES, PLD_TOKENS, Bench, BenchSettings, ModeResult, device_name,
+                                  exact_match, parse_modes, peak_rss_bytes, rss_bytes)
 from orthrus.decoding.ngram import NGRAM_BLOCK_SIZE
 
 if TYPE_CHECKING:
     from orthrus.engine import Orthrus
 
 __all__ = [
-    "Bench", "BenchSettings", "BlockSizeChoice", "CALIBRATION_PROMPTS", "DEFAULT_CANDIDATES", "MODES",
+    "ADAPTER_MODES", "Bench", "BenchSettings", "BlockSizeChoice", "CALIBRATION_PROMPTS", "DEFAULT_CANDIDATES", "MODES",
     "ModeResult", "PassTimes", "acceptance_curve", "choose_block_size", "decide_block_size", "exact_match",
     "expected_tokens", "format_table", "measure_pass_times", "parse_modes", "run_bench", "summarize",
 ]
@@ -82,7 +82,8 @@ def run_bench(engine: "Orthrus", prompts: list[str], settings: BenchSettings, ou
     load_start = _load_avg()
     ids = [engine.encode(p) for p in prompts]
     choice: BlockSizeChoice | None = None
-    if block_size_auto and "parallel" in settings.modes:
+    adapter_modes = [m for m in settings.modes if m in ADAPTER_MODES]
+    if block_size_auto and adapter_modes:
         context = sum(len(x) for x in ids) // len(ids) + settings.max_new_tokens // 2
         choice = choose_block_size(engine, prompts[:AUTO_CALIBRATION_PROMPTS], batch_size=settings.batch_size,
                                    context=context, calibration_tokens=min(64, settings.max_new_tokens))
@@ -118,7 +119,7 @@ def run_bench(engine: "Orthrus", prompts: list[str], settings: BenchSettings, ou
             "prompt_tokens_mean": round(sum(len(x) for x in ids) / len(ids), 1),
             "max_new_tokens": settings.max_new_tokens, "batch_size": settings.batch_size,
             "warmup": settings.warmup, "modes": list(settings.modes),
-            "block_size": bench.block if "parallel" in settings.modes else None,
+            "block_size": bench.block if adapter_modes else None, "candidates": settings.candidates,
             "block_size_auto": block_size_auto, "dtype": str(model.dtype).removeprefix("torch."),
             "cuda_graphs": engine.uses_cuda_graphs, "compile": engine.compile,
             "greedy": True, "pld_tokens": PLD_TOKENS if "hf-pld" in settings.modes else None,

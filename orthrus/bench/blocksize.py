@@ -7,6 +7,12 @@ One parallel cycle with block size K costs a draft pass and a verify pass of K t
     rate(K)  = E[a + 1](K) / t_cycle(K)        (t_cycle = draft + verify + consensus)
     rate(AR) = 1 / t_ar
 
+The one-pass schedule (an adapter trained on ``masked`` blocks) is a third option: its cycle is
+one pass over the verify segment and the candidate blocks, and its ``E[a + 1]`` is measured by its
+own calibration run (its drafts are the harder, two-ahead kind)::
+
+    rate(one-pass, K) = E[a + 1](one-pass, K) / t_onepass(K)
+
 On a GPU a K-token pass costs about what a 1-token pass does (the weights are read once either
 way) and a large K pays; on a CPU the cost grows with K, and with a weak adapter no K may pay, in
 which case the answer is 1 (plain AR: parallel mode with K = 1 is the AR loop), so that auto never
@@ -64,13 +70,16 @@ class PassTimes:
     Attributes:
         ar: one AR step (block size 1: one 1-token pass of the frozen model).
         cycle: K -> one parallel cycle (draft pass + K-token verify pass + consensus).
+        onepass: K -> one one-pass cycle (empty when the schedule was not timed).
     """
 
     ar: float
     cycle: dict[int, float]
+    onepass: dict[int, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"ar": self.ar, "cycle": {str(k): v for k, v in self.cycle.items()}}
+        return {"ar": self.ar, "cycle": {str(k): v for k, v in self.cycle.items()},
+                "onepass": {str(k): v for k, v in self.onepass.items()}}
 
 
 @dataclass(frozen=True)
@@ -87,15 +96,22 @@ class BlockSizeChoice:
     """
 
     block_size: int
+    schedule: str = "two-pass"
+    candidates: int = 0
     predicted: dict[int, float] = field(default_factory=dict)
     expected_tokens: dict[int, float] = field(default_factory=dict)
     curve: list[float] = field(default_factory=list)
     times: PassTimes | None = None
     margin: float = 0.0
     reason: str = ""
+    onepass_predicted: dict[int, float] = field(default_factory=dict)
+    onepass_curve: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"block_size": self.block_size, "reason": self.reason, "margin": self.margin,
+        return {"block_size": self.block_size, "schedule": self.schedule, "candidates": self.candidates,
+                "reason": self.reason, "margin": self.margin,
+                "onepass_predicted_tokens_per_second": {str(k): round(v, 4) for k, v in self.onepass_predicted.items()},
+                "onepass_acceptance_curve": [round(p, 4) for p in self.onepass_curve],
                 "predicted_tokens_per_second": {str(k): round(v, 4) for k, v in self.predicted.items()},
                 "expected_tokens_per_cycle": {str(k): round(v, 4) for k, v in self.expected_tokens.items()},
                 "acceptance_curve": [round(p, 4) for p in self.curve],
@@ -108,9 +124,11 @@ def acceptance_curve(stats: DecodeStats) -> list[float]:
     The curve is as long as the calibration's block size minus one; slots beyond it are unknown
     (and counted as never accepted by :func:`expected_tokens`, which errs towards smaller K).
     """
-    if stats.draft_passes == 0:
+    # a one-pass (or n-gram) run has no draft passes: its drafting cycles are its verify passes
+    cycles = stats.draft_passes or stats.verify_passes
+    if cycles == 0 or not stats.slot_accepts:
         return []
-    return [n / stats.draft_passes for n in stats.slot_accepts]
+    return [n / cycles for n in stats.slot_accepts]
 
 
 def expected_tokens(curve: Sequence[float], k: int) -> float:
@@ -119,14 +137,19 @@ def expected_tokens(curve: Sequence[float], k: int) -> float:
 
 
 def decide_block_size(times: PassTimes, curve: Sequence[float], candidates: Sequence[int] = DEFAULT_CANDIDATES,
-                      margin: float = 0.05) -> BlockSizeChoice:
-    """Pick the K with the highest predicted tokens per second, or 1 if none beats AR by ``margin``.
+                      margin: float = 0.05, onepass_curve: Sequence[float] = (),
+                      onepass_candidates: int = 0) -> BlockSizeChoice:
+    """Pick the K (and schedule) with the highest predicted tokens per second, or 1 if none beats
+    AR by ``margin``.
 
     Args:
-        times: cycle timings; ``times.cycle`` must cover every candidate.
+        times: cycle timings; ``times.cycle`` must cover every candidate (and ``times.onepass``
+            the one-pass ones, when any).
         curve: ``P(a >= i + 1)`` per draft slot (see :func:`acceptance_curve`).
-        candidates: block sizes >= 2 to consider (smaller K wins ties).
+        candidates: block sizes >= 2 to consider (smaller K wins ties; two-pass wins ties).
         margin: a K must be predicted faster than AR by this fraction (timing noise is a few %).
+        onepass_curve: the one-pass schedule's curve, measured with ``onepass_candidates``
+            candidate blocks per pass; one-pass is considered for the Ks in ``times.onepass``.
     """
     if times.ar <= 0:
         raise ValueError(f"AR pass time must be positive, got {times.ar}")
@@ -137,16 +160,21 @@ def decide_block_size(times: PassTimes, curve: Sequence[float], candidates: Sequ
             raise ValueError(f"no pass timing for block size {k}")
         expected[k] = expected_tokens(curve, k)
         predicted[k] = expected[k] / times.cycle[k]
-    best = max((k for k in predicted if k > 1), key=lambda k: (predicted[k], -k), default=1)
-    if best > 1 and predicted[best] > predicted[1] * (1.0 + margin):
-        reason = (f"K={best}: {predicted[best]:.2f} tok/s predicted vs AR {predicted[1]:.2f} "
-                  f"({expected[best]:.2f} tokens per cycle)")
+    one = {k: expected_tokens(onepass_curve, k) / t for k, t in times.onepass.items()} if onepass_curve else {}
+    options = [(predicted[k], -k, 1, k) for k in predicted if k > 1] + [(v, -k, 0, k) for k, v in one.items()]
+    rate, _, two, best = max(options, default=(0.0, 0, 1, 1))
+    schedule = "two-pass" if two else "one-pass"
+    if best > 1 and rate > predicted[1] * (1.0 + margin):
+        tokens = expected[best] if two else expected_tokens(onepass_curve, best)
+        reason = (f"K={best} {schedule}: {rate:.2f} tok/s predicted vs AR {predicted[1]:.2f} "
+                  f"({tokens:.2f} tokens per cycle)")
         chosen = best
     else:
         reason = (f"AR: no block size beats AR ({predicted[1]:.2f} tok/s) by {margin:.0%}"
-                  + (f"; best was K={best} at {predicted[best]:.2f}" if best > 1 else ""))
-        chosen = 1
-    return BlockSizeChoice(chosen, predicted, expected, list(curve), times, margin, reason)
+                  + (f"; best was K={best} {schedule} at {rate:.2f}" if best > 1 else ""))
+        chosen = 1  # (schedule: still the faster parallel one, for a caller whose K is fixed)
+    return BlockSizeChoice(chosen, schedule, onepass_candidates if schedule == "one-pass" else 0, predicted,
+                           expected, list(curve), times, margin, reason, one, list(onepass_curve))
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int, warmup: int) -> float:
@@ -161,7 +189,8 @@ def _median_seconds(fn: Callable[[], object], repeats: int, warmup: int) -> floa
 
 
 def measure_pass_times(engine: "Orthrus", candidates: Sequence[int] = DEFAULT_CANDIDATES, batch_size: int = 1,
-                       context: int = 256, repeats: int = 5, warmup: int = 2) -> PassTimes:
+                       context: int = 256, repeats: int = 5, warmup: int = 2,
+                       onepass_candidates: int = 0) -> PassTimes:
     """Time one AR step and, per candidate K, one parallel cycle, with the engine's own decoder.
 
     ``batch_size`` rows of ``context`` prompt tokens are prefilled; then each cycle shape runs
@@ -173,6 +202,7 @@ def measure_pass_times(engine: "Orthrus", candidates: Sequence[int] = DEFAULT_CA
         batch_size: rows per cycle (B).
         context: committed cache length the cycles attend over (cost grows with it).
         repeats, warmup: timed and untimed repetitions.
+        onepass_candidates: also time one-pass cycles with this many candidate blocks (0: not).
     """
     if engine.adapter is None and any(k > 1 for k in candidates):
         raise OrthrusError("timing draft passes needs an adapter: pass --adapter PATH or --adapter init")
@@ -188,14 +218,20 @@ def measure_pass_times(engine: "Orthrus", candidates: Sequence[int] = DEFAULT_CA
         dec.x_t.copy_(saved[1])
 
     cycle: dict[int, float] = {}
+    onepass: dict[int, float] = {}
     for k in ks:
         rows, kv_len = dec.cycle_shape(batch_size, context + k)  # as Decoder.step would
         key = (rows, k, kv_len, True, False)
         cycle[k] = _median_seconds(functools.partial(one_cycle, key), repeats, warmup)
-    times = PassTimes(ar=cycle.pop(1), cycle=cycle)
+        if onepass_candidates and k > 1 and dec.scratch:
+            dec._onepass_buffers(k, False)
+            key = (rows, k, kv_len, True, False, "onepass", min(onepass_candidates, k))
+            onepass[k] = _median_seconds(functools.partial(one_cycle, key), repeats, warmup)
+    times = PassTimes(ar=cycle.pop(1), cycle=cycle, onepass=onepass)
     log.info("cycle times (B=%d, context=%d%s): AR %.2f ms; %s", batch_size, context,
              ", CUDA graphs" if dec.cuda_graphs else "", 1e3 * times.ar,
-             ", ".join(f"K={k} {1e3 * v:.2f} ms" for k, v in cycle.items()))
+             ", ".join(f"K={k} {1e3 * v:.2f} ms" for k, v in cycle.items())
+             + "".join(f", one-pass K={k} {1e3 * v:.2f} ms" for k, v in onepass.items()))
     return times
 
 
@@ -232,8 +268,23 @@ def choose_block_size(engine: "Orthrus", prompts: Sequence[str | list[int]] | No
         log.info("calibration at K=%d: acceptance length %.2f over %d cycles (%.1f s)", max(cands),
                  stats.acceptance_length, stats.verify_passes, time.perf_counter() - t0)
     curve = acceptance_curve(stats)
-    times = measure_pass_times(engine, cands, batch_size=batch_size, context=context, repeats=repeats)
-    choice = decide_block_size(times, curve, cands, margin)
+    onepass_curve: list[float] = []
+    n_cand = 0
+    if "masked" in engine.adapter.config.block_kinds:  # trained for the one-pass schedule: measure it too
+        from orthrus.decoding import generator
+
+        n_cand = generator.DEFAULT_CANDIDATES
+        runs = engine.generate(list(prompts or CALIBRATION_PROMPTS), mode="parallel", block_size=max(cands),
+                               schedule="one-pass", candidates=n_cand, max_new_tokens=calibration_tokens,
+                               batch_size=batch_size)
+        one = DecodeStats()
+        for c in runs:
+            one = one.merge(c.stats)
+        onepass_curve = acceptance_curve(one)
+        log.info("one-pass calibration at K=%d: %.2f tokens per pass", max(cands), one.tpf)
+    times = measure_pass_times(engine, cands, batch_size=batch_size, context=context, repeats=repeats,
+                               onepass_candidates=n_cand)
+    choice = decide_block_size(times, curve, cands, margin, onepass_curve, n_cand)
     log.info("block size: %s", choice.reason)
     return choice
 
@@ -241,7 +292,7 @@ def choose_block_size(engine: "Orthrus", prompts: Sequence[str | list[int]] | No
 CACHE_FILE = "blocksize.json"
 
 
-def _choice_key(engine: "Orthrus", batch_size: int) -> str:
+def _choice_key(engine: "Orthrus", batch_size: int, candidates: Sequence[int] = DEFAULT_CANDIDATES) -> str:
     """What a measured choice depends on: model, adapter weights, device, dtype, threads, batch."""
     from orthrus.bench.runner import device_name
 
@@ -255,10 +306,13 @@ def _choice_key(engine: "Orthrus", batch_size: int) -> str:
                        "device": device_name(model.device), "dtype": str(model.dtype),
                        "threads": torch.get_num_threads(), "batch": batch_size,
                        "cuda_graphs": engine.uses_cuda_graphs, "compile": engine.compile,
+                       "block_kinds": list(engine.adapter.config.block_kinds),
+                       "candidates": sorted(int(k) for k in candidates),
                        "torch": torch.__version__}, sort_keys=True)
 
 
-def cached_block_size(engine: "Orthrus", batch_size: int = 1, path: str | Path | None = None) -> BlockSizeChoice:
+def cached_block_size(engine: "Orthrus", batch_size: int = 1, path: str | Path | None = None,
+                      candidates: Sequence[int] = DEFAULT_CANDIDATES) -> BlockSizeChoice:
     """:func:`choose_block_size` with its answer kept on disk (``$ORTHRUS_CACHE/blocksize.json``).
 
     The measurement takes seconds to a minute (on a CPU, mostly the calibration run); its answer
@@ -270,7 +324,7 @@ def cached_block_size(engine: "Orthrus", batch_size: int = 1, path: str | Path |
     from orthrus.models.loading import cache_root
 
     path = Path(path) if path is not None else cache_root() / CACHE_FILE
-    key = _choice_key(engine, batch_size)
+    key = _choice_key(engine, batch_size, candidates)
     try:
         entries = json.loads(path.read_text())
         if not isinstance(entries, dict):
@@ -280,8 +334,12 @@ def cached_block_size(engine: "Orthrus", batch_size: int = 1, path: str | Path |
     hit = entries.get(key)
     if isinstance(hit, dict) and isinstance(hit.get("block_size"), int) and hit["block_size"] >= 1:
         log.info("block size: %s (measured %s; cached in %s)", hit.get("reason", ""), hit.get("date", "?"), path)
-        return BlockSizeChoice(hit["block_size"], reason=f"{hit.get('reason', '')} (cached)")
-    choice = choose_block_size(engine, batch_size=batch_size)
+        schedule = hit.get("schedule", "two-pass")
+        if schedule not in ("two-pass", "one-pass"):
+            schedule = "two-pass"
+        return BlockSizeChoice(hit["block_size"], schedule, int(hit.get("candidates") or 0),
+                               reason=f"{hit.get('reason', '')} (cached)")
+    choice = choose_block_size(engine, batch_size=batch_size, candidates=candidates)
     entries[key] = {**choice.to_dict(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:  # atomic: a crash never leaves a half-written cache
         path.parent.mkdir(parents=True, exist_ok=True)

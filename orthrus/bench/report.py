@@ -33,6 +33,8 @@ TPF_SOURCES = {
     "ar": "decoder counters",
     "parallel": "decoder counters",
     "ngram": "decoder counters (no draft passes)",
+    "onepass": "decoder counters (one forward per cycle: no draft passes)",
+    "hybrid": "decoder counters (n-gram cycles have no draft pass)",
     "hf": "definition: one token per forward per row",
     "hf-pld": "generated tokens / model forward calls (the first, prompt+verify, call included)",
 }
@@ -57,7 +59,8 @@ def summarize(results: dict[str, ModeResult]) -> dict[str, dict[str, Any]]:
             tpf = accept = r.tokens / r.forward_calls if r.forward_calls else 0.0
         match, div = exact_match(ref.token_ids, r.token_ids) if ref is not None else (None, None)
         cycles = sum(st.accept_hist)
-        drafted = st.verify_passes if mode == "ngram" and r.block_size > 1 else st.draft_passes
+        # cycles that verified drafts (the per-slot acceptance's denominator)
+        drafted = st.verify_passes if mode in ("ngram", "onepass", "hybrid") and r.block_size > 1 else st.draft_passes
         finish: dict[str, int] = {}
         for f in r.finish_reasons:
             finish[f] = finish.get(f, 0) + 1

@@ -6,6 +6,10 @@ Modes (all greedy, same chat-templated token ids, same ``max_new_tokens``, same 
 * ``parallel``: our engine, ``mode="parallel"`` with the given block size (draft + verify).
 * ``ngram``: our engine, parallel mode with n-gram drafts (``draft="ngram"``: prompt lookup on the
   host, no adapter, no draft pass), block size ``block_size`` or ``NGRAM_BLOCK_SIZE``.
+* ``onepass``: ``parallel`` in the one-pass schedule (the verify pass drafts the next block for
+  ``candidates`` candidate acceptances; one forward per cycle), same block size.
+* ``hybrid``: ``parallel`` with hybrid drafts (n-gram where the latest tokens repeat, else the
+  adapter's, two-pass), same block size (its n-gram cycles: at least ``NGRAM_BLOCK_SIZE``).
 * ``hf``: transformers ``generate`` on ``AutoModelForCausalLM`` loaded from the same folder.
 * ``hf-pld``: transformers prompt lookup decoding (``prompt_lookup_num_tokens=10``), a training-free
   speculative peer. transformers runs it at batch size 1 only, so it always does.
@@ -38,8 +42,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MODES = ("ar", "parallel", "ngram", "hf", "hf-pld")
-OURS = ("ar", "parallel", "ngram")  # modes run by our engine (decoder counters)
+MODES = ("ar", "parallel", "onepass", "hybrid", "ngram", "hf", "hf-pld")
+OURS = ("ar", "parallel", "onepass", "hybrid", "ngram")  # modes run by our engine (decoder counters)
+ADAPTER_MODES = ("parallel", "onepass", "hybrid")  # modes that need an adapter
 PLD_TOKENS = 10  # prompt_lookup_num_tokens for hf-pld (transformers' documented example value)
 
 
@@ -201,6 +206,7 @@ class BenchSettings:
     warmup: int = 1
     block_size: int | None = None
     ngram_block_size: int | None = None  # set when block_size is the adapter's measured choice
+    candidates: int | None = None  # onepass: candidate blocks per pass (None: the decoder's default)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modes", parse_modes(",".join(self.modes)))
@@ -219,14 +225,15 @@ class Bench:
 
     def __init__(self, engine: "Orthrus", settings: BenchSettings) -> None:
         s = settings
-        if "parallel" in s.modes and engine.adapter is None:
-            raise OrthrusError("mode 'parallel' needs an adapter: pass --adapter PATH or --adapter init")
+        need = [m for m in s.modes if m in ADAPTER_MODES]
+        if need and engine.adapter is None:
+            raise OrthrusError(f"mode '{need[0]}' needs an adapter: pass --adapter PATH or --adapter init")
         self.engine, self.settings = engine, s
         self.device = engine.model.device
         self.cuda = self.device.type == "cuda"
         self.hf = _HFRunner(engine) if any(m.startswith("hf") for m in s.modes) else None
         self.block = 1
-        if "parallel" in s.modes:
+        if any(m in ADAPTER_MODES for m in s.modes):
             assert engine.adapter is not None
             self.block = s.block_size or engine.adapter.config.block_size
         self.ngram_block = s.ngram_block_size or s.block_size or NGRAM_BLOCK_SIZE
@@ -239,11 +246,15 @@ class Bench:
         if mode == "ngram":
             return GenerationConfig(max_new_tokens=self.settings.max_new_tokens, mode="parallel",
                                     draft="ngram", block_size=self.ngram_block)
-        return GenerationConfig(max_new_tokens=self.settings.max_new_tokens, mode=mode,
-                                block_size=self.block if mode == "parallel" else None)
+        if mode in ADAPTER_MODES:
+            return GenerationConfig(max_new_tokens=self.settings.max_new_tokens, mode="parallel",
+                                    block_size=self.block, schedule="one-pass" if mode == "onepass" else "two-pass",
+                                    candidates=self.settings.candidates if mode == "onepass" else None,
+                                    draft="hybrid" if mode == "hybrid" else "diffusion")
+        return GenerationConfig(max_new_tokens=self.settings.max_new_tokens, mode=mode)
 
     def _block_of(self, mode: str) -> int:
-        return {"parallel": self.block, "ngram": self.ngram_block}.get(mode, 1)
+        return self.ngram_block if mode == "ngram" else self.block if mode in ADAPTER_MODES else 1
 
     def _run(self, mode: str, chunk: list[list[int]]) -> tuple[list[list[int]], list[str], DecodeStats]:
         """One round of ``mode`` over ``chunk`` (untimed here)."""
@@ -336,7 +347,7 @@ class Bench:
         eng, s = self.engine, self.settings
         ours = res.mode in OURS
         weights = _weights_bytes(eng.model) if ours else _weights_bytes(self.hf.model if self.hf else None)
-        if res.mode == "parallel":
+        if res.mode in ADAPTER_MODES:
             weights += _weights_bytes(eng.adapter)
         rows = min(res.batch_size, len(prompt_ids))
         longest = max(len(x) for x in prompt_ids) + s.max_new_tokens

@@ -28,12 +28,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--limit", type=int, default=10, metavar="N",
                    help="first N prompts of the set (default: 10; 0 = all)")
     p.add_argument("--modes", default="ar,parallel,hf", metavar="LIST",
-                   help="comma list of ar, parallel, ngram (n-gram drafts, no adapter needed), hf, "
-                        "hf-pld (default: ar,parallel,hf)")
+                   help="comma list of ar, parallel (two-pass diffusion drafts), onepass (the one-pass "
+                        "schedule), hybrid (n-gram drafts where they match, else diffusion), ngram "
+                        "(n-gram drafts, no adapter needed), hf, hf-pld (default: ar,parallel,hf)")
     add_model_args(p)
     p.add_argument("--block-size", default=None, metavar="K|auto",
                    help="parallel block size; 'auto': measured on this device (1 = AR when nothing "
                         "pays); default: the adapter's (32 for --adapter init)")
+    p.add_argument("--candidates", type=int, default=None, metavar="C",
+                   help="onepass: candidate next blocks drafted per pass (default: 2)")
     p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="(default: 256)")
     p.add_argument("--batch-size", type=int, default=1, metavar="N", help="prompts per round (default: 1)")
     p.add_argument("--warmup", type=int, default=1, metavar="N",
@@ -68,6 +71,8 @@ def _command(args: argparse.Namespace, block: int | str | None) -> str:
         parts += ["--adapter-kind", args.adapter_kind]
     if block is not None:
         parts += ["--block-size", str(block)]
+    if args.candidates is not None:
+        parts += ["--candidates", str(args.candidates)]
     if args.threads is not None:
         parts += ["--threads", str(args.threads)]
     if args.out:
@@ -76,7 +81,7 @@ def _command(args: argparse.Namespace, block: int | str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from orthrus.bench import BenchSettings, format_table, parse_modes, run_bench
+    from orthrus.bench import ADAPTER_MODES, BenchSettings, format_table, parse_modes, run_bench
     from orthrus.bench.report import check_plotting
     from orthrus.datasets import load_prompts
 
@@ -92,9 +97,12 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise OrthrusError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    if "parallel" in modes and not has_adapter(args):
-        raise OrthrusError("mode 'parallel' needs an adapter: pass --adapter PATH or --adapter init, "
+    need = [m for m in modes if m in ADAPTER_MODES]
+    if need and not has_adapter(args):
+        raise OrthrusError(f"mode '{need[0]}' needs an adapter: pass --adapter PATH or --adapter init, "
                            "or drop it from --modes")
+    if args.candidates is not None and args.candidates < 1:
+        raise OrthrusError(f"--candidates must be >= 1, got {args.candidates}")
     args.block_size = block  # load_engine reads it (the block size of a fresh --adapter init)
     check_model_args(args)
     if args.out:
@@ -102,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = load_prompts(args.prompts, limit=args.limit or None)
     engine = load_engine(args)
     settings = BenchSettings(modes=modes, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                             warmup=args.warmup, block_size=block)
+                             warmup=args.warmup, block_size=block, candidates=args.candidates)
     command = _command(args, block="auto" if auto else block)
     report = run_bench(engine, prompts, settings, out=args.out, block_size_auto=auto,
                        prompt_source=args.prompts, limit=args.limit or None, command=command,

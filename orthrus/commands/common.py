@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from orthrus.adapter import WEIGHTS
-from orthrus.config import DTYPES, AdapterConfig, GenerationConfig
+from orthrus.config import DRAFTS, DTYPES, SCHEDULES, AdapterConfig, GenerationConfig
 from orthrus.decoding.ngram import NGRAM_BLOCK_SIZE
 from orthrus.engine import DEFAULT_ADAPTERS, Orthrus
 from orthrus.errors import OrthrusError
@@ -81,11 +81,20 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_draft_arg(group: Any) -> None:
-    """``--draft diffusion|ngram`` (``hybrid`` is parsed, then refused by GenerationConfig)."""
-    group.add_argument("--draft", choices=("diffusion", "ngram", "hybrid"), default="diffusion",
-                       help="where parallel mode's drafts come from: diffusion (the adapter, default) "
-                            "or ngram (prompt lookup over the prompt and the output so far: no adapter "
-                            f"needed, implies --mode parallel, block size {NGRAM_BLOCK_SIZE} by default)")
+    """``--draft diffusion|ngram|hybrid`` and ``--schedule two-pass|one-pass|auto``."""
+    group.add_argument("--draft", choices=DRAFTS, default="diffusion",
+                       help="where parallel mode's drafts come from: diffusion (the adapter, default); "
+                            "ngram (prompt lookup over the prompt and the output so far: no adapter "
+                            f"needed, implies --mode parallel, block size {NGRAM_BLOCK_SIZE} by default); "
+                            "hybrid (each cycle: n-gram drafts when the latest tokens repeat earlier ones, "
+                            f"at block size max(K, {NGRAM_BLOCK_SIZE}), else the adapter's)")
+    group.add_argument("--schedule", choices=SCHEDULES, default="two-pass",
+                       help="parallel mode with diffusion drafts: two-pass (a draft pass, then a verify "
+                            "pass; default), one-pass (the verify pass also drafts the next block for "
+                            "--candidates guesses of how much it accepts: one forward per cycle), auto "
+                            "(measured on this machine with --block-size auto)")
+    group.add_argument("--candidates", type=int, default=None, metavar="C",
+                       help="one-pass schedule: candidate next blocks drafted per pass (default: 2)")
 
 
 def block_size_arg(value: str) -> int | str:
@@ -154,7 +163,15 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()), mode=resolve_mode(args),
         block_size=None if getattr(args, "block_size", None) in (None, "auto") else args.block_size,
-        draft=getattr(args, "draft", "diffusion"))
+        draft=getattr(args, "draft", "diffusion"), schedule=resolve_schedule(args),
+        candidates=getattr(args, "candidates", None))
+
+
+def resolve_schedule(args: argparse.Namespace) -> str:
+    """``--schedule``: ``auto`` becomes what the block-size measurement picks (two-pass until it
+    runs: see :func:`apply_auto_block_size`)."""
+    schedule = getattr(args, "schedule", "two-pass")
+    return "two-pass" if schedule == "auto" else schedule
 
 
 def auto_block_size_wanted(args: argparse.Namespace, gen: GenerationConfig) -> bool:
@@ -164,23 +181,37 @@ def auto_block_size_wanted(args: argparse.Namespace, gen: GenerationConfig) -> b
     if gen.mode != "parallel" or gen.draft != "diffusion":
         return False  # the calibration measures the adapter's drafts; n-gram uses its default K
     block = getattr(args, "block_size", None)
-    return block == "auto" or (block is None and getattr(args, "adapter", None) is None
-                               and parse_device(args.device).type == "cpu" and has_adapter(args))
+    return block == "auto" or getattr(args, "schedule", None) == "auto" or (
+        block is None and getattr(args, "adapter", None) is None and parse_device(args.device).type == "cpu"
+        and has_adapter(args))
 
 
 def apply_auto_block_size(args: argparse.Namespace, engine: Orthrus, gen: GenerationConfig,
                           n_prompts: int | None = None) -> GenerationConfig:
     """For ``--block-size auto`` in parallel mode (see :func:`auto_block_size_wanted`): the measured
     choice (block size 1 means AR), timed at the batch size the run will have (``--batch-size``, at
-    most ``n_prompts``, at most 8), measured once per setup and then cached."""
+    most ``n_prompts``, at most 8), measured once per setup and then cached.
+
+    The schedule is measured too when the adapter was trained for one-pass (``masked`` blocks):
+    ``--schedule auto`` takes the measured one, an explicit ``--schedule`` is kept (and with it
+    the measurement is of that schedule's K only when it is two-pass). ``--schedule auto`` with an
+    explicit ``--block-size K`` picks the faster schedule at that K."""
     if not auto_block_size_wanted(args, gen):
         return gen
-    from orthrus.bench.blocksize import cached_block_size
+    from orthrus.bench.blocksize import DEFAULT_CANDIDATES, cached_block_size
 
     batch = min(getattr(args, "batch_size", 1) or 1, n_prompts or 1 << 30, 8)
-    choice = cached_block_size(engine, batch_size=batch)  # measured once per setup; logs why
+    fixed = gen.block_size  # an explicit --block-size with --schedule auto
+    choice = cached_block_size(engine, batch_size=batch,  # measured once per setup; logs why
+                               candidates=(fixed,) if fixed else DEFAULT_CANDIDATES)
+    auto_schedule = getattr(args, "schedule", None) == "auto"
+    if fixed:  # the user's K stays; only the schedule is chosen
+        return dataclasses.replace(gen, schedule=choice.schedule, candidates=choice.candidates or gen.candidates)
     if choice.block_size <= 1:
         return dataclasses.replace(gen, mode="ar", block_size=None)
+    if auto_schedule:
+        return dataclasses.replace(gen, block_size=choice.block_size, schedule=choice.schedule,
+                                   candidates=choice.candidates or gen.candidates)
     return dataclasses.replace(gen, block_size=choice.block_size)
 
 

@@ -39,7 +39,7 @@ from torch import Tensor
 from orthrus.adapter import DiffusionAdapter
 from orthrus.config import GenerationConfig
 from orthrus.decoding.graphs import CycleGraphs
-from orthrus.decoding.ngram import NgramIndex, ngram_drafts
+from orthrus.decoding.ngram import NGRAM_BLOCK_SIZE, NgramIndex, ngram_drafts
 from orthrus.decoding.sampling import (STREAM_ACCEPT, STREAM_BONUS, STREAM_DRAFT, STREAM_RESIDUAL,
                                        process_logits, sample, uniform)
 from orthrus.decoding.stats import DecodeStats
@@ -51,6 +51,9 @@ KV_BUCKET = 64  # eager mode: attend over the cache in multiples of this many sl
 STATIC_MIN_KV = 256  # static mode: kv_len is a power of two, at least this (or the capacity)
 ONEPASS_SCRATCH = 64  # cache slots above the live ones for the one-pass candidate blocks' K/V
 DEFAULT_CANDIDATES = 2  # one-pass candidate blocks per cycle when a request does not say
+# hybrid drafts: a row drafts by n-gram in a cycle when its latest tokens match an earlier n-gram of
+# at least this many tokens, else by the diffusion view (measured on HumanEval, see bench/README.md)
+HYBRID_MIN_MATCH = 2
 
 
 @dataclass(eq=False)
@@ -62,6 +65,8 @@ class Row:
     prompt_ids: list[int]
     gen: GenerationConfig
     block_size: int
+    # hybrid drafts: the block size of the row's n-gram cycles (0: the row never switches source)
+    ngram_block: int = 0
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
@@ -91,6 +96,17 @@ def _round_up(n: int, m: int) -> int:
 def pow2(n: int) -> int:
     """The smallest power of two >= n (n >= 1)."""
     return 1 << (n - 1).bit_length()
+
+
+def hybrid_ngram_block(gen: GenerationConfig, k: int) -> int:
+    """A hybrid row's n-gram block size (the larger of its own ``k`` and ``NGRAM_BLOCK_SIZE``: an
+    n-gram match is often long, and an n-gram cycle has no draft pass to pay for); else 0."""
+    return max(k, NGRAM_BLOCK_SIZE) if gen.draft == "hybrid" and gen.mode == "parallel" and k > 1 else 0
+
+
+def cache_room(gen: GenerationConfig, k: int) -> int:
+    """Cache positions a row needs past its prompt and new tokens: its largest block."""
+    return max(k, hybrid_ngram_block(gen, k))
 
 
 def uses_cuda_graphs(device: torch.device, cuda_graphs: bool | None) -> bool:
@@ -209,14 +225,15 @@ class Decoder:
         # A cycle runs every live row at the largest block size among them, so each row must fit its
         # prompt, its new tokens and that block. Check everything before touching any slot.
         live = [r for r in self.rows if r is not None and r.finish_reason is None]
-        k_max = max([k for *_, k in requests] + [r.block_size for r in live])
+        k_max = max([cache_room(gen, k) for _, _, gen, k in requests]
+                    + [max(r.block_size, r.ngram_block) for r in live])
         for ids, gen in [(r.prompt_ids, r.gen) for r in live] + [(ids, gen) for _, ids, gen, _ in requests]:
             need = len(ids) + gen.max_new_tokens + k_max
             if need > self.capacity:
                 raise ValueError(f"a request needs {need} cache positions (block size {k_max}), "
                                  f"the decoder holds {self.capacity}")
         for (rid, ids, gen, k), slot in zip(requests, free):
-            self.rows[slot] = Row(rid, slot, list(ids), gen, k)
+            self.rows[slot] = Row(rid, slot, list(ids), gen, k, hybrid_ngram_block(gen, k))
             self.ngram[slot] = None  # built lazily on the row's first n-gram cycle
         slots = free[: len(requests)]
         dev = self.model.device
@@ -468,11 +485,17 @@ class Decoder:
         if not live:
             return []
         rows = [self.rows[i] for i in live]
-        k = max(r.block_size for r in rows)
+        ngram = [self._uses_ngram(r) or (r.ngram_block > 0 and self._ngram_matches(i)) for i, r in zip(live, rows)]
+        # a hybrid row that drafts by n-gram this cycle runs at its n-gram block size
+        k = max(r.ngram_block if ng and r.ngram_block else r.block_size for r, ng in zip(rows, ngram))
         hi, kv_len = self.cycle_shape(live[-1] + 1, max(self.lengths_host[i] for i in live) + k)
         greedy = all(r.gen.temperature == 0 for r in rows)
         filters = any(r.gen.top_k or r.gen.top_p < 1 for r in rows)
-        ngram = [self._uses_ngram(r) for r in rows]
+        if any(r.ngram_block for r in rows):  # hybrid rows: this cycle's source per row (one upload)
+            flags = [False] * hi
+            for i, ng in zip(live, ngram):
+                flags[i] = ng
+            self.ngram_rows[:hi].copy_(torch.tensor(flags), non_blocking=True)
         source, c = "diffusion", 0
         if k > 1 and any(ngram):
             source = "ngram" if all(ngram) else "mixed"
@@ -510,6 +533,20 @@ class Decoder:
         want = max(r.gen.candidates or DEFAULT_CANDIDATES for r in rows)
         return max(1, min(want, k, ONEPASS_SCRATCH // k))
 
+    def _ngram_index(self, slot: int) -> NgramIndex:
+        """The slot's n-gram index, built on first use from its prompt and tokens so far."""
+        ix = self.ngram[slot]
+        if ix is None:
+            r = self.rows[slot]
+            assert r is not None
+            ix = self.ngram[slot] = NgramIndex(r.prompt_ids + r.tokens, r.gen.ngram_max)
+        return ix
+
+    def _ngram_matches(self, slot: int) -> bool:
+        """Hybrid drafts: whether the slot's latest tokens repeat an earlier n-gram of at least
+        ``HYBRID_MIN_MATCH`` tokens (then this cycle drafts by n-gram)."""
+        return self._ngram_index(slot).match()[0] >= HYBRID_MIN_MATCH
+
     def _uses_ngram(self, r: Row) -> bool:
         """Whether row ``r`` drafts by n-gram: it asks to, or there is no adapter to draft with (an
         AR row beside n-gram rows runs at their block size; any draft is exact)."""
@@ -524,12 +561,7 @@ class Decoder:
         """
         indexes: list[NgramIndex | None] = [None] * hi
         for i in slots:
-            r = self.rows[i]
-            assert r is not None
-            ix = self.ngram[i]
-            if ix is None:
-                ix = self.ngram[i] = NgramIndex(r.prompt_ids + r.tokens, r.gen.ngram_max)
-            indexes[i] = ix
+            indexes[i] = self._ngram_index(i)
         buf = self.ngram_in.get(k)
         if buf is None:  # one per block size, allocated before the cycle (and any capture) reads it
             buf = self.ngram_in[k] = torch.zeros(self.max_batch, k - 1, dtype=torch.long,

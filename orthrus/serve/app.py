@@ -36,7 +36,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orthrus.config import GenerationConfig
-from orthrus.decoding.generator import Event
+from orthrus.decoding.generator import Event, cache_room
 from orthrus.decoding.stats import DecodeStats
 from orthrus.engine import Orthrus, row_seed
 from orthrus.errors import ContextLengthError, OrthrusError
@@ -66,20 +66,25 @@ class Server:
     """The app's state: the engine, its scheduler, and the serving limits."""
 
     def __init__(self, engine: Orthrus, model_name: str, mode: str, max_batch_size: int,
-                 max_seq_len: int | None, block_size: int | None, draft: str = "diffusion") -> None:
+                 max_seq_len: int | None, block_size: int | None, draft: str = "diffusion",
+                 schedule: str = "two-pass", candidates: int | None = None) -> None:
         if max_batch_size < 1:
             raise OrthrusError(f"--max-batch-size must be >= 1, got {max_batch_size}")
         if max_seq_len is not None and not 1 < max_seq_len <= engine.max_context:
             raise OrthrusError(f"--max-seq-len must be in [2, {engine.max_context}] (the model's context), "
                                f"got {max_seq_len}")
         self.engine, self.model_name, self.mode, self.draft = engine, model_name, mode, draft
+        # checked here, once: a bad combination fails at start-up, not on every request
+        self.schedule_args = dict(schedule=schedule, candidates=candidates)
+        GenerationConfig(mode=mode, draft=draft, **self.schedule_args)
         self.block_size_override = block_size
         # the server-wide block size (rows of one batch share the adapter; its cycle runs at the
         # largest block of the live rows); this also checks that parallel mode has an adapter
         self.block_size = engine._block_size(GenerationConfig(mode=mode, block_size=block_size, draft=draft))
         self.context = max_seq_len or min(engine.max_context, DEFAULT_MAX_SEQ_LEN)
         # one block of room past the context: the last verify pass writes up to K positions ahead
-        self.scheduler = Scheduler(engine, max_batch_size, self.context + self.block_size)
+        room = cache_room(GenerationConfig(mode=mode, draft=draft), self.block_size)
+        self.scheduler = Scheduler(engine, max_batch_size, self.context + room)
         self.created = int(time.time())
         self.started = time.time()
 
@@ -110,7 +115,7 @@ class Server:
             return GenerationConfig(max_new_tokens=max_tokens, temperature=temperature, top_k=body.top_k or 0,
                                     top_p=1.0 if body.top_p is None else body.top_p, seed=seed,
                                     stop=body.stop, mode=self.mode, block_size=self.block_size_override,
-                                    draft=self.draft)
+                                    draft=self.draft, **self.schedule_args)
         except OrthrusError as e:
             raise APIError(400, str(e)) from None
 
@@ -298,7 +303,7 @@ async def _streamed(call: Call, http: Request, chunks: Callable[[], AsyncIterato
 
 def create_app(engine: Orthrus, model_name: str, mode: str = "parallel", max_batch_size: int = 8,
                max_seq_len: int | None = None, block_size: int | None = None,
-               draft: str = "diffusion") -> FastAPI:
+               draft: str = "diffusion", schedule: str = "two-pass", candidates: int | None = None) -> FastAPI:
     """Build the app around a loaded engine.
 
     Args:
@@ -308,12 +313,14 @@ def create_app(engine: Orthrus, model_name: str, mode: str = "parallel", max_bat
         max_batch_size: decoding slots (requests decoded together).
         max_seq_len: prompt + completion limit per request (default: min(model context, 2048)).
         block_size: draft block size in parallel mode (default: the adapter's).
-        draft: where parallel mode's drafts come from: ``diffusion`` (the adapter) or ``ngram``
-            (prompt lookup, no adapter needed).
+        draft: where parallel mode's drafts come from: ``diffusion`` (the adapter), ``ngram``
+            (prompt lookup, no adapter needed) or ``hybrid`` (n-gram where it matches, else diffusion).
+        schedule, candidates: the diffusion drafts' schedule (``two-pass`` or ``one-pass``) and the
+            one-pass candidate blocks (see :class:`~orthrus.config.GenerationConfig`).
 
     The scheduler thread starts and stops with the app's lifespan.
     """
-    server = Server(engine, model_name, mode, max_batch_size, max_seq_len, block_size, draft)
+    server = Server(engine, model_name, mode, max_batch_size, max_seq_len, block_size, draft, schedule, candidates)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
