@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Fresh machine -> working orthrus: install everything into the current python3, then run the main
 # job: parallel decoding of a few prompts on the default model (smollm2-135m), JSON Lines on stdout,
-# then what the product does on them: plain AR decoding vs parallel decoding (the shipped adapter)
-# vs n-gram drafts (no adapter), tokens/s each, tokens per forward, and whether outputs are identical.
+# then what the product does on them: plain AR decoding vs parallel decoding with the shipped
+# adapter's drafts, with hybrid drafts (n-gram where the output repeats, else the adapter's: the
+# default) and with n-gram drafts alone (no adapter), tokens/s each, tokens per forward, and whether
+# every output is identical to AR's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 
 # The shipped trained adapter when there is one, at K = 4 (what pays best with it on a 2-core CPU:
-# README, CPU fast path); else a fresh untrained one ('init'), which is just as exact (greedy output
+# bench/README.md); else a fresh untrained one ('init'), which is just as exact (greedy output
 # identical to the model's own) but accepts few drafts.
 ADAPTER=(--adapter init --block-size 4)
 if [ -f orthrus/adapters/smollm2-135m/adapter.safetensors ]; then
@@ -23,4 +25,4 @@ SET="$(mktemp --suffix .jsonl)"
 trap 'rm -f "$SET"' EXIT
 for p in "${PROMPTS[@]}"; do python3 -c 'import json, sys; print(json.dumps({"prompt": sys.argv[1]}))' "$p"; done > "$SET"
 python3 -m orthrus.cli bench --model smollm2-135m "${ADAPTER[@]}" --prompts "$SET" --limit 0 \
-    --modes ar,parallel,ngram --max-new-tokens 64 --warmup 1 >&2
+    --modes ar,parallel,hybrid,ngram --ngram-block-size 8 --max-new-tokens 64 --warmup 1 >&2

@@ -344,6 +344,29 @@ def test_block_size_auto_applies_the_measured_choice(monkeypatch: pytest.MonkeyP
     assert (out.block_size, out.schedule, out.candidates) == (8, "one-pass", 2) and asked[-1] == (8,)
 
 
+def test_default_draft_is_hybrid_with_an_adapter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--draft defaults to hybrid when an adapter is available (not with --schedule one-pass, which
+    drafts by diffusion only); with --block-size auto, a machine where no diffusion K pays drafts by
+    n-gram alone instead of falling back to AR."""
+    import argparse
+
+    from orthrus.bench import blocksize
+    from orthrus.commands import common
+
+    monkeypatch.setattr(common, "has_adapter", lambda a: a.model == "with")
+    ns = lambda **kw: argparse.Namespace(**{"draft": None, "schedule": "two-pass", "model": "with", **kw})  # noqa: E731
+    assert common.resolve_draft(ns()) == "hybrid"
+    assert common.resolve_draft(ns(model="without")) == "diffusion"
+    assert common.resolve_draft(ns(schedule="one-pass")) == "diffusion"
+    assert common.resolve_draft(ns(draft="ngram")) == "ngram"
+    hyb = GenerationConfig(mode="parallel", draft="hybrid", max_new_tokens=8)
+    for k, want in ((1, ("ngram", None)), (4, ("hybrid", 4))):
+        monkeypatch.setattr(blocksize, "cached_block_size", lambda engine, batch_size, candidates, k=k:
+                            blocksize.BlockSizeChoice(k, reason="test"))
+        out = common.apply_auto_block_size(argparse.Namespace(block_size="auto"), object(), hyb)
+        assert (out.mode, out.draft, out.block_size) == ("parallel", *want)
+
+
 def test_cpu_default_with_the_shipped_adapter_measures_the_block_size(monkeypatch: pytest.MonkeyPatch) -> None:
     """No --block-size, no --adapter, a shipped adapter, a CPU: measured (auto), not the adapter's K;
     an explicit K, an explicit adapter or AR mode keep what was asked for."""

@@ -35,6 +35,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--block-size", default=None, metavar="K|auto",
                    help="parallel block size; 'auto': measured on this device (1 = AR when nothing "
                         "pays); default: the adapter's (32 for --adapter init)")
+    p.add_argument("--ngram-block-size", type=int, default=None, metavar="K",
+                   help="block size of the ngram mode (default: --block-size, else 8)")
     p.add_argument("--candidates", type=int, default=None, metavar="C",
                    help="onepass: candidate next blocks drafted per pass (default: 2)")
     p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="(default: 256)")
@@ -73,6 +75,8 @@ def _command(args: argparse.Namespace, block: int | str | None) -> str:
         parts += ["--block-size", str(block)]
     if args.candidates is not None:
         parts += ["--candidates", str(args.candidates)]
+    if args.ngram_block_size is not None:
+        parts += ["--ngram-block-size", str(args.ngram_block_size)]
     if args.threads is not None:
         parts += ["--threads", str(args.threads)]
     if args.out:
@@ -101,8 +105,9 @@ def run(args: argparse.Namespace) -> int:
     if need and not has_adapter(args):
         raise OrthrusError(f"mode '{need[0]}' needs an adapter: pass --adapter PATH or --adapter init, "
                            "or drop it from --modes")
-    if args.candidates is not None and args.candidates < 1:
-        raise OrthrusError(f"--candidates must be >= 1, got {args.candidates}")
+    for name in ("candidates", "ngram_block_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise OrthrusError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     args.block_size = block  # load_engine reads it (the block size of a fresh --adapter init)
     check_model_args(args)
     if args.out:
@@ -110,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     prompts = load_prompts(args.prompts, limit=args.limit or None)
     engine = load_engine(args)
     settings = BenchSettings(modes=modes, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                             warmup=args.warmup, block_size=block, candidates=args.candidates)
+                             warmup=args.warmup, block_size=block, candidates=args.candidates,
+                             ngram_block_size=args.ngram_block_size)
     command = _command(args, block="auto" if auto else block)
     report = run_bench(engine, prompts, settings, out=args.out, block_size_auto=auto,
                        prompt_source=args.prompts, limit=args.limit or None, command=command,

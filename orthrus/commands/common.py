@@ -82,8 +82,9 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
 
 def add_draft_arg(group: Any) -> None:
     """``--draft diffusion|ngram|hybrid`` and ``--schedule two-pass|one-pass|auto``."""
-    group.add_argument("--draft", choices=DRAFTS, default="diffusion",
-                       help="where parallel mode's drafts come from: diffusion (the adapter, default); "
+    group.add_argument("--draft", choices=DRAFTS, default=None,
+                       help="where parallel mode's drafts come from (default: hybrid when an adapter is "
+                            "available and --schedule is not one-pass, else diffusion): diffusion (the adapter); "
                             "ngram (prompt lookup over the prompt and the output so far: no adapter "
                             f"needed, implies --mode parallel, block size {NGRAM_BLOCK_SIZE} by default); "
                             "hybrid (each cycle: n-gram drafts when the latest tokens repeat earlier ones, "
@@ -120,7 +121,7 @@ def has_adapter(args: argparse.Namespace) -> bool:
 def resolve_mode(args: argparse.Namespace) -> str:
     """``--mode``, or its default: ``parallel`` if an adapter is available, else ``ar``."""
     mode = getattr(args, "mode", None)
-    if getattr(args, "draft", "diffusion") == "ngram":  # n-gram drafts need no adapter
+    if resolve_draft(args) == "ngram":  # n-gram drafts need no adapter
         if mode == "ar":
             raise OrthrusError("--draft ngram drafts in parallel mode: drop --mode ar (or --draft)")
         return "parallel"
@@ -163,8 +164,20 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()), mode=resolve_mode(args),
         block_size=None if getattr(args, "block_size", None) in (None, "auto") else args.block_size,
-        draft=getattr(args, "draft", "diffusion"), schedule=resolve_schedule(args),
+        draft=resolve_draft(args), schedule=resolve_schedule(args),
         candidates=getattr(args, "candidates", None))
+
+
+def resolve_draft(args: argparse.Namespace) -> str:
+    """``--draft``, or its default: ``hybrid`` (n-gram drafts where they match, else the adapter's:
+    the fastest exact choice we measured on CPU, see bench/README.md) when an adapter is available
+    and the schedule is not one-pass, else ``diffusion``."""
+    draft = getattr(args, "draft", None)
+    if draft is not None:
+        return draft
+    if getattr(args, "schedule", "two-pass") == "one-pass" or not has_adapter(args):
+        return "diffusion"
+    return "hybrid"
 
 
 def resolve_schedule(args: argparse.Namespace) -> str:
@@ -178,7 +191,7 @@ def auto_block_size_wanted(args: argparse.Namespace, gen: GenerationConfig) -> b
     """``--block-size auto``, or the default on a CPU with the model's shipped adapter: a K-token
     pass costs more than a 1-token pass there, so the block size (or plain AR) is measured rather
     than taken from the adapter, and CPU users are never made slower than AR by default."""
-    if gen.mode != "parallel" or gen.draft != "diffusion":
+    if gen.mode != "parallel" or gen.draft == "ngram":
         return False  # the calibration measures the adapter's drafts; n-gram uses its default K
     block = getattr(args, "block_size", None)
     return block == "auto" or getattr(args, "schedule", None) == "auto" or (
@@ -205,6 +218,11 @@ def apply_auto_block_size(args: argparse.Namespace, engine: Orthrus, gen: Genera
     choice = cached_block_size(engine, batch_size=batch,  # measured once per setup; logs why
                                candidates=(fixed,) if fixed else DEFAULT_CANDIDATES)
     auto_schedule = getattr(args, "schedule", None) == "auto"
+    if gen.draft == "hybrid":  # the measured K is that of its diffusion cycles (two-pass)
+        if choice.block_size <= 1 and not fixed:  # no diffusion cycle pays here: n-gram alone still does
+            log.info("hybrid drafts: no diffusion block size pays on this machine; drafting by n-gram only")
+            return dataclasses.replace(gen, draft="ngram", block_size=None)
+        return dataclasses.replace(gen, block_size=fixed or choice.block_size)
     if fixed:  # the user's K stays; only the schedule is chosen
         return dataclasses.replace(gen, schedule=choice.schedule, candidates=choice.candidates or gen.candidates)
     if choice.block_size <= 1:

@@ -12,7 +12,8 @@ import logging
 from typing import Any
 
 from orthrus.commands.common import (add_draft_arg, add_model_args, apply_auto_block_size, block_size_arg,
-                                     check_model_args, load_engine, resolve_mode, resolve_schedule)
+                                     check_model_args, load_engine, resolve_draft, resolve_mode,
+                                     resolve_schedule)
 from orthrus.config import GenerationConfig
 from orthrus.errors import OrthrusError
 
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     engine = load_engine(args)
     gen = apply_auto_block_size(argparse.Namespace(**{**vars(args), "batch_size": args.max_batch_size}), engine,
                                 GenerationConfig(mode=mode, block_size=None if args.block_size == "auto"
-                                                 else args.block_size, draft=args.draft,
+                                                 else args.block_size, draft=resolve_draft(args),
                                                  schedule=resolve_schedule(args), candidates=args.candidates))
     mode, block_size = gen.mode, gen.block_size
 
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from orthrus.serve.app import create_app
 
     app = create_app(engine, model_name=args.model, mode=mode, max_batch_size=args.max_batch_size,
-                     max_seq_len=args.max_seq_len, block_size=block_size, draft=args.draft,
+                     max_seq_len=args.max_seq_len, block_size=block_size, draft=gen.draft,
                      schedule=gen.schedule, candidates=gen.candidates)
     log.info("listening on http://%s:%d/v1", args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
