@@ -48,10 +48,14 @@ class Completion:
     finish_reason: str
     stats: DecodeStats
     prompt_tokens: int = 0
+    error: str | None = None  # set when finish_reason is 'error' (a numerical fault; the text so far is kept)
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "prompt": self.prompt, "text": self.text, "token_ids": self.token_ids,
-                "finish_reason": self.finish_reason, "stats": self.stats.to_dict()}
+        d = {"id": self.id, "prompt": self.prompt, "text": self.text, "token_ids": self.token_ids,
+             "finish_reason": self.finish_reason, "stats": self.stats.to_dict()}
+        if self.error is not None:
+            d["error"] = self.error
+        return d
 
 
 class Orthrus:
@@ -254,7 +258,7 @@ class Orthrus:
             if ev.finish_reason is not None:
                 rows[ev.request_id] = ev.row
         return [Completion(i, p, rows[i].text, rows[i].tokens, rows[i].finish_reason, rows[i].stats,
-                           len(rows[i].prompt_ids)) for i, p in enumerate(prompts)]
+                           len(rows[i].prompt_ids), rows[i].error) for i, p in enumerate(prompts)]
 
 
 def run_stats(completions: list[Completion], seconds: float) -> DecodeStats:

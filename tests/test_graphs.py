@@ -94,8 +94,13 @@ def test_cycle_is_one_graph_without_host_syncs(greedy, filters, k):
     dec.add([(i, p, g, k) for i, p in enumerate(random_prompts([5, 9], VOCAB, seed=1))])
     before = dec.lengths.clone()
     out = _trace(dec, (2, k, 64, greedy, filters))
-    assert out.shape == (2, k + 1)
+    assert out.shape == (2, k + 2) and not out[:, k + 1].any()  # last column: no numerical fault
     assert torch.equal(dec.lengths, before + out[:, k] + 1)  # the commit ran inside the graph
+    if k > 1:  # the one-pass cycle too (its state buffers allocated first, as Decoder.step does)
+        dec._onepass_buffers(k, not greedy)
+        before = dec.lengths.clone()
+        out = _trace(dec, (2, k, 64, greedy, filters, "onepass", 2))
+        assert out.shape == (2, k + 2) and torch.equal(dec.lengths, before + out[:, k] + 1)
 
 
 def test_the_trace_check_catches_a_host_sync(monkeypatch):

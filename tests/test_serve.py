@@ -345,6 +345,29 @@ def test_decoder_failure_fails_the_request_not_the_server(live: LiveServer, clie
     assert chat(client, QUESTIONS[0], 3).choices[0].message.content
 
 
+def test_numerical_fault_fails_that_request_alone(live: LiveServer, client: Any, http: httpx.Client,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Non-finite verify logits: that request gets a 500 naming the fault; the server goes on."""
+    from orthrus.models.llama import Transformer
+
+    wait_idle(http)
+    orig = Transformer.logits
+
+    def poisoned(self, hidden):  # every pass after the prefill (whose hidden is [B, C]) overflows
+        out = orig(self, hidden)
+        return out if hidden.dim() == 2 else out * float("nan")
+
+    monkeypatch.setattr(Transformer, "logits", poisoned)
+    r = http.post("/v1/chat/completions", json={**GOOD, "max_tokens": 6, "temperature": 0})
+    monkeypatch.undo()
+    assert r.status_code == 500, r.text
+    err = r.json()["error"]
+    assert err["code"] == "numerical_error" and "non-finite" in err["message"]
+    wait_idle(http)
+    assert live.app.state.server.scheduler.decoder.free_slots() == list(range(SLOTS))
+    assert chat(client, QUESTIONS[0], 3).choices[0].message.content
+
+
 # ---- every OpenAI field: honoured or refused by name -------------------------------------------
 
 # (field, a value that asks for something we do not implement); each must be a 400 naming the field

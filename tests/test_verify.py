@@ -186,3 +186,57 @@ def test_rejection_k1_and_determinism():
     for b in (0, 7, 31):
         alone = run(slice(b, b + 1))
         assert alone[0].item() == first[0][b] and alone[1].item() == first[1][b]
+
+
+def test_unusable_draft_distribution_is_a_rejection_sampled_from_p():
+    """A draft whose q is NaN / inf / all zero (an overflowing adapter) is rejected and the
+    correction comes from p alone (exactly p's distribution); slots before it are unaffected."""
+    g = torch.Generator().manual_seed(5)
+    B, K, V = 3, 4, 11
+    p = torch.softmax(torch.randn(B, K, V, generator=g), -1)
+    drafts = p[:, :-1].argmax(-1)  # likely accepted when usable
+    q = torch.softmax(torch.randn(B, K - 1, V, generator=g), -1)
+    q[0, 0] = float("nan")
+    q[1, 0] = float("inf")
+    q[2, 1] = 0.0
+    u_acc = torch.full((B, K - 1), 1e-6)  # accept every usable draft with p > 0
+    u_res, u_bonus = torch.rand(B, generator=g), torch.rand(B, generator=g)
+    n, nxt = rejection_accept(drafts, q, p, u_acc, u_res, u_bonus)
+    assert n.tolist() == [0, 0, 1]
+    for b in range(B):
+        a = int(n[b])
+        assert int(nxt[b]) == int(sample(p[b, a][None, None], u_res[b][None, None]))
+
+
+def test_non_finite_verify_logits_fail_that_row_alone(monkeypatch):
+    """A row whose verify logits are not finite ends with finish_reason 'error' and a message;
+    its tokens so far are kept and the other rows decode exactly as alone."""
+    from conftest import random_prompts, run_decoder, tiny_base
+    from orthrus.config import GenerationConfig
+    from orthrus.models.llama import Transformer
+
+    model = tiny_base("llama")[1]
+    prompts = random_prompts([5, 7, 4], model.config.vocab_size, seed=9)
+    gen = GenerationConfig(max_new_tokens=12)
+    ref, _ = run_decoder(model, None, prompts, gen)
+    orig = Transformer.logits
+    calls = {"n": 0}
+
+    def poisoned(self, hidden):
+        out = orig(self, hidden)
+        calls["n"] += 1
+        if calls["n"] == 4 and out.shape[0] == 3:  # the third decode cycle: row 1 overflows
+            out = out.clone()
+            out[1] = float("nan")
+        return out
+
+    monkeypatch.setattr(Transformer, "logits", poisoned)
+    out, dec = run_decoder(model, None, prompts, gen)
+    assert out[1].finish_reason == "error" and "non-finite" in out[1].error
+    assert out[1].tokens == ref[1].tokens[: len(out[1].tokens)] and len(out[1].tokens) == 3
+    assert [out[0].tokens, out[2].tokens] == [ref[0].tokens, ref[2].tokens]
+    assert dec.free_slots() == [0, 1, 2]
+    calls["n"] = 3  # the next call is the prefill: its logits overflow for row 1
+    out, _ = run_decoder(model, None, prompts, gen)
+    assert out[1].finish_reason == "error" and out[1].tokens == [] and "prompt" in out[1].error
+    assert [out[0].tokens, out[2].tokens] == [ref[0].tokens, ref[2].tokens]

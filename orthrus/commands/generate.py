@@ -88,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
             continue
         r = ev.row
         done[i] = Completion(ids[i], prompts[i], r.text, r.tokens, r.finish_reason, r.stats,
-                             len(r.prompt_ids))
+                             len(r.prompt_ids), r.error)
+        if r.error is not None:
+            print(f"orthrus: prompt {ids[i]}: {r.error}", file=sys.stderr)
         if args.json:
             while next_out in done:
                 out.write(json.dumps(done[next_out].to_dict(), ensure_ascii=False) + "\n")
@@ -114,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
         summary += f", acceptance length {total.acceptance_length:.2f}"
     draft = f", draft {gen.draft}" if gen.mode == "parallel" and gen.draft != "diffusion" else ""
     print(f"{summary} [mode {gen.mode}{draft}]", file=sys.stderr)
-    return 0
+    failed = sum(c.finish_reason == "error" for c in completions)
+    return 1 if failed else 0
 
 
 def _header(out: TextIO, rid: Any) -> None:

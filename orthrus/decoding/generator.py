@@ -77,6 +77,7 @@ class Row:
     # across dec_at (checked), so the full text is dec_text + decode(tokens[dec_at:])
     dec_at: int = 0
     dec_text: str = ""
+    error: str | None = None  # why the row ended with finish_reason 'error' (a numerical fault)
 
 
 @dataclass
@@ -189,7 +190,10 @@ class Decoder:
         self.graphs = CycleGraphs(self._cycle_no_grad, (self.lengths, self.x_t)) if self.cuda_graphs else None
 
     def _onepass_buffers(self, k: int, sampled: bool) -> None:
-        """Allocate the one-pass state for block size ``k`` (before any cycle, or capture, reads it)."""
+        """Allocate the one-pass state for block size ``k`` (before any cycle, or capture, reads it),
+        and build the adapter's split projections (not inside a cycle: it packs weights)."""
+        assert self.adapter is not None
+        self.adapter.split_attentions(self.model)
         dev = self.model.device
         if k not in self.op_drafts:
             self.op_drafts[k] = torch.zeros(self.max_batch, k - 1, dtype=torch.long, device=dev)
@@ -285,8 +289,11 @@ class Decoder:
         for i, r in enumerate(rows):
             self.lengths_host[a + i] = len(r.prompt_ids)
             r.stats.prefill_passes += 1
-        first_host = first.tolist()  # host sync: once per prefill
-        return [self._emit(a + i, [tok], 0) for i, tok in enumerate(first_host)]
+        fault = ~torch.isfinite(logits).all(-1)[:, 0]  # [B]: no distribution to take a first token from
+        first_host, fault_host = torch.stack((first, fault.long())).tolist()  # host sync: once per prefill
+        return [self._fail(a + i, "the model's logits became non-finite (NaN or inf) on the prompt: "
+                                  "nothing generated for this request") if bad else self._emit(a + i, [tok], 0)
+                for i, (tok, bad) in enumerate(zip(first_host, fault_host))]
 
     # ---- one cycle ----------------------------------------------------------------------------
 
@@ -324,8 +331,9 @@ class Decoder:
         ``self.ngram_rows``), or ``onepass`` (the one-pass schedule with ``candidates`` candidate
         blocks: :meth:`_cycle_onepass`).
 
-        Returns ``[hi, k + 1]`` int64: the ``k`` emitted-token slots (accepted drafts then the
-        correction/bonus token; the rest is junk) and, last, the number of accepted drafts ``a``.
+        Returns ``[hi, k + 2]`` int64: the ``k`` emitted-token slots (accepted drafts then the
+        correction/bonus token; the rest is junk), the number of accepted drafts ``a``, and 1 where
+        the row's verify logits were not finite (nothing committed; see :meth:`_commit`).
         """
         if source == "onepass":
             return self._cycle_onepass(hi, k, kv_len, greedy, filters, candidates)
@@ -362,18 +370,23 @@ class Decoder:
             n_acc, nxt = rejection_accept(drafts, q, p, u_acc, u_res, u_bonus)
         else:
             n_acc, nxt = greedy_accept(drafts, p_logits)
-        return self._commit(hi, drafts, n_acc, nxt)
+        return self._commit(hi, drafts, n_acc, nxt, p_logits)
 
-    def _commit(self, hi: int, drafts: Tensor, n_acc: Tensor, nxt: Tensor) -> Tensor:
+    def _commit(self, hi: int, drafts: Tensor, n_acc: Tensor, nxt: Tensor, p_logits: Tensor) -> Tensor:
         """Move each active row by ``a + 1`` and make the correction/bonus token its new ``x_t``;
-        returns the cycle's ``[hi, K + 1]`` output (see :meth:`_cycle`)."""
+        returns the cycle's ``[hi, K + 2]`` output (see :meth:`_cycle`).
+
+        A row whose verify logits ``p_logits [B, K, V]`` are not all finite has no distribution to
+        sample or compare with: it commits nothing and is flagged (last column), so that the host
+        fails that request alone (the other rows are not affected: every op here is per row)."""
+        fault = ~torch.isfinite(p_logits).all(-1).all(-1)  # [B]
         out = torch.cat((drafts, drafts.new_zeros(hi, 1)), dim=1)  # [B, K]
         out.scatter_(1, n_acc[:, None], nxt[:, None])
-        # rows still decoding advance by a + 1; finished rows stay where they are
-        act = self.active[:hi]
+        # rows still decoding advance by a + 1; finished (or faulted) rows stay where they are
+        act = self.active[:hi] * (~fault)
         self.lengths[:hi] += (n_acc + 1) * act
         self.x_t[:hi] = torch.where(act.bool(), nxt, self.x_t[:hi])
-        return torch.cat((out, n_acc[:, None]), dim=1)
+        return torch.cat((out, n_acc[:, None], fault[:, None].long()), dim=1)
 
     def _cycle_onepass(self, hi: int, k: int, kv_len: int, greedy: bool, filters: bool, c: int) -> Tensor:
         """Device part of one one-pass cycle: verify the stored drafts and draft the next block.
@@ -429,7 +442,7 @@ class Decoder:
         if not greedy:
             q_blk = q_c.view(hi, c, k - 1, -1)[rows, j_star]  # [B, K-1, V]
             self.op_q[k][:hi] = q_blk.gather(1, src[..., None].expand(-1, -1, q_blk.shape[-1]))
-        return self._commit(hi, drafts, n_acc, nxt)
+        return self._commit(hi, drafts, n_acc, nxt, p_logits)
 
     def _ngram_q(self, drafts: Tensor, q: Tensor | None, vocab: int, mixed: bool, hi: int) -> Tensor:
         """Draft distributions for rejection sampling when (some) drafts are n-gram ones.
@@ -515,6 +528,10 @@ class Decoder:
             row_out = result[i]
             a = row_out[k]
             r = self.rows[i]
+            if row_out[k + 1]:  # non-finite verify logits: fail this request alone, keep its tokens so far
+                events.append(self._fail(i, f"the model's logits became non-finite (NaN or inf) at position "
+                                            f"{self.lengths_host[i]}: generation stopped for this request"))
+                continue
             self.lengths_host[i] += a + 1
             ev = self._emit(i, row_out[: a + 1], a)
             # count the tokens kept, not those cut by EOS / max tokens / a stop string (TPF);
@@ -618,6 +635,15 @@ class Decoder:
             r.stats.seconds = time.perf_counter() - r.started
             self._park(slot)
         return Event(r.request_id, new, text[len(before):], finish, r)
+
+    def _fail(self, slot: int, message: str) -> Event:
+        """End the row in ``slot`` with ``finish_reason='error'`` and ``message`` (``Row.error``)."""
+        r = self.rows[slot]
+        assert r is not None
+        r.finish_reason, r.error = "error", message
+        r.stats.seconds = time.perf_counter() - r.started
+        self._park(slot)
+        return Event(r.request_id, [], "", "error", r)
 
     def _text(self, r: Row) -> str:
         """``decode(r.tokens)``, re-decoding only the tokens after a settled boundary.

@@ -71,14 +71,18 @@ def rejection_accept(
     # give NaN. Requiring p > 0 rejects tokens the target rules out even when a
     # drafter proposed them with q == 0; with one-hot p this makes the test an
     # exact argmax comparison, matching greedy_accept.
-    accept = (u_accept * q_d <= p_d) & (p_d > 0)
+    # A draft whose distribution is unusable (non-finite, or no mass: an overflowing adapter) is
+    # rejected, and its correction comes from p alone: still exactly p's distribution.
+    usable = torch.isfinite(q_probs).all(-1) & (q_probs.sum(-1) > 0)  # [B, K-1]
+    accept = (u_accept * q_d <= p_d) & (p_d > 0) & usable
     n_accepted = accept.long().cumprod(-1).sum(-1)
 
     # Residual max(0, p_a - q_a) at the first rejected slot a. Rows that accepted
     # everything use a clamped index; their residual sample is discarded below.
     a = n_accepted.clamp(max=n_drafts - 1).view(B, 1, 1).expand(B, 1, V)
     p_a = p_probs.gather(1, a)
-    residual = (p_a - q_probs.gather(1, a)).clamp_min(0)
+    usable_a = usable.gather(1, n_accepted.clamp(max=n_drafts - 1)[:, None])[:, :, None]  # [B, 1, 1]
+    residual = torch.where(usable_a, (p_a - q_probs.gather(1, a)).clamp_min(0), p_a)
     # Zero residual mass only happens when p_a == q_a (then no rejection can
     # occur); fall back to p_a to stay NaN-free. sample() normalises itself.
     empty = residual.sum(-1, keepdim=True) <= 0

@@ -241,7 +241,11 @@ class Scheduler:
                 m.finished += 1
                 req.finished = True
                 self._free(req)
-            if not req.cancelled:
+            if req.cancelled:
+                continue
+            if ev.finish_reason == "error":  # a numerical fault: this request fails alone (500)
+                self._deliver(req, SchedulerError(ev.row.error or "generation failed", 500, "numerical_error"))
+            else:
                 self._deliver(req, ev)
 
     def _drop_cancelled_pending(self) -> None:
