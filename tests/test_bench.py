@@ -259,8 +259,8 @@ def test_cli_end_to_end_on_the_real_model(real_engine, monkeypatch, tmp_path, ca
     threads = torch.get_num_threads()
     try:  # one thread: on a busy 2-core machine spinning OpenMP threads make this 10x slower
         code = cli.main(["bench", "--prompts", "humaneval", "--limit", "2", "--max-new-tokens", "8", "--modes",
-                         "ar,parallel,hf", "--adapter", "init", "--block-size", "4", "--warmup", "0",
-                         "--threads", "1", "--out", str(out)])
+                         "ar,parallel,onepass,hybrid,hf", "--adapter", "init", "--block-size", "4", "--warmup",
+                         "0", "--threads", "1", "--pass-costs", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     assert code == 0
@@ -269,9 +269,14 @@ def test_cli_end_to_end_on_the_real_model(real_engine, monkeypatch, tmp_path, ca
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["command"].startswith("orthrus bench --prompts humaneval --limit 2")
     assert out.with_suffix(".png").is_file()
-    for mode in ("ar", "parallel", "hf"):
+    for mode in ("ar", "parallel", "onepass", "hybrid", "hf"):
         assert report["results"][mode]["exact_match_vs_ar"] == 1.0
         assert report["results"][mode]["tokens"] == 16
+    assert report["results"]["onepass"]["draft_passes"] == 0  # one forward per cycle
+    pc = report["pass_costs"]
+    assert pc["block_size"] == 4 and pc["ar_ms"] > 0
+    assert pc["two_pass_k4_ms"] > 0 and pc["one_pass_k4_ms"] > 0 and pc["one_pass_k4_x_ar"] > 0
+    assert "pass costs" in text
     assert report["environment"]["torch"] == torch.__version__ and report["environment"]["cpu_threads"] == 1
 
 

@@ -388,7 +388,7 @@ def test_ngram_cycle_is_one_graph_without_host_syncs(greedy, source):
     torch._dynamo.reset()
     with torch.no_grad():
         out = torch.compile(dec._cycle, fullgraph=True, backend="eager")(2, 4, 64, greedy, False, source)
-    assert out.shape == (2, 5)
+    assert out.shape == (2, 6) and not out[:, 5].any()  # k + 2: tokens, a, fault
     assert torch.equal(dec.lengths, before + out[:, 4] + 1)
 
 

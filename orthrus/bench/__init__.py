@@ -60,9 +60,29 @@ def _versions() -> dict[str, str]:
             "transformers": transformers.__version__, "orthrus": ours}
 
 
+def _pass_costs(engine: "Orthrus", bench: Bench, settings: BenchSettings, ids: list[list[int]]) -> dict[str, Any]:
+    """Median milliseconds of one cycle per schedule at the run's K, batch and mean context, and
+    each as a multiple of the AR step (what a cycle must emit to break even)."""
+    context = sum(len(x) for x in ids) // len(ids) + settings.max_new_tokens // 2
+    k = bench.block if engine.adapter is not None and bench.block > 1 else 0
+    from orthrus.decoding import generator
+
+    cand = settings.candidates or generator.DEFAULT_CANDIDATES
+    times = measure_pass_times(engine, [k] if k else [], batch_size=settings.batch_size, context=context,
+                               repeats=9, warmup=2, onepass_candidates=cand if k else 0)
+    ms = lambda v: round(1e3 * v, 3)  # noqa: E731
+    out: dict[str, Any] = {"context": context, "batch_size": settings.batch_size, "block_size": k or None,
+                           "candidates": cand if k else None, "ar_ms": ms(times.ar)}
+    for name, table in (("two_pass", times.cycle), ("one_pass", times.onepass)):
+        for kk, v in table.items():
+            out[f"{name}_k{kk}_ms"] = ms(v)
+            out[f"{name}_k{kk}_x_ar"] = round(v / times.ar, 3)
+    return out
+
+
 def run_bench(engine: "Orthrus", prompts: list[str], settings: BenchSettings, out: str | Path | None = None,
               block_size_auto: bool = False, prompt_source: str = "", limit: int | None = None,
-              command: str = "", adapter_source: str | None = None) -> dict[str, Any]:
+              command: str = "", adapter_source: str | None = None, pass_costs: bool = False) -> dict[str, Any]:
     """Benchmark ``settings.modes`` on ``prompts``; print nothing, return (and write) the report.
 
     Args:
@@ -73,6 +93,8 @@ def run_bench(engine: "Orthrus", prompts: list[str], settings: BenchSettings, ou
         block_size_auto: choose the parallel block size with :func:`choose_block_size` (calibrated
             on the first few prompts, timed at the batch size and a typical context length).
         prompt_source, limit, command, adapter_source: recorded in the report as given.
+        pass_costs: also time one decoding cycle of each schedule at the run's block size, batch
+            and mean context (``measure_pass_times``, after the runs) into ``report["pass_costs"]``.
     Returns:
         The report dict (schema :data:`orthrus.bench.report.SCHEMA`).
     """
@@ -126,6 +148,7 @@ def run_bench(engine: "Orthrus", prompts: list[str], settings: BenchSettings, ou
             "timing": "interleaved rounds of batch_size prompts, mode order rotated; warm-up excluded",
         },
         "block_size_choice": None if choice is None else choice.to_dict(),
+        "pass_costs": _pass_costs(engine, bench, settings, ids) if pass_costs else None,
         "results": summary,
         "per_prompt": [
             {"index": i, "prompt_tokens": len(x), "preview": prompts[i][:80],

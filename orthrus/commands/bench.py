@@ -45,6 +45,9 @@ def register(subparsers: Any) -> None:
                    help="run the first N prompts through every mode first, untimed (default: 1)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for torch (default: torch's own choice); recorded in the report")
+    p.add_argument("--pass-costs", action="store_true",
+                   help="after the runs, time one decoding cycle of each schedule at the block size (AR, "
+                        "two-pass, one-pass) and record them in the JSON and the table")
     p.add_argument("--out", default=None, metavar="PATH",
                    help="write PATH.json and PATH.png (e.g. bench/results/NAME); default: table only")
     p.set_defaults(func=run)
@@ -79,6 +82,8 @@ def _command(args: argparse.Namespace, block: int | str | None) -> str:
         parts += ["--ngram-block-size", str(args.ngram_block_size)]
     if args.threads is not None:
         parts += ["--threads", str(args.threads)]
+    if args.pass_costs:
+        parts.append("--pass-costs")
     if args.out:
         parts += ["--out", args.out]
     return shlex.join(parts)
@@ -120,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     command = _command(args, block="auto" if auto else block)
     report = run_bench(engine, prompts, settings, out=args.out, block_size_auto=auto,
                        prompt_source=args.prompts, limit=args.limit or None, command=command,
-                       adapter_source=args.adapter)
+                       adapter_source=args.adapter, pass_costs=args.pass_costs)
     st, env = report["settings"], report["environment"]
     n = env["cpu_threads"]
     print(f"{report['model']['name']} {st['dtype']} on {env['device_name']} ({env['device']}, "
@@ -129,6 +134,11 @@ def run(args: argparse.Namespace) -> int:
     if report["block_size_choice"]:
         print(f"block size auto: {report['block_size_choice']['reason']}")
     print(format_table(report["results"]))
+    if report.get("pass_costs"):
+        pc = report["pass_costs"]
+        print("pass costs (one cycle, median ms; x the AR step): " + ", ".join(
+            f"{key.removesuffix('_ms')} {v:.1f}" + (f" ({pc[key[:-3] + '_x_ar']:.2f}x)" if key != "ar_ms" else "")
+            for key, v in pc.items() if key.endswith("_ms")))
     if args.out:
         print(f"wrote {args.out}.json and {args.out}.png")
     return 0
