@@ -4,7 +4,8 @@
 
 Times, in one process and interleaved round by round (this machine is noisy), the AR step (1 token
 with the LM head), the verify pass over K tokens and the draft pass of the shipped adapter over K
-tokens (LM head over K-1 slots), batch 1, at a ``--context``-token cache, for a model with plain
+tokens (LM head over K-1 slots), and the one-pass schedule's fused pass (verify K + 2 candidate
+blocks of K, LM head over K + 2(K-1) rows), batch 1, at a ``--context``-token cache, for a model with plain
 kernels and one prepared by ``prepare_inference`` (prepacked weights). The first two rounds are
 warm-up; the median of the rest is reported, in ms and as a multiple of each setup's own AR step.
 """
@@ -52,10 +53,16 @@ def main() -> None:
         def draft(k: int, m=m, ad=ad, cache=cache, x=x) -> None:
             m.logits(ad.draft(m, x[:, 0], (ctx + torch.arange(k))[None], cache, ctx + 64)[:, :-1])
 
+        def onepass(k: int, c: int, m=m, ad=ad, cache=cache, x=x) -> None:
+            hv, hc = ad.verify_and_draft(m, x[:, :k], (ctx + torch.arange(k))[None], torch.arange(c), cache, ctx + 16)
+            m.logits(torch.cat((hv, hc[:, :, : k - 1].flatten(1, 2)), 1))
+
         fns = {"ar": lambda v=verify: v(1)}
         for k in (4, 8, 16):
             fns[f"verify K={k}"] = lambda k=k, v=verify: v(k)
             fns[f"draft K={k}"] = lambda k=k, d=draft: d(k)
+        for k in (4, 8):
+            fns[f"one-pass K={k} C=2"] = lambda k=k, o=onepass: o(k, 2)
         passes[setup] = fns
     times: dict[tuple[str, str], list[float]] = {}
     with torch.inference_mode():
