@@ -368,6 +368,22 @@ def test_numerical_fault_fails_that_request_alone(live: LiveServer, client: Any,
     assert chat(client, QUESTIONS[0], 3).choices[0].message.content
 
 
+def test_bounded_queue_answers_429_with_retry_after(live: LiveServer, http: httpx.Client,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """More sequences than free slots + --max-queue: a 429 with Retry-After, nothing queued; a
+    request that fits still runs."""
+    wait_idle(http)
+    server = live.app.state.server
+    monkeypatch.setattr(server, "max_queue", 0)
+    before = server.scheduler.metrics.requests
+    r = http.post("/v1/chat/completions", json={**GOOD, "max_tokens": 2, "n": SLOTS + 1})
+    assert r.status_code == 429, r.text
+    assert int(r.headers["retry-after"]) >= 1 and r.json()["error"]["code"] == "server_busy"
+    assert server.scheduler.metrics.requests == before and server.scheduler.queue_depth == 0
+    r = http.post("/v1/chat/completions", json={**GOOD, "max_tokens": 2, "n": SLOTS})
+    assert r.status_code == 200 and len(r.json()["choices"]) == SLOTS
+
+
 # ---- every OpenAI field: honoured or refused by name -------------------------------------------
 
 # (field, a value that asks for something we do not implement); each must be a 400 naming the field

@@ -39,6 +39,9 @@ def register(subparsers: Any) -> None:
                         "--max-batch-size (plain AR when no K would be faster)")
     g.add_argument("--max-batch-size", type=int, default=8, metavar="N",
                    help="requests decoded together; more wait in a queue (default: 8)")
+    g.add_argument("--max-queue", type=int, default=256, metavar="N",
+                   help="sequences that may wait for a slot; a request past that gets 429 with "
+                        "Retry-After (default: 256)")
     g.add_argument("--max-seq-len", type=int, default=None, metavar="N",
                    help="prompt + completion tokens per request (default: min(model context, 2048)); "
                         "the KV cache holds N positions per slot")
@@ -53,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         raise OrthrusError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_batch_size < 1:
         raise OrthrusError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
+    if args.max_queue < 0:
+        raise OrthrusError(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.max_seq_len is not None and args.max_seq_len < 2:
         raise OrthrusError(f"--max-seq-len must be >= 2, got {args.max_seq_len}")
     check_model_args(args)
@@ -70,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
     app = create_app(engine, model_name=args.model, mode=mode, max_batch_size=args.max_batch_size,
                      max_seq_len=args.max_seq_len, block_size=block_size, draft=gen.draft,
-                     schedule=gen.schedule, candidates=gen.candidates)
+                     schedule=gen.schedule, candidates=gen.candidates, max_queue=args.max_queue)
     log.info("listening on http://%s:%d/v1", args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SEQ_LEN = 2048   # positions per slot unless --max-seq-len says otherwise
 DEFAULT_MAX_TOKENS = 256     # when a request gives no max_tokens (capped to what fits)
+DEFAULT_MAX_QUEUE = 256      # sequences that may wait for a decoding slot; more get a 429
 DISCONNECT_POLL_S = 0.5      # how often a non-streamed request checks that its client is still there
 CLIENT_CLOSED = 499          # status logged for a request whose client left (nobody reads it)
 
@@ -56,9 +57,9 @@ class APIError(Exception):
     """An error reply: HTTP ``status`` and an OpenAI error object."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status = status
+        self.status, self.headers = status, headers
         self.body = P.error_body(message, type_, param, code)
 
 
@@ -67,9 +68,13 @@ class Server:
 
     def __init__(self, engine: Orthrus, model_name: str, mode: str, max_batch_size: int,
                  max_seq_len: int | None, block_size: int | None, draft: str = "diffusion",
-                 schedule: str = "two-pass", candidates: int | None = None) -> None:
+                 schedule: str = "two-pass", candidates: int | None = None,
+                 max_queue: int = DEFAULT_MAX_QUEUE) -> None:
         if max_batch_size < 1:
             raise OrthrusError(f"--max-batch-size must be >= 1, got {max_batch_size}")
+        if max_queue < 0:
+            raise OrthrusError(f"--max-queue must be >= 0, got {max_queue}")
+        self.max_queue = max_queue
         if max_seq_len is not None and not 1 < max_seq_len <= engine.max_context:
             raise OrthrusError(f"--max-seq-len must be in [2, {engine.max_context}] (the model's context), "
                                f"got {max_seq_len}")
@@ -135,7 +140,14 @@ class Server:
         queue: asyncio.Queue = asyncio.Queue()  # shared: events of every row, in the order they come
         loop = asyncio.get_running_loop()
         reqs = [GenRequest(ids, gen, self.block_size, loop, queue=queue) for ids, gen in rows]
-        self.scheduler.submit(*reqs)
+        if not self.scheduler.submit(*reqs, max_queue=self.max_queue):
+            # a bounded queue: a flood gets 429s, not unbounded memory; retry once about one batch
+            # of the waiting rows has had time to go through
+            waiting = self.scheduler.queue_depth
+            retry = 1 + waiting // self.scheduler.decoder.max_batch
+            raise APIError(429, f"the server is busy: {waiting} sequences are waiting for a decoding slot "
+                                f"(at most {self.max_queue} may wait); retry in {retry} s",
+                           type_="rate_limit_error", code="server_busy", headers={"Retry-After": str(retry)})
         return Call(self.scheduler, reqs, queue)
 
     # ---- /metrics -------------------------------------------------------------------------------
@@ -303,7 +315,8 @@ async def _streamed(call: Call, http: Request, chunks: Callable[[], AsyncIterato
 
 def create_app(engine: Orthrus, model_name: str, mode: str = "parallel", max_batch_size: int = 8,
                max_seq_len: int | None = None, block_size: int | None = None,
-               draft: str = "diffusion", schedule: str = "two-pass", candidates: int | None = None) -> FastAPI:
+               draft: str = "diffusion", schedule: str = "two-pass", candidates: int | None = None,
+               max_queue: int = DEFAULT_MAX_QUEUE) -> FastAPI:
     """Build the app around a loaded engine.
 
     Args:
@@ -315,12 +328,15 @@ def create_app(engine: Orthrus, model_name: str, mode: str = "parallel", max_bat
         block_size: draft block size in parallel mode (default: the adapter's).
         draft: where parallel mode's drafts come from: ``diffusion`` (the adapter), ``ngram``
             (prompt lookup, no adapter needed) or ``hybrid`` (n-gram where it matches, else diffusion).
+        max_queue: sequences that may wait for a slot; a request that would exceed it gets a 429
+            with ``Retry-After`` (nothing of it is queued).
         schedule, candidates: the diffusion drafts' schedule (``two-pass`` or ``one-pass``) and the
             one-pass candidate blocks (see :class:`~orthrus.config.GenerationConfig`).
 
     The scheduler thread starts and stops with the app's lifespan.
     """
-    server = Server(engine, model_name, mode, max_batch_size, max_seq_len, block_size, draft, schedule, candidates)
+    server = Server(engine, model_name, mode, max_batch_size, max_seq_len, block_size, draft, schedule, candidates,
+                    max_queue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -335,15 +351,15 @@ def create_app(engine: Orthrus, model_name: str, mode: str = "parallel", max_bat
     app = FastAPI(title="orthrus", lifespan=lifespan)
     app.state.server = server
 
-    def reject(status: int, body: dict) -> JSONResponse:
+    def reject(status: int, body: dict, headers: dict[str, str] | None = None) -> JSONResponse:
         server.scheduler.metrics.rejected += 1
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         if exc.status >= 500:
-            return JSONResponse(exc.body, status_code=exc.status)
-        return reject(exc.status, exc.body)
+            return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
+        return reject(exc.status, exc.body, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -116,14 +116,22 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def submit(self, *reqs: Request) -> None:
-        """Queue ``reqs`` (together); each joins the running batch at the next cycle with a free slot."""
+    def submit(self, *reqs: Request, max_queue: int | None = None) -> bool:
+        """Queue ``reqs`` (together); each joins the running batch at the next cycle with a free slot.
+
+        With ``max_queue``: refuse them all (return False, queue nothing) when more than
+        ``max_queue`` rows would be left waiting for a slot; else True."""
         with self._cond:
+            if max_queue is not None:
+                free = self.decoder.max_batch - len(self._live)  # an estimate: the thread may be admitting
+                if len(self._pending) + len(reqs) - max(0, free) > max_queue:
+                    return False
             for req in reqs:
                 self.metrics.requests += 1
                 self.metrics.prompt_tokens += len(req.prompt_ids)
                 self._pending.append(req)
             self._cond.notify()
+        return True
 
     def cancel(self, req: Request) -> None:
         """Drop ``req`` (its client went away); its slot is freed before the next cycle."""
