@@ -132,13 +132,14 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     summary = report["results"]
+    color = {m: f"C{i}" for i, m in enumerate(summary)}  # one colour per mode in both panels
     fig, (ax_h, ax_t) = plt.subplots(1, 2, figsize=(11, 4.2))
     hists = {m: s for m, s in summary.items() if s["accept_hist_fraction"] and s["block_size"] > 1}
     if hists:
         width = 0.8 / len(hists)
         for j, (m, s) in enumerate(hists.items()):
             xs = [i + 1 + (j - (len(hists) - 1) / 2) * width for i in range(len(s["accept_hist_fraction"]))]
-            ax_h.bar(xs, s["accept_hist_fraction"], width=width,
+            ax_h.bar(xs, s["accept_hist_fraction"], width=width, color=color[m],
                      label=f"{m} K={s['block_size']} (mean {s['acceptance_length']:.2f})")
         ax_h.set_xticks(range(1, 1 + max(len(s["accept_hist_fraction"]) for s in hists.values())))
         ax_h.set_xlabel("tokens per cycle (a + 1)")
@@ -151,7 +152,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax_h.set_title("acceptance length")
     modes = list(summary)
     rates = [summary[m]["tokens_per_second"] for m in modes]
-    bars = ax_t.bar(modes, rates, color=["C0", "C1", "C2", "C3"][: len(modes)])
+    bars = ax_t.bar(modes, rates, color=[color[m] for m in modes])
     for bar, m in zip(bars, modes):
         sp = summary[m]["speedup_vs_ar"]
         label = f"{bar.get_height():.2f}" + (f"\n{sp:.2f}x AR" if sp is not None else "")
