@@ -340,7 +340,6 @@ class Decoder:
         model, dev = self.model, self.model.device
         cache = self.cache.rows(0, hi)
         t, x = self.lengths[:hi], self.x_t[:hi]  # [B]
-        seeds = self.seeds[:hi]
         steps = torch.arange(k, device=dev)
         positions = t[:, None] + steps  # [B, K]
         sampled = not greedy
@@ -361,13 +360,9 @@ class Decoder:
             p = process_logits(p_logits, temp, top_k, top_p, use_filters=filters)
             if k > 1 and source != "diffusion":
                 q = self._ngram_q(drafts, q, p.shape[-1], source == "mixed", hi)
-            if k > 1:
-                u_acc = uniform(seeds, positions[:, 1:], STREAM_ACCEPT)
-            else:
-                u_acc, q = p.new_zeros(hi, 0), p.new_zeros(hi, 0, p.shape[-1])
-            u_res = uniform(seeds, t[:, None], STREAM_RESIDUAL)[:, 0]
-            u_bonus = uniform(seeds, t[:, None], STREAM_BONUS)[:, 0]
-            n_acc, nxt = rejection_accept(drafts, q, p, u_acc, u_res, u_bonus)
+            if k == 1:
+                q = p.new_zeros(hi, 0, p.shape[-1])
+            n_acc, nxt = self._sampled_accept(drafts, q, p, positions)
         else:
             n_acc, nxt = greedy_accept(drafts, p_logits)
         return self._commit(hi, drafts, n_acc, nxt, p_logits)
@@ -425,12 +420,8 @@ class Decoder:
         else:
             temp, top_k, top_p = self.temperature[:hi], self.top_k[:hi], self.top_p[:hi]
             p = process_logits(p_logits, temp, top_k, top_p, use_filters=filters)
-            one_hot = torch.zeros_like(p[:, 1:]).scatter_(-1, drafts[..., None], 1.0)
-            q_prev = torch.where(fresh[..., None], self.op_q[k][:hi], one_hot)
-            u_acc = uniform(seeds, positions[:, 1:], STREAM_ACCEPT)
-            u_res = uniform(seeds, t[:, None], STREAM_RESIDUAL)[:, 0]
-            u_bonus = uniform(seeds, t[:, None], STREAM_BONUS)[:, 0]
-            n_acc, nxt = rejection_accept(drafts, q_prev, p, u_acc, u_res, u_bonus)
+            q_prev = torch.where(fresh[..., None], self.op_q[k][:hi], self._one_hot(drafts, p.shape[-1]))
+            n_acc, nxt = self._sampled_accept(drafts, q_prev, p, positions)
             q_c = process_logits(q_logits, temp, top_k, top_p, use_filters=filters)  # [B, C*(K-1), V]
             drafted = (t[:, None, None] + offsets[:, None] + 2 + torch.arange(k - 1, device=dev)).flatten(1)
             cand = sample(q_c, uniform(seeds, drafted, STREAM_DRAFT)).view(hi, c, k - 1)
@@ -443,6 +434,23 @@ class Decoder:
             q_blk = q_c.view(hi, c, k - 1, -1)[rows, j_star]  # [B, K-1, V]
             self.op_q[k][:hi] = q_blk.gather(1, src[..., None].expand(-1, -1, q_blk.shape[-1]))
         return self._commit(hi, drafts, n_acc, nxt, p_logits)
+
+    def _sampled_accept(self, drafts: Tensor, q: Tensor, p: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Rejection sampling of ``drafts [B, K-1]`` (drawn from ``q [B, K-1, V]``) against
+        ``p [B, K, V]`` with this cycle's uniforms, keyed by each row's seed and the absolute
+        ``positions [B, K]`` of the verify segment (``t`` first). Returns ``(a, next token)``."""
+        seeds, t = self.seeds[: drafts.shape[0]], positions[:, :1]
+        u_acc = uniform(seeds, positions[:, 1:], STREAM_ACCEPT)
+        u_res = uniform(seeds, t, STREAM_RESIDUAL)[:, 0]
+        u_bonus = uniform(seeds, t, STREAM_BONUS)[:, 0]
+        return rejection_accept(drafts, q, p, u_acc, u_res, u_bonus)
+
+    @staticmethod
+    def _one_hot(drafts: Tensor, vocab: int) -> Tensor:
+        """``[B, N]`` tokens -> ``[B, N, V]`` float32 one-hot rows (deterministic drafts' ``q``)."""
+        # scatter_ rather than F.one_hot: one_hot validates its indices with a host sync on CPU
+        one_hot = torch.zeros(*drafts.shape, vocab, dtype=torch.float32, device=drafts.device)
+        return one_hot.scatter_(-1, drafts[..., None], 1.0)
 
     def _ngram_q(self, drafts: Tensor, q: Tensor | None, vocab: int, mixed: bool, hi: int) -> Tensor:
         """Draft distributions for rejection sampling when (some) drafts are n-gram ones.
@@ -458,9 +466,7 @@ class Decoder:
         Returns:
             ``[B, K-1, V]`` float32: one-hot rows for n-gram rows, ``q`` for the others.
         """
-        # scatter_ rather than F.one_hot: one_hot validates its indices with a host sync on CPU
-        one_hot = torch.zeros(*drafts.shape, vocab, dtype=torch.float32, device=drafts.device)
-        one_hot.scatter_(-1, drafts[..., None], 1.0)
+        one_hot = self._one_hot(drafts, vocab)
         if not mixed or q is None:
             return one_hot
         return torch.where(self.ngram_rows[:hi, None, None], one_hot, q)
