@@ -655,19 +655,33 @@ def test_scheduler_admits_around_a_refused_request(real_engine) -> None:
 def test_serve_command_builds_the_app(monkeypatch: pytest.MonkeyPatch, real_engine) -> None:
     from orthrus import cli
     from orthrus.commands import serve
+    from orthrus.serve import run as runner
 
     seen: dict[str, Any] = {}
     monkeypatch.setattr(serve, "load_engine", lambda args: real_engine)
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    monkeypatch.setattr(runner, "serve", lambda app, **kw: seen.update(app=app, **kw))
+    monkeypatch.delenv("ORTHRUS_API_KEY", raising=False)
     assert cli.main(["serve", "--adapter", "init", "--port", "0", "--max-batch-size", "2",
                      "--max-seq-len", "64", "--mode", "ar"]) == 0
     state = seen["app"].state.server
-    assert (seen["host"], seen["port"]) == ("127.0.0.1", 0)
+    assert (seen["host"], seen["port"], seen["drain_timeout"]) == ("127.0.0.1", 0, 30.0)
     assert (state.model_name, state.mode, state.context, state.scheduler.max_batch) == (MODEL, "ar", 64, 2)
+    assert not state.gate.has_key and state.gate.max_body_bytes == 4 * 1024 * 1024
+    # the API key: from the flag, else from $ORTHRUS_API_KEY; the limits from their flags
+    monkeypatch.setenv("ORTHRUS_API_KEY", "from-env")
+    assert cli.main(["serve", "--adapter", "init", "--mode", "ar", "--max-seq-len", "64",
+                     "--max-body-bytes", "1000", "--drain-timeout", "2.5"]) == 0
+    gate = seen["app"].state.server.gate
+    assert gate.authorised(b"Bearer from-env") and gate.max_body_bytes == 1000 and seen["drain_timeout"] == 2.5
+    assert cli.main(["serve", "--adapter", "init", "--mode", "ar", "--max-seq-len", "64",
+                     "--api-key", "from-flag"]) == 0
+    gate = seen["app"].state.server.gate
+    assert gate.authorised(b"Bearer from-flag") and not gate.authorised(b"Bearer from-env")
 
 
 @pytest.mark.parametrize("argv", [["--max-batch-size", "0"], ["--max-seq-len", "1"], ["--port", "-1"],
-                                  ["--model", "no-such-model"]])
+                                  ["--model", "no-such-model"], ["--api-key", " "], ["--max-body-bytes", "0"],
+                                  ["--drain-timeout", "-1"], ["--drain-timeout", "nan"]])
 def test_serve_command_bad_options(argv: list[str], capsys: pytest.CaptureFixture) -> None:
     from orthrus import cli
 

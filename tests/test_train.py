@@ -21,34 +21,10 @@ from orthrus.train import trainer as trainer_mod
 from orthrus.train.data import Document, iter_json_array, read_documents, sharegpt_prompts
 from orthrus.train.loss import distill_loss
 from orthrus.train.trainer import BUDGET_PROBE, BUDGET_SKIP, LOG, STATE, TrainConfig, Trainer
-from tiny import hf_model
+from tiny import make_tiny_folder
 
 K = 4
 REPO = Path(__file__).resolve().parents[1]
-
-
-def make_tiny_folder(folder: Path) -> Path:
-    """A tiny llama as a Hugging Face folder with a word-level tokenizer and a chat template.
-
-    Words ``w5..w96`` are tokens 5..96; the LM head is scaled up so the teacher's distributions are
-    peaked (a near-uniform teacher would make every KL tiny).
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    hf = hf_model("llama", seed=0)
-    with torch.no_grad():
-        hf.lm_head.weight.mul_(8)
-    hf.save_pretrained(folder)
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "user": 3, "assistant": 4} | {f"w{i}": i for i in range(5, 97)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.chat_template = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
-                          "{% if add_generation_prompt %}<s> assistant {% endif %}")
-    fast.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -46,3 +48,27 @@ def ours_from_hf(hf) -> Transformer:
     sd = dict(hf.state_dict())
     m.load_state_dict(sd, strict=not cfg.tie_word_embeddings)
     return m.eval().requires_grad_(False)
+
+
+def make_tiny_folder(folder: Path) -> Path:
+    """A tiny llama as a Hugging Face folder with a word-level tokenizer and a chat template.
+
+    Words ``w5..w96`` are tokens 5..96; the LM head is scaled up so the teacher's distributions are
+    peaked (a near-uniform teacher would make every KL tiny).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    hf = hf_model("llama", seed=0)
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(8)
+    hf.save_pretrained(folder)
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "user": 3, "assistant": 4} | {f"w{i}": i for i in range(5, 97)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+                          "{% if add_generation_prompt %}<s> assistant {% endif %}")
+    fast.save_pretrained(folder)
+    return folder

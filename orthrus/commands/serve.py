@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 from typing import Any
 
 from orthrus.commands.common import (add_draft_arg, add_model_args, apply_auto_block_size, block_size_arg,
@@ -18,6 +19,10 @@ from orthrus.config import GenerationConfig
 from orthrus.errors import OrthrusError
 
 log = logging.getLogger(__name__)
+
+API_KEY_ENV = "ORTHRUS_API_KEY"
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # as orthrus.serve.gate (not imported here: needs the serve extra)
+DEFAULT_DRAIN_TIMEOUT = 30.0               # as orthrus.serve.run
 
 
 def register(subparsers: Any) -> None:
@@ -45,13 +50,22 @@ def register(subparsers: Any) -> None:
     g.add_argument("--max-seq-len", type=int, default=None, metavar="N",
                    help="prompt + completion tokens per request (default: min(model context, 2048)); "
                         "the KV cache holds N positions per slot")
+    h = p.add_argument_group("HTTP")
+    h.add_argument("--api-key", default=None, metavar="KEY",
+                   help=f"require 'Authorization: Bearer KEY' on every /v1 request (else 401); default: "
+                        f"${API_KEY_ENV} if set, else no key. /health and /metrics stay open")
+    h.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
+                   help=f"larger request bodies get 413 (default: {DEFAULT_MAX_BODY_BYTES}, 4 MiB)")
+    h.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT, metavar="S",
+                   help="on SIGTERM: new requests get 503, those in flight get S seconds to finish, then "
+                        f"the server exits (default: {DEFAULT_DRAIN_TIMEOUT:g})")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
     if missing:
-        raise OrthrusError(f"orthrus serve needs {' and '.join(missing)}: pip install 'orthrus-lm[serve]'")
+        raise OrthrusError(f"orthrus serve needs {', '.join(missing)}: pip install 'orthrus-lm[serve]'")
     if not 0 <= args.port < 65536:
         raise OrthrusError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_batch_size < 1:
@@ -60,6 +74,13 @@ def run(args: argparse.Namespace) -> int:
         raise OrthrusError(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.max_seq_len is not None and args.max_seq_len < 2:
         raise OrthrusError(f"--max-seq-len must be >= 2, got {args.max_seq_len}")
+    if args.max_body_bytes < 1:
+        raise OrthrusError(f"--max-body-bytes must be >= 1, got {args.max_body_bytes}")
+    if not args.drain_timeout >= 0:  # also refuses nan
+        raise OrthrusError(f"--drain-timeout must be a number of seconds >= 0, got {args.drain_timeout}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    if api_key is not None and not api_key.strip():
+        raise OrthrusError("--api-key is empty: give a non-empty key, or leave it out to serve without one")
     check_model_args(args)
     mode = resolve_mode(args)
     engine = load_engine(args)
@@ -69,13 +90,13 @@ def run(args: argparse.Namespace) -> int:
                                                  schedule=resolve_schedule(args), candidates=args.candidates))
     mode, block_size = gen.mode, gen.block_size
 
-    import uvicorn
-
+    from orthrus.serve import run as runner
     from orthrus.serve.app import create_app
 
     app = create_app(engine, model_name=args.model, mode=mode, max_batch_size=args.max_batch_size,
                      max_seq_len=args.max_seq_len, block_size=block_size, draft=gen.draft,
-                     schedule=gen.schedule, candidates=gen.candidates, max_queue=args.max_queue)
-    log.info("listening on http://%s:%d/v1", args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+                     schedule=gen.schedule, candidates=gen.candidates, max_queue=args.max_queue,
+                     api_key=api_key, max_body_bytes=args.max_body_bytes)
+    log.info("listening on http://%s:%d/v1%s", args.host, args.port, " (API key required)" if api_key else "")
+    runner.serve(app, host=args.host, port=args.port, drain_timeout=args.drain_timeout)
     return 0

@@ -2,8 +2,11 @@
 
 Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (both
 streamed as server-sent events when ``"stream": true``), ``GET /health``, ``GET /metrics``
-(Prometheus text). Generation runs on the :class:`~orthrus.serve.scheduler.Scheduler` thread with
-continuous batching; handlers only validate, tokenise, submit and relay events.
+(Prometheus, ``orthrus.serve.metrics``). Generation runs on the
+:class:`~orthrus.serve.scheduler.Scheduler` thread with continuous batching; handlers only validate,
+tokenise, submit and relay events. Before a ``/v1`` request reaches them it passes the
+:class:`~orthrus.serve.gate.Gate`: the drain (503 after SIGTERM), the optional API key (401) and the
+body size limit (413).
 
 Every bad request gets a 4xx OpenAI error object and nothing else happens: validation runs before
 anything is queued, an OpenAI field we do not implement is refused by name unless it asks for
@@ -32,7 +35,7 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orthrus.config import GenerationConfig
@@ -41,6 +44,8 @@ from orthrus.decoding.stats import DecodeStats
 from orthrus.engine import Orthrus, row_seed
 from orthrus.errors import ContextLengthError, OrthrusError
 from orthrus.serve import protocol as P
+from orthrus.serve.gate import DEFAULT_MAX_BODY_BYTES, Gate, GateState
+from orthrus.serve.metrics import CONTENT_TYPE, ServerMetrics
 from orthrus.serve.scheduler import Request as GenRequest
 from orthrus.serve.scheduler import Scheduler, SchedulerError
 
@@ -64,12 +69,18 @@ class APIError(Exception):
 
 
 class Server:
-    """The app's state: the engine, its scheduler, and the serving limits."""
+    """The app's state: the engine, its scheduler, the serving limits, the gate's state (API key,
+    body limit, drain) and the metrics registry."""
 
     def __init__(self, engine: Orthrus, model_name: str, mode: str, max_batch_size: int,
                  max_seq_len: int | None, block_size: int | None, draft: str = "diffusion",
                  schedule: str = "two-pass", candidates: int | None = None,
-                 max_queue: int = DEFAULT_MAX_QUEUE) -> None:
+                 max_queue: int = DEFAULT_MAX_QUEUE, api_key: str | None = None,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+        try:
+            self.gate = GateState(api_key, max_body_bytes)
+        except ValueError as e:
+            raise OrthrusError(str(e)) from None
         if max_batch_size < 1:
             raise OrthrusError(f"--max-batch-size must be >= 1, got {max_batch_size}")
         if max_queue < 0:
@@ -89,7 +100,8 @@ class Server:
         self.context = max_seq_len or min(engine.max_context, DEFAULT_MAX_SEQ_LEN)
         # one block of room past the context: the last verify pass writes up to K positions ahead
         room = cache_room(GenerationConfig(mode=mode, draft=draft), self.block_size)
-        self.scheduler = Scheduler(engine, max_batch_size, self.context + room)
+        self.metrics = ServerMetrics(self)
+        self.scheduler = Scheduler(engine, max_batch_size, self.context + room, self.metrics.latencies)
         self.created = int(time.time())
         self.started = time.time()
 
@@ -149,38 +161,6 @@ class Server:
                                 f"(at most {self.max_queue} may wait); retry in {retry} s",
                            type_="rate_limit_error", code="server_busy", headers={"Retry-After": str(retry)})
         return Call(self.scheduler, reqs, queue)
-
-    # ---- /metrics -------------------------------------------------------------------------------
-
-    def metrics_text(self) -> str:
-        m, s = self.scheduler.metrics, self.scheduler
-        rows = [
-            ("orthrus_requests_total", "counter", "generation requests accepted", m.requests),
-            ("orthrus_requests_finished_total", "counter", "requests that ran to completion", m.finished),
-            ("orthrus_requests_cancelled_total", "counter", "requests whose client disconnected", m.cancelled),
-            ("orthrus_requests_failed_total", "counter", "requests dropped by a decoder failure", m.failed),
-            ("orthrus_requests_rejected_total", "counter", "requests answered with a 4xx error", m.rejected),
-            ("orthrus_prompt_tokens_total", "counter", "prompt tokens of accepted requests", m.prompt_tokens),
-            ("orthrus_generated_tokens_total", "counter", "tokens sent to clients", m.generated_tokens),
-            ("orthrus_prefill_passes_total", "counter", "prefill passes (per request)", m.decode.prefill_passes),
-            ("orthrus_forward_passes_total", "counter",
-             "draft + verify passes, counted per sequence (prefill apart)", m.decode.forward_passes),
-            ("orthrus_verify_passes_total", "counter", "verify passes, counted per sequence", m.decode.verify_passes),
-            ("orthrus_decode_steps_total", "counter", "batched decode cycles", m.decode_steps),
-            ("orthrus_tpf", "gauge", "tokens per forward pass since start (decode tokens / forward passes)",
-             m.decode.tpf),
-            ("orthrus_acceptance_length", "gauge", "mean tokens per verify pass since start",
-             m.decode.acceptance_length),
-            ("orthrus_queue_depth", "gauge", "requests waiting for a slot", s.queue_depth),
-            ("orthrus_active_requests", "gauge", "requests holding a decoding slot", s.active),
-            ("orthrus_batch_slots", "gauge", "decoding slots (--max-batch-size)", s.max_batch),
-            ("orthrus_block_size", "gauge", "tokens per draft block (1 in ar mode)", self.block_size),
-        ]
-        out = []
-        for name, kind, help_, value in rows:
-            v = f"{value:.6g}" if isinstance(value, float) else str(value)
-            out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {v}"]
-        return "\n".join(out) + "\n"
 
 
 def _sse(obj: dict | str) -> str:
@@ -316,7 +296,8 @@ async def _streamed(call: Call, http: Request, chunks: Callable[[], AsyncIterato
 def create_app(engine: Orthrus, model_name: str, mode: str = "parallel", max_batch_size: int = 8,
                max_seq_len: int | None = None, block_size: int | None = None,
                draft: str = "diffusion", schedule: str = "two-pass", candidates: int | None = None,
-               max_queue: int = DEFAULT_MAX_QUEUE) -> FastAPI:
+               max_queue: int = DEFAULT_MAX_QUEUE, api_key: str | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """Build the app around a loaded engine.
 
     Args:
@@ -332,11 +313,15 @@ def create_app(engine: Orthrus, model_name: str, mode: str = "parallel", max_bat
             with ``Retry-After`` (nothing of it is queued).
         schedule, candidates: the diffusion drafts' schedule (``two-pass`` or ``one-pass``) and the
             one-pass candidate blocks (see :class:`~orthrus.config.GenerationConfig`).
+        api_key: when set, every ``/v1`` request must send ``Authorization: Bearer <api_key>``
+            (else 401 ``invalid_api_key``); ``/health`` and ``/metrics`` stay open.
+        max_body_bytes: larger request bodies get 413 ``request_too_large``, unparsed.
 
-    The scheduler thread starts and stops with the app's lifespan.
+    The scheduler thread starts and stops with the app's lifespan. ``app.state.server.gate.draining``
+    (set on SIGTERM by :mod:`orthrus.serve.run`) makes new ``/v1`` requests 503s.
     """
     server = Server(engine, model_name, mode, max_batch_size, max_seq_len, block_size, draft, schedule, candidates,
-                    max_queue)
+                    max_queue, api_key, max_body_bytes)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -350,6 +335,7 @@ def create_app(engine: Orthrus, model_name: str, mode: str = "parallel", max_bat
 
     app = FastAPI(title="orthrus", lifespan=lifespan)
     app.state.server = server
+    app.add_middleware(Gate, state=server.gate)
 
     def reject(status: int, body: dict, headers: dict[str, str] | None = None) -> JSONResponse:
         server.scheduler.metrics.rejected += 1
@@ -390,16 +376,18 @@ def create_app(engine: Orthrus, model_name: str, mode: str = "parallel", max_bat
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        ok = server.scheduler.alive
-        return JSONResponse({"status": "ok" if ok else "generation thread stopped", "model": model_name,
+        draining = server.gate.draining
+        ok = server.scheduler.alive and not draining
+        status = "draining" if draining else ("ok" if ok else "generation thread stopped")
+        return JSONResponse({"status": status, "model": model_name,
                              "mode": mode, "active_requests": server.scheduler.active,
                              "queue_depth": server.scheduler.queue_depth,
                              "uptime_s": round(time.time() - server.started, 1)},
                             status_code=200 if ok else 503)
 
     @app.get("/metrics")
-    async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(server.metrics_text(), media_type="text/plain; version=0.0.4")
+    async def metrics() -> Response:
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models() -> dict:

@@ -22,9 +22,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from orthrus.config import GenerationConfig
 from orthrus.decoding.generator import Event
@@ -67,6 +69,20 @@ class Request:
     slot: int | None = None
     # DecodeStats already counted into the server metrics: (tokens, prefill, draft, verify passes)
     _seen: tuple[int, int, int, int] = (0, 0, 0, 0)
+    # time.monotonic() of its arrival (submit) and of its latest token delivery (None: none yet)
+    arrived: float = field(default_factory=time.monotonic)
+    last_token: float | None = None
+
+
+class Observer(Protocol):
+    """Receives the scheduler's latency observations (``orthrus.serve.metrics.Latencies``); called
+    on the scheduler thread."""
+
+    def queued(self, seconds: float) -> None: ...
+    def first_token(self, seconds: float) -> None: ...
+    def tokens(self, gap: float, n: int) -> None: ...
+    def verify_pass(self, tokens: int) -> None: ...
+    def finished(self, seconds: float) -> None: ...
 
 
 @dataclass
@@ -90,12 +106,17 @@ class Metrics:
 
 
 class Scheduler:
-    """Owns a :class:`Decoder` of ``max_batch`` slots x ``capacity`` positions and its thread."""
+    """Owns a :class:`Decoder` of ``max_batch`` slots x ``capacity`` positions and its thread.
 
-    def __init__(self, engine: Orthrus, max_batch: int, capacity: int) -> None:
+    ``observer`` (optional) receives the latency observations: queue wait, time to first token,
+    inter-token gaps, tokens per verify pass, request latency.
+    """
+
+    def __init__(self, engine: Orthrus, max_batch: int, capacity: int, observer: Observer | None = None) -> None:
         self.engine = engine
         self.decoder = engine.new_decoder(max_batch, capacity)
         self.metrics = Metrics()
+        self.observer = observer
         self._cond = threading.Condition()
         self._pending: deque[Request] = deque()  # guarded by _cond
         self._live: dict[str, Request] = {}       # in a slot; scheduler thread only
@@ -126,7 +147,9 @@ class Scheduler:
                 free = self.decoder.max_batch - len(self._live)  # an estimate: the thread may be admitting
                 if len(self._pending) + len(reqs) - max(0, free) > max_queue:
                     return False
+            now = time.monotonic()
             for req in reqs:
+                req.arrived = now
                 self.metrics.requests += 1
                 self.metrics.prompt_tokens += len(req.prompt_ids)
                 self._pending.append(req)
@@ -172,6 +195,10 @@ class Scheduler:
             with self._cond:
                 n = min(len(self.decoder.free_slots()), len(self._pending))
                 admit = [self._pending.popleft() for _ in range(n)]
+            if admit and self.observer is not None:
+                now = time.monotonic()
+                for req in admit:
+                    self.observer.queued(now - req.arrived)
             try:
                 if admit:
                     self._admit(admit)
@@ -233,7 +260,8 @@ class Scheduler:
                 self.decoder.release(slot)
 
     def _route(self, events: list[Event]) -> None:
-        m = self.metrics
+        m, obs = self.metrics, self.observer
+        now = time.monotonic()
         for ev in events:
             req = self._live[ev.request_id]
             s = ev.row.stats
@@ -245,6 +273,8 @@ class Scheduler:
             d.verify_passes += s.verify_passes - verifies
             req._seen = (s.tokens, s.prefill_passes, s.draft_passes, s.verify_passes)
             m.generated_tokens += len(ev.token_ids)
+            if obs is not None:
+                self._observe(obs, req, ev, now, s.verify_passes - verifies, s.tokens - tok)
             if ev.finish_reason is not None:
                 m.finished += 1
                 req.finished = True
@@ -255,6 +285,22 @@ class Scheduler:
                 self._deliver(req, SchedulerError(ev.row.error or "generation failed", 500, "numerical_error"))
             else:
                 self._deliver(req, ev)
+
+    @staticmethod
+    def _observe(obs: Observer, req: Request, ev: Event, now: float, verifies: int, kept: int) -> None:
+        """Latency observations for one event of ``req`` (``verifies`` verify passes and ``kept``
+        tokens since its previous event)."""
+        if verifies == 1:  # one decode cycle (a prefill's first token, or a faulted cycle, has none)
+            obs.verify_pass(kept)
+        n = len(ev.token_ids)
+        if n:
+            if req.last_token is None:
+                obs.first_token(now - req.arrived)  # the prefill's one token
+            else:
+                obs.tokens(now - req.last_token, n)
+            req.last_token = now
+        if ev.finish_reason in ("stop", "length"):
+            obs.finished(now - req.arrived)
 
     def _drop_cancelled_pending(self) -> None:
         """(holding ``_cond``) forget queued requests whose client left before they got a slot."""
