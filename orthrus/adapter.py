@@ -28,6 +28,7 @@ from orthrus.config import AdapterConfig
 from orthrus.errors import OrthrusError
 from orthrus.models.llama import (Attention, InferenceLinear, Transformer, cached_attend, causal_mask,
                                   joint_attention, merge_heads, packing_available)
+from orthrus.models.quant import int8_linear
 
 WEIGHTS = "adapter.safetensors"
 CONFIG = "adapter_config.json"
@@ -159,15 +160,24 @@ class DiffusionAdapter(nn.Module):
                             num_layers=base.config.num_layers, hidden_size=base.config.hidden_size)
         return cls(base, cfg)
 
-    def prepare_inference(self, pack: bool | None = None) -> None:
+    def prepare_inference(self, pack: bool | None = None, int8: bool = False) -> None:
         """Merge LoRA deltas into dense weights and (fp32 on a CPU) prepack them, for decoding;
-        the frozen model's :meth:`~orthrus.models.llama.Transformer.prepare_inference` explains why."""
+        the frozen model's :meth:`~orthrus.models.llama.Transformer.prepare_inference` explains why.
+
+        ``int8``: the merged projections as int8 weights instead (``orthrus.models.quant``; drafts
+        only, so outputs stay exact), to go with the base's
+        :meth:`~orthrus.models.llama.Transformer.prepare_draft`.
+        """
         if pack is None:
             w = self.mask_embedding
             pack = w.device.type == "cpu" and w.dtype == torch.float32 and packing_available()
         with torch.no_grad():
             for attn in self.layers:
-                attn.prepare_inference(pack)
+                if int8:
+                    attn.qkv = int8_linear([attn.q_proj, attn.k_proj, attn.v_proj])
+                    attn.o = int8_linear([attn.o_proj])
+                else:
+                    attn.prepare_inference(pack)
         self._split = None  # rebuilt from the current weights by the next one-pass cycle
 
     def __getstate__(self) -> dict:  # copies leave the decoding-only split projections behind
@@ -229,7 +239,8 @@ class DiffusionAdapter(nn.Module):
         last = positions[:, -1:]  # [B, 1]: every block query sees slots <= t + K - 1
         mask = causal_mask(last.expand(-1, k), kv_len)  # [B, 1, K, S]
         embeds = self.block_embeds(base, anchors, k)
-        return base.run_layers(embeds, positions, list(self.layers), cached_attend(cache, positions, kv_len, mask))
+        return base.run_layers(embeds, positions, list(self.layers), cached_attend(cache, positions, kv_len, mask),
+                               base.draft_mlps)
 
     def verify_and_draft(self, base: Transformer, tokens: Tensor, positions: Tensor, offsets: Tensor,
                          cache: KVCache, kv_len: int) -> tuple[Tensor, Tensor]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import torch
 
 from orthrus.adapter import DiffusionAdapter
 from orthrus.config import AdapterConfig, GenerationConfig
@@ -19,10 +20,12 @@ from orthrus.decoding.ngram import NGRAM_BLOCK_SIZE
 from orthrus.decoding.stats import DecodeStats
 from orthrus.errors import ContextLengthError, OrthrusError
 from orthrus.models.loading import DEFAULT_MODEL, LoadedModel, load_base
+from orthrus.models.quant import int8_available
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ADAPTERS = {DEFAULT_MODEL: Path(__file__).parent / "adapters" / "smollm2-135m"}
+DRAFT_PRECISIONS = ("auto", "int8", "float32")
 SEED_SPACE = 2**63  # seeds are non-negative int64 (the decoder keeps them in an int64 tensor)
 
 
@@ -62,17 +65,31 @@ class Orthrus:
     """A frozen base model plus (optionally) its diffusion adapter."""
 
     def __init__(self, base: LoadedModel, adapter: DiffusionAdapter | None, cuda_graphs: bool | None = None,
-                 compile: bool = False, prepare: bool = True) -> None:
+                 compile: bool = False, prepare: bool = True, draft_precision: str = "auto") -> None:
         """``prepare``: fuse and (fp32 on CPU) prepack the weights for decoding (see
-        ``Transformer.prepare_inference``); False keeps the plain per-projection GEMMs."""
+        ``Transformer.prepare_inference``); False keeps the plain per-projection GEMMs.
+        ``draft_precision``: the weights of the adapter's draft pass: ``int8`` (draft-only int8
+        copies, ``orthrus.models.quant``: a cheaper draft, the same exact output), ``float32``
+        (the model's own), ``auto`` (int8 where it is the faster choice: a prepared fp32 model on
+        a CPU with fbgemm, and an adapter)."""
+        if draft_precision not in DRAFT_PRECISIONS:
+            raise OrthrusError(f"draft precision must be one of {', '.join(DRAFT_PRECISIONS)}, got {draft_precision!r}")
         self.base = base
         self.model = base.model
         self.tokenizer = base.tokenizer
         self.adapter = adapter
+        cpu32 = self.model.device.type == "cpu" and self.model.dtype == torch.float32
+        if draft_precision == "int8" and not (cpu32 and int8_available()):
+            raise OrthrusError("--draft-precision int8 needs a float32 model on a CPU and a torch with "
+                               "fbgemm (x86); use float32 or auto")
+        self.draft_int8 = adapter is not None and (
+            draft_precision == "int8" or (draft_precision == "auto" and prepare and cpu32 and int8_available()))
         if prepare:
             self.model.prepare_inference()
-            if adapter is not None:
-                adapter.prepare_inference()
+        if self.draft_int8:
+            self.model.prepare_draft()
+        if adapter is not None and (prepare or self.draft_int8):
+            adapter.prepare_inference(int8=self.draft_int8)
         self.cuda_graphs = cuda_graphs
         self.compile = compile
         # idle decoders kept for their static cache and captured CUDA graphs, one per key
@@ -82,7 +99,7 @@ class Orthrus:
     def from_pretrained(cls, model: str = DEFAULT_MODEL, adapter: str | None = None, device: str = "cpu",
                         dtype: str = "float32", adapter_kind: str = "full",
                         block_size: int | None = None, cuda_graphs: bool | None = None,
-                        compile: bool = False) -> "Orthrus":
+                        compile: bool = False, draft_precision: str = "auto") -> "Orthrus":
         """Load a base model and an adapter.
 
         Args:
@@ -93,6 +110,7 @@ class Orthrus:
             block_size: for ``init``: the adapter's block size (default 32).
             cuda_graphs: replay each decoding cycle as a CUDA graph (None: yes on CUDA devices).
             compile: ``torch.compile`` each decoding cycle (fused kernels; a slow first cycle per shape).
+            draft_precision: ``auto``, ``int8`` or ``float32`` (see :class:`Orthrus`).
         """
         base = load_base(model, device=device, dtype=dtype)
         ad = None
@@ -106,7 +124,7 @@ class Orthrus:
             ad = DiffusionAdapter.load(DEFAULT_ADAPTERS[model], base.model, base.fingerprint)
         if ad is not None:
             ad = ad.to(device=base.model.device, dtype=base.model.dtype).eval().requires_grad_(False)
-        return cls(base, ad, cuda_graphs, compile)
+        return cls(base, ad, cuda_graphs, compile, draft_precision=draft_precision)
 
     # ---- prompts ------------------------------------------------------------------------------
 

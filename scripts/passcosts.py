@@ -1,13 +1,16 @@
 """Pass costs of the default model on this machine: plain kernels vs the prepared fast path.
 
-    python3 scripts/passcosts.py [--threads N] [--rounds R] [--context C] [--out bench/results/NAME.json]
+    python3 scripts/passcosts.py [--threads N] [--rounds R] [--context C] [--setups plain,prepared,int8]
+                                 [--out bench/results/NAME.json]
 
 Times, in one process and interleaved round by round (this machine is noisy), the AR step (1 token
 with the LM head), the verify pass over K tokens and the draft pass of the shipped adapter over K
 tokens (LM head over K-1 slots), and the one-pass schedule's fused pass (verify K + 2 candidate
 blocks of K, LM head over K + 2(K-1) rows), batch 1, at a ``--context``-token cache, for a model with plain
-kernels and one prepared by ``prepare_inference`` (prepacked weights). The first two rounds are
-warm-up; the median of the rest is reported, in ms and as a multiple of each setup's own AR step.
+kernels (``plain``), one prepared by ``prepare_inference`` (``prepared``: prepacked weights) and one
+prepared with draft-only int8 weights (``int8``: ``prepare_draft``; its verify and AR passes are the
+prepared ones, its draft pass reads the int8 copies). The first two rounds are warm-up; the median of
+the rest is reported, in ms and as a multiple of each setup's own AR step.
 """
 
 from __future__ import annotations
@@ -30,18 +33,25 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--setups", default="plain,prepared,int8",
+                    help="comma-separated, from plain, prepared, int8 (default: all three)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    setups = args.setups.split(",")
+    if not setups or any(s not in ("plain", "prepared", "int8") for s in setups):
+        ap.error(f"--setups: a comma-separated list of plain, prepared, int8; got {args.setups!r}")
     torch.set_num_threads(args.threads)
     ctx = args.context
     passes: dict[str, dict] = {}
-    for setup in ("plain", "prepared"):
+    for setup in setups:
         base = load_base(DEFAULT_MODEL)
         m = base.model
         ad = DiffusionAdapter.load(DEFAULT_ADAPTERS[DEFAULT_MODEL], m, base.fingerprint).eval().requires_grad_(False)
-        if setup == "prepared":
+        if setup != "plain":
             m.prepare_inference()
-            ad.prepare_inference()
+            if setup == "int8":
+                m.prepare_draft()
+            ad.prepare_inference(int8=setup == "int8")
         cache = m.new_cache(1, ctx + 64)
         x = torch.randint(0, 1000, (1, ctx))
         with torch.inference_mode():
@@ -51,7 +61,7 @@ def main() -> None:
             m.logits(m(x[:, :k], (ctx + torch.arange(k))[None], cache, kv_len=ctx + 64))
 
         def draft(k: int, m=m, ad=ad, cache=cache, x=x) -> None:
-            m.logits(ad.draft(m, x[:, 0], (ctx + torch.arange(k))[None], cache, ctx + 64)[:, :-1])
+            m.draft_logits(ad.draft(m, x[:, 0], (ctx + torch.arange(k))[None], cache, ctx + 64)[:, :-1])
 
         def onepass(k: int, c: int, m=m, ad=ad, cache=cache, x=x) -> None:
             hv, hc = ad.verify_and_draft(m, x[:, :k], (ctx + torch.arange(k))[None], torch.arange(c), cache, ctx + 16)
@@ -67,19 +77,21 @@ def main() -> None:
     times: dict[tuple[str, str], list[float]] = {}
     with torch.inference_mode():
         for r in range(args.rounds):
-            for name in passes["plain"]:
-                for setup in (("plain", "prepared") if r % 2 else ("prepared", "plain")):
+            for name in passes[setups[0]]:
+                for setup in (setups if r % 2 else setups[::-1]):
                     t = time.perf_counter()
                     passes[setup][name]()
                     times.setdefault((setup, name), []).append(time.perf_counter() - t)
     med = {key: 1000 * sorted(v[2:])[len(v[2:]) // 2] for key, v in times.items()}
     rows = []
-    print(f"{'pass':14s} {'plain ms':>9s} {'x AR':>6s} {'prepared ms':>12s} {'x AR':>6s}")
-    for name in passes["plain"]:
-        p, f = med[("plain", name)], med[("prepared", name)]
-        rp, rf = p / med[("plain", "ar")], f / med[("prepared", "ar")]
-        rows.append({"pass": name, "plain_ms": p, "plain_x_ar": rp, "prepared_ms": f, "prepared_x_ar": rf})
-        print(f"{name:14s} {p:9.1f} {rp:6.2f} {f:12.1f} {rf:6.2f}")
+    print(f"{'pass':18s}" + "".join(f" {s + ' ms':>12s} {'x AR':>6s}" for s in setups))
+    for name in passes[setups[0]]:
+        row: dict = {"pass": name}
+        for s in setups:
+            row[f"{s}_ms"] = med[(s, name)]
+            row[f"{s}_x_ar"] = med[(s, name)] / med[(s, "ar")]
+        rows.append(row)
+        print(f"{name:18s}" + "".join(f" {row[s + '_ms']:12.1f} {row[s + '_x_ar']:6.2f}" for s in setups))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"machine": platform.processor() or platform.machine(),

@@ -86,11 +86,15 @@ def test_prepared_forward_and_draft_match_the_plain_ones(arch: str, kind: str) -
 @pytest.mark.skipif(not (SHIPPED / "adapter.safetensors").is_file(), reason="no shipped adapter")
 def test_real_model_fast_path_is_exact() -> None:
     """Greedy, fp32, the shipped adapter: prepared AR == plain AR, and parallel at K = 4, 8, 16 with
-    batch 1 and 3 == AR, token for token, on prompts of uneven length (~100 new tokens each)."""
+    batch 1 and 3 == AR, token for token, on prompts of uneven length (~100 new tokens each); the
+    drafts come from the draft-only int8 weights (the default on a CPU)."""
     from orthrus.engine import Orthrus
+
+    from orthrus.models.quant import int8_available
 
     engine = Orthrus.from_pretrained("smollm2-135m")
     assert engine.model.prepared
+    assert engine.draft_int8 == int8_available()  # drafts from int8 weights, where fbgemm exists
     prompts = ["Write a Python function that merges two sorted lists.",
                "Explain in a few sentences why the sky is blue.",
                "List five ideas for a birthday party for a ten-year-old, with one sentence each.",

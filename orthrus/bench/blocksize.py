@@ -306,7 +306,7 @@ def _choice_key(engine: "Orthrus", batch_size: int, candidates: Sequence[int] = 
                        "device": device_name(model.device), "dtype": str(model.dtype),
                        "threads": torch.get_num_threads(), "batch": batch_size,
                        "cuda_graphs": engine.uses_cuda_graphs, "compile": engine.compile,
-                       "block_kinds": list(engine.adapter.config.block_kinds),
+                       "draft_int8": engine.draft_int8, "block_kinds": list(engine.adapter.config.block_kinds),
                        "candidates": sorted(int(k) for k in candidates),
                        "torch": torch.__version__}, sort_keys=True)
 

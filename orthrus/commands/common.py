@@ -24,7 +24,7 @@ from typing import Any
 from orthrus.adapter import WEIGHTS
 from orthrus.config import DRAFTS, DTYPES, SCHEDULES, AdapterConfig, GenerationConfig
 from orthrus.decoding.ngram import NGRAM_BLOCK_SIZE
-from orthrus.engine import DEFAULT_ADAPTERS, Orthrus
+from orthrus.engine import DEFAULT_ADAPTERS, DRAFT_PRECISIONS, Orthrus
 from orthrus.errors import OrthrusError
 from orthrus.jsonl import iter_jsonl
 from orthrus.models.loading import DEFAULT_MODEL, parse_device, parse_dtype, resolve_model
@@ -53,6 +53,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true",
                    help="torch.compile each decoding cycle (fused kernels; the first cycle of each "
                         "shape compiles, which takes from seconds to minutes)")
+    g.add_argument("--draft-precision", default="auto", choices=DRAFT_PRECISIONS,
+                   help="weights of the adapter's draft pass: int8 (draft-only int8 copies: a cheaper "
+                        "draft, the same exact output; +1/4 of the model's memory), float32 (the "
+                        "model's own), auto (int8 for a float32 model on a CPU with fbgemm; default)")
 
 
 def add_generation_args(parser: argparse.ArgumentParser) -> None:
@@ -135,8 +139,11 @@ def resolve_mode(args: argparse.Namespace) -> str:
 
 def check_model_args(args: argparse.Namespace) -> None:
     """Validate the model options without reading any weights."""
-    parse_device(args.device)
+    device = parse_device(args.device)
     parse_dtype(args.dtype)
+    if getattr(args, "draft_precision", "auto") == "int8" and (device.type != "cpu" or args.dtype != "float32"):
+        raise OrthrusError(f"--draft-precision int8 needs --device cpu and --dtype float32 (got {args.device}, "
+                           f"{args.dtype}): use --draft-precision auto or float32")
     resolve_model(args.model)
     adapter, kind = args.adapter, args.adapter_kind
     if kind is not None:
@@ -246,11 +253,12 @@ def _stamp(path: Path | None) -> tuple[int, int] | None:
 
 @functools.lru_cache(maxsize=1)
 def _cached_engine(model: str, adapter: str | None, device: str, dtype: str, adapter_kind: str,
-                   block_size: int | None, cuda_graphs: bool | None, compile: bool,
+                   block_size: int | None, cuda_graphs: bool | None, compile: bool, draft_precision: str,
                    stamps: tuple[Any, ...]) -> Orthrus:
     del stamps  # part of the cache key only
     return Orthrus.from_pretrained(model, adapter=adapter, device=device, dtype=dtype, adapter_kind=adapter_kind,
-                                   block_size=block_size, cuda_graphs=cuda_graphs, compile=compile)
+                                   block_size=block_size, cuda_graphs=cuda_graphs, compile=compile,
+                                   draft_precision=draft_precision)
 
 
 def load_engine(args: argparse.Namespace, reuse: bool = True) -> Orthrus:
@@ -268,7 +276,8 @@ def load_engine(args: argparse.Namespace, reuse: bool = True) -> Orthrus:
     adapter_path = (Path(args.adapter).expanduser() / WEIGHTS if args.adapter not in (None, "init")
                     else DEFAULT_ADAPTERS.get(args.model, Path("-")) / WEIGHTS)
     key = (args.model, args.adapter, args.device, args.dtype, kind, block, getattr(args, "cuda_graphs", None),
-           bool(getattr(args, "compile", False)), (_stamp(model_path), _stamp(adapter_path)))
+           bool(getattr(args, "compile", False)), getattr(args, "draft_precision", "auto"),
+           (_stamp(model_path), _stamp(adapter_path)))
     log.info("loading %s (adapter: %s) on %s in %s", args.model, args.adapter or "default",
              args.device, args.dtype)
     t0 = time.perf_counter()

@@ -313,7 +313,7 @@ class Decoder:
         cache = self.cache.rows(0, hi)
         # the block's K/V goes to slots t..t+K-1, which this cycle's verify pass overwrites
         hidden = self.adapter.draft(model, self.x_t[:hi], positions, cache, kv_len)  # [B, K, C]
-        q_logits = model.logits(hidden[:, :-1])  # [B, K-1, V]: slot i drafts position t+i+1
+        q_logits = model.draft_logits(hidden[:, :-1])  # [B, K-1, V]: slot i drafts position t+i+1
         if not sampled:
             return q_logits.argmax(-1), None
         q = process_logits(q_logits, self.temperature[:hi], self.top_k[:hi], self.top_p[:hi],

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from orthrus.cache import KVCache
 from orthrus.config import ModelConfig, RopeConfig
+from orthrus.models.quant import Int8Linear, int8_available, int8_linear
 
 
 class RMSNorm(nn.Module):
@@ -314,8 +315,26 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.gate_up is None or self.down is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = self.gate_up(x)
-        return self.down(F.silu(gate) * up)[0]
+        return swiglu(self.gate_up, self.down, x)
+
+
+def swiglu(gate_up: Callable[[Tensor], tuple[Tensor, ...]], down: Callable[[Tensor], tuple[Tensor, ...]],
+           x: Tensor) -> Tensor:
+    """SwiGLU through prepared linears: ``gate_up(x)`` gives gate and up (one GEMM), then down."""
+    gate, up = gate_up(x)
+    return down(F.silu(gate) * up)[0]
+
+
+class DraftMLP:
+    """A draft-only copy of one layer's MLP (int8 weights, see ``orthrus.models.quant``): what a
+    draft pass runs instead of the frozen fp32 MLP. Not a module: nothing is trained or saved."""
+
+    def __init__(self, mlp: MLP) -> None:
+        self.gate_up = int8_linear([mlp.gate_proj, mlp.up_proj])
+        self.down = int8_linear([mlp.down_proj])
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return swiglu(self.gate_up, self.down, x)
 
 
 class Block(nn.Module):
@@ -328,9 +347,10 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def ffn(self, h: Tensor) -> Tensor:
-        """The residual MLP half of the layer, shared by both views: ``[B, T, C] -> [B, T, C]``."""
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def ffn(self, h: Tensor, mlp: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """The residual MLP half of the layer, shared by both views: ``[B, T, C] -> [B, T, C]``
+        (``mlp``: a draft-only copy of this layer's MLP, for a draft pass; None: the frozen one)."""
+        return h + (mlp or self.mlp)(self.post_attention_layernorm(h))
 
 
 class Inner(nn.Module):
@@ -354,10 +374,13 @@ class Transformer(nn.Module):
         # a plain attribute, not a buffer: .to(dtype) must not round it (see _apply)
         self.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim)
         self.head: InferenceLinear | None = None  # set by prepare_inference
+        # draft-only int8 copies of the MLPs and the LM head (set by prepare_draft)
+        self.draft_mlps: list[DraftMLP] | None = None
+        self.draft_head: Int8Linear | None = None
 
     def __getstate__(self) -> dict:  # as Attention's: copies leave the packed LM head behind
         state = self.__dict__.copy()
-        state["head"] = None
+        state["head"] = state["draft_mlps"] = state["draft_head"] = None
         return state
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001
@@ -397,12 +420,23 @@ class Transformer(nn.Module):
             layer.mlp.prepare_inference(pack)
         self.head = inference_linear([self.lm_head], pack)
 
+    def prepare_draft(self) -> None:
+        """Draft-only int8 copies of the MLPs and the LM head (a CPU with fbgemm; see
+        ``orthrus.models.quant``): draft passes (``run_layers(..., mlps=self.draft_mlps)``,
+        :meth:`draft_logits`) stream a quarter of the bytes. Verify and AR passes never use them,
+        so outputs stay exact. Memory: +1/4 of the fp32 model."""
+        if not int8_available() or self.device.type != "cpu":
+            raise ValueError("int8 draft weights need a CPU build of torch with fbgemm")
+        self.draft_mlps = [DraftMLP(layer.mlp) for layer in self.model.layers]
+        self.draft_head = int8_linear([self.lm_head])
+
     def release_inference(self) -> None:
-        """Undo :meth:`prepare_inference`: the plain per-projection GEMMs again (packed copies freed)."""
+        """Undo :meth:`prepare_inference` and :meth:`prepare_draft`: the plain per-projection GEMMs
+        again (packed and int8 copies freed)."""
         for layer in self.model.layers:
             layer.self_attn.qkv = layer.self_attn.o = None
             layer.mlp.gate_up = layer.mlp.down = None
-        self.head = None
+        self.head = self.draft_head = self.draft_mlps = None
 
     @property
     def prepared(self) -> bool:
@@ -427,12 +461,14 @@ class Transformer(nn.Module):
                                cached_attend(cache, positions, kv_len, mask))
 
     def run_layers(self, h: Tensor, positions: Tensor, attns: list[Attention],
-                   attend: Callable[[int, Tensor, Tensor, Tensor], Tensor]) -> Tensor:
+                   attend: Callable[[int, Tensor, Tensor, Tensor], Tensor],
+                   mlps: list[Callable[[Tensor], Tensor]] | None = None) -> Tensor:
         """The one layer loop of every pass (AR, verify, draft, training blocks).
 
         A pass differs only in whose attention projections it uses (``attns``: the frozen model's or
         the diffusion view's) and in ``attend(layer, q, k, v) -> [B, H, T, D]``, which decides what q
-        sees (and whether k/v are written to the cache). Norms, MLPs and the final norm are shared.
+        sees (and whether k/v are written to the cache). Norms, MLPs and the final norm are shared
+        (``mlps``: a draft pass may run draft-only int8 copies of the MLPs, :meth:`prepare_draft`).
 
         Args:
             h: ``[B, T, C]`` input embeddings; positions: ``[B, T]`` absolute positions (rope).
@@ -442,7 +478,7 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(positions, self.inv_freq, h.dtype)
         for i, (layer, attn) in enumerate(zip(self.model.layers, attns)):
             q, k, v = attn.project(layer.input_layernorm(h), cos, sin)
-            h = layer.ffn(h + attn.out(attend(i, q, k, v)))
+            h = layer.ffn(h + attn.out(attend(i, q, k, v)), mlps[i] if mlps is not None else None)
         return self.model.norm(h)
 
     def logits(self, hidden: Tensor) -> Tensor:
@@ -450,3 +486,10 @@ class Transformer(nn.Module):
         if self.head is not None:
             return self.head(hidden)[0].float()
         return self.lm_head(hidden).float()
+
+    def draft_logits(self, hidden: Tensor) -> Tensor:
+        """A draft pass's logits ``[..., C] -> [..., V]``: the int8 LM head after
+        :meth:`prepare_draft`, else :meth:`logits`."""
+        if self.draft_head is not None:
+            return self.draft_head(hidden)[0]
+        return self.logits(hidden)
