@@ -24,6 +24,7 @@ DRAFTS = ("diffusion", "ngram", "hybrid")  # draft sources of parallel mode (Gen
 # pass that verifies ``x_s``'s predecessor)
 BLOCK_KINDS = ("anchor", "masked")
 SCHEDULES = ("two-pass", "one-pass", "auto")  # GenerationConfig.schedule
+MAX_LOGPROBS = 20  # most alternatives per token GenerationConfig.logprobs may ask for (OpenAI's cap)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -192,6 +193,9 @@ class GenerationConfig(_Serializable):
     ``one-pass`` (the verify pass also drafts the next block, for ``candidates`` guesses of how
     many drafts it will accept: one forward per cycle) or ``auto`` (the engine picks one from the
     adapter and the measured pass costs of this machine). ``candidates`` None: the engine's default.
+    ``logprobs``: None (off), or N in ``[0, MAX_LOGPROBS]``: each generated token comes with its log
+    probability and the N most likely tokens at its position with theirs, all from the frozen
+    model's own distribution (the verify pass's log-softmax, before temperature, top-k and top-p).
     """
 
     max_new_tokens: int = 256
@@ -207,6 +211,7 @@ class GenerationConfig(_Serializable):
     ngram_max: int = 4
     schedule: str = "two-pass"
     candidates: int | None = None
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
@@ -232,3 +237,5 @@ class GenerationConfig(_Serializable):
         if isinstance(self.stop, (list, str)):
             object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
         _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
+        _check(self.logprobs is None or (type(self.logprobs) is int and 0 <= self.logprobs <= MAX_LOGPROBS),
+               f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")

@@ -133,7 +133,7 @@ def test_compiled_cycle_gives_the_same_tokens():
     out, dec = run_decoder(model, adapter, prompts, gens, capacity=200,
                            decoder_cls=recording(static_shapes=True, compile=True))
     assert dec.compiled and [r.tokens for r in out] == [r.tokens for r in ref]
-    assert set(dec.keys) == {(1, 4, 200, True, False, "diffusion", 0)}
+    assert set(dec.keys) == {(1, 4, 200, True, False, "diffusion", 0, -1)}  # -1: no log-probs
 
 
 def test_cuda_graphs_need_a_cuda_device():

@@ -21,6 +21,12 @@ The device part has no Python loop over rows or tokens and no host sync; the sin
 is the copy of the emitted tokens to the host (marked below), after which the host does the per-row
 bookkeeping (EOS, max tokens, stop strings, streaming text).
 
+Log probabilities (``GenerationConfig.logprobs``) come from the verify pass's own logits, i.e. the
+frozen model's exact distribution at each committed position (before temperature, top-k and top-p):
+when a row of the cycle asks for them, the cycle gathers each emitted token's logit and the top-N
+logits, subtracts the logsumexp, and packs them (float bits) into the same output tensor, so the one
+copy to the host brings them too (:func:`pack_logprobs`).
+
 Shapes: a cycle runs over slots ``[0, rows)`` attending over cache slots ``[0, kv_len)``. Eager mode
 (CPU) keeps both tight (``kv_len`` a multiple of :data:`KV_BUCKET`). Static mode rounds both up to
 powers of two, so few distinct shapes occur; on CUDA it is the default and each shape's cycle is
@@ -78,17 +84,74 @@ class Row:
     dec_at: int = 0
     dec_text: str = ""
     error: str | None = None  # why the row ended with finish_reason 'error' (a numerical fault)
+    logprobs: TokenLogprobs | None = None  # of ``tokens``, when gen.logprobs asks for them
 
 
 @dataclass
 class Event:
-    """What one row produced in one step: new final tokens and text, and whether it finished."""
+    """What one row produced in one step: new final tokens and text, and whether it finished.
+    ``logprobs``: those of ``token_ids`` when the row asks for them (``GenerationConfig.logprobs``)."""
 
     request_id: Any
     token_ids: list[int]
     text: str
     finish_reason: str | None
     row: Row
+    logprobs: TokenLogprobs | None = None
+
+
+@dataclass
+class TokenLogprobs:
+    """Log probabilities of generated tokens under the frozen model's distribution, one entry per
+    token: its own, and the ``N`` most likely tokens at its position (most likely first)."""
+
+    logprobs: list[float] = field(default_factory=list)          # [n]
+    top_ids: list[list[int]] = field(default_factory=list)       # [n][N]
+    top_logprobs: list[list[float]] = field(default_factory=list)  # [n][N]
+
+    def __len__(self) -> int:
+        return len(self.logprobs)
+
+    def head(self, n: int) -> "TokenLogprobs":
+        """The first ``n`` entries."""
+        return TokenLogprobs(self.logprobs[:n], self.top_ids[:n], self.top_logprobs[:n])
+
+    def extend(self, other: "TokenLogprobs") -> None:
+        self.logprobs += other.logprobs
+        self.top_ids += other.top_ids
+        self.top_logprobs += other.top_logprobs
+
+
+def pack_logprobs(logits: Tensor, tokens: Tensor, top: int) -> Tensor:
+    """Log probabilities of ``tokens`` and the ``top`` most likely tokens, packed as int64 so that
+    they travel to the host with a cycle's integer output (one copy, one sync).
+
+    Args:
+        logits: ``[B, K, V]`` the model's logits; tokens: ``[B, K]`` int64, the token at each
+            position; top: alternatives per position (0..MAX_LOGPROBS).
+    Returns:
+        ``[B, K * (1 + 2 * top)]`` int64: per position, the token's log-prob and the top ``top``
+        log-probs as float32 bits, then the top ids (:func:`unpack_logprobs` reads it back).
+    """
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [B, K, 1]
+    chosen = logits.gather(-1, tokens[..., None]) - lse  # [B, K, 1]: the one gather
+    vals, ids = logits.topk(top, dim=-1)  # [B, K, top], sorted, most likely first
+    bits = torch.cat((chosen, vals - lse), dim=-1).view(torch.int32).long()  # [B, K, 1 + top]
+    return torch.cat((bits, ids), dim=-1).flatten(1)
+
+
+def unpack_logprobs(packed: Tensor, k: int, top: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Host side of :func:`pack_logprobs`: ``[B, K * (1 + 2 * top)]`` -> (token log-probs ``[B, K]``
+    float32, top log-probs ``[B, K, top]`` float32, top ids ``[B, K, top]`` int64)."""
+    x = packed.reshape(packed.shape[0], k, 1 + 2 * top)
+    lp = x[..., : 1 + top].to(torch.int32).view(torch.float32)
+    return lp[..., 0], lp[..., 1:], x[..., 1 + top:]
+
+
+def _row_logprobs(lp: Tensor, top_lp: Tensor, top_ids: Tensor, row: int, n: int, want: int) -> TokenLogprobs:
+    """Row ``row``'s first ``n`` positions of unpacked host tensors, with ``want`` alternatives."""
+    return TokenLogprobs(lp[row, :n].tolist(), top_ids[row, :n, :want].tolist(), top_lp[row, :n, :want].tolist())
 
 
 def _round_up(n: int, m: int) -> int:
@@ -238,7 +301,8 @@ class Decoder:
                 raise ValueError(f"a request needs {need} cache positions (block size {k_max}), "
                                  f"the decoder holds {self.capacity}")
         for (rid, ids, gen, k), slot in zip(requests, free):
-            self.rows[slot] = Row(rid, slot, list(ids), gen, k, hybrid_ngram_block(gen, k))
+            self.rows[slot] = Row(rid, slot, list(ids), gen, k, hybrid_ngram_block(gen, k),
+                                  logprobs=None if gen.logprobs is None else TokenLogprobs())
             self.ngram[slot] = None  # built lazily on the row's first n-gram cycle
         slots = free[: len(requests)]
         dev = self.model.device
@@ -290,10 +354,23 @@ class Decoder:
             self.lengths_host[a + i] = len(r.prompt_ids)
             r.stats.prefill_passes += 1
         fault = ~torch.isfinite(logits).all(-1)[:, 0]  # [B]: no distribution to take a first token from
-        first_host, fault_host = torch.stack((first, fault.long())).tolist()  # host sync: once per prefill
-        return [self._fail(a + i, "the model's logits became non-finite (NaN or inf) on the prompt: "
-                                  "nothing generated for this request") if bad else self._emit(a + i, [tok], 0)
-                for i, (tok, bad) in enumerate(zip(first_host, fault_host))]
+        top = self.logprobs_top(rows)
+        out = torch.stack((first, fault.long()), dim=1)  # [B, 2]
+        if top >= 0:
+            out = torch.cat((out, pack_logprobs(logits, first[:, None], top)), dim=1)
+        host = out.cpu()  # host sync: once per prefill
+        first_host, fault_host = host[:, :2].T.tolist()
+        unpacked = unpack_logprobs(host[:, 2:], 1, top) if top >= 0 else None
+        events = []
+        for i, (tok, bad) in enumerate(zip(first_host, fault_host)):
+            if bad:
+                events.append(self._fail(a + i, "the model's logits became non-finite (NaN or inf) on the prompt: "
+                                                "nothing generated for this request"))
+                continue
+            want = rows[i].gen.logprobs
+            lp = None if unpacked is None or want is None else _row_logprobs(*unpacked, i, 1, want)
+            events.append(self._emit(a + i, [tok], 0, lp))
+        return events
 
     # ---- one cycle ----------------------------------------------------------------------------
 
@@ -321,7 +398,7 @@ class Decoder:
         return sample(q, uniform(self.seeds[:hi], positions[:, 1:], STREAM_DRAFT)), q
 
     def _cycle(self, hi: int, k: int, kv_len: int, greedy: bool, filters: bool,
-               source: str = "diffusion", candidates: int = 0) -> Tensor:
+               source: str = "diffusion", candidates: int = 0, logprobs: int = -1) -> Tensor:
         """Device part of one cycle over slots ``[0, hi)`` with block size ``k`` (run it under
         ``torch.no_grad``, as :meth:`run_cycle` does).
 
@@ -329,14 +406,16 @@ class Decoder:
         ``ngram`` (the host's n-gram drafts in ``self.ngram_in[k]``, written by :meth:`step`
         before the cycle; no draft pass) or ``mixed`` (both; each row takes its own source's by
         ``self.ngram_rows``), or ``onepass`` (the one-pass schedule with ``candidates`` candidate
-        blocks: :meth:`_cycle_onepass`).
+        blocks: :meth:`_cycle_onepass`). ``logprobs`` >= 0: also the log-probs of the emitted
+        tokens and that many alternatives per position (see :meth:`_commit`); -1: none.
 
         Returns ``[hi, k + 2]`` int64: the ``k`` emitted-token slots (accepted drafts then the
         correction/bonus token; the rest is junk), the number of accepted drafts ``a``, and 1 where
-        the row's verify logits were not finite (nothing committed; see :meth:`_commit`).
+        the row's verify logits were not finite (nothing committed; see :meth:`_commit`); with
+        ``logprobs`` >= 0, :func:`pack_logprobs`'s columns follow.
         """
         if source == "onepass":
-            return self._cycle_onepass(hi, k, kv_len, greedy, filters, candidates)
+            return self._cycle_onepass(hi, k, kv_len, greedy, filters, candidates, logprobs)
         model, dev = self.model, self.model.device
         cache = self.cache.rows(0, hi)
         t, x = self.lengths[:hi], self.x_t[:hi]  # [B]
@@ -365,15 +444,20 @@ class Decoder:
             n_acc, nxt = self._sampled_accept(drafts, q, p, positions)
         else:
             n_acc, nxt = greedy_accept(drafts, p_logits)
-        return self._commit(hi, drafts, n_acc, nxt, p_logits)
+        return self._commit(hi, drafts, n_acc, nxt, p_logits, logprobs)
 
-    def _commit(self, hi: int, drafts: Tensor, n_acc: Tensor, nxt: Tensor, p_logits: Tensor) -> Tensor:
+    def _commit(self, hi: int, drafts: Tensor, n_acc: Tensor, nxt: Tensor, p_logits: Tensor,
+                logprobs: int = -1) -> Tensor:
         """Move each active row by ``a + 1`` and make the correction/bonus token its new ``x_t``;
         returns the cycle's ``[hi, K + 2]`` output (see :meth:`_cycle`).
 
         A row whose verify logits ``p_logits [B, K, V]`` are not all finite has no distribution to
         sample or compare with: it commits nothing and is flagged (last column), so that the host
-        fails that request alone (the other rows are not affected: every op here is per row)."""
+        fails that request alone (the other rows are not affected: every op here is per row).
+
+        ``logprobs`` >= 0: the emitted token at slot ``j`` was chosen from ``p_logits[:, j]`` (the
+        verify pass's distribution at that position), so its log-prob is one gather there (and a
+        top-``logprobs``); they are appended to the output (:func:`pack_logprobs`)."""
         fault = ~torch.isfinite(p_logits).all(-1).all(-1)  # [B]
         out = torch.cat((drafts, drafts.new_zeros(hi, 1)), dim=1)  # [B, K]
         out.scatter_(1, n_acc[:, None], nxt[:, None])
@@ -381,9 +465,13 @@ class Decoder:
         act = self.active[:hi] * (~fault)
         self.lengths[:hi] += (n_acc + 1) * act
         self.x_t[:hi] = torch.where(act.bool(), nxt, self.x_t[:hi])
-        return torch.cat((out, n_acc[:, None], fault[:, None].long()), dim=1)
+        parts = [out, n_acc[:, None], fault[:, None].long()]
+        if logprobs >= 0:
+            parts.append(pack_logprobs(p_logits, out, logprobs))
+        return torch.cat(parts, dim=1)
 
-    def _cycle_onepass(self, hi: int, k: int, kv_len: int, greedy: bool, filters: bool, c: int) -> Tensor:
+    def _cycle_onepass(self, hi: int, k: int, kv_len: int, greedy: bool, filters: bool, c: int,
+                       logprobs: int = -1) -> Tensor:
         """Device part of one one-pass cycle: verify the stored drafts and draft the next block.
 
         One forward (:meth:`DiffusionAdapter.verify_and_draft`) over ``[x_t, d_1..d_{K-1}]`` (the
@@ -433,7 +521,7 @@ class Decoder:
         if not greedy:
             q_blk = q_c.view(hi, c, k - 1, -1)[rows, j_star]  # [B, K-1, V]
             self.op_q[k][:hi] = q_blk.gather(1, src[..., None].expand(-1, -1, q_blk.shape[-1]))
-        return self._commit(hi, drafts, n_acc, nxt, p_logits)
+        return self._commit(hi, drafts, n_acc, nxt, p_logits, logprobs)
 
     def _sampled_accept(self, drafts: Tensor, q: Tensor, p: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         """Rejection sampling of ``drafts [B, K-1]`` (drawn from ``q [B, K-1, V]``) against
@@ -472,15 +560,15 @@ class Decoder:
         return torch.where(self.ngram_rows[:hi, None, None], one_hot, q)
 
     def run_cycle(self, rows: int, k: int, kv_len: int, greedy: bool, filters: bool,
-                  source: str = "diffusion", candidates: int = 0) -> Tensor:
+                  source: str = "diffusion", candidates: int = 0, logprobs: int = -1) -> Tensor:
         """One cycle (see :meth:`_cycle`): a replayed CUDA graph in graph mode, else eager
         (compiled with ``torch.compile`` when asked).
 
         In graph mode the result is the graph's static output: read it before the next cycle.
         """
         if self.graphs is not None:
-            return self.graphs.run(rows, k, kv_len, greedy, filters, source, candidates)
-        return self._cycle_no_grad(rows, k, kv_len, greedy, filters, source, candidates)
+            return self.graphs.run(rows, k, kv_len, greedy, filters, source, candidates, logprobs)
+        return self._cycle_no_grad(rows, k, kv_len, greedy, filters, source, candidates, logprobs)
 
     def _cycle_no_grad(self, *key: Any) -> Tensor:
         # no_grad, not inference_mode: torch.compile cannot trace in-place updates of the state
@@ -527,8 +615,10 @@ class Decoder:
         for kk, fresh in self.op_fresh.items():  # only this cycle's one-pass drafts stay fresh
             if source != "onepass" or kk != k:
                 fresh[:hi] = False
-        # host sync: once per cycle
-        result = self.run_cycle(hi, k, kv_len, greedy, filters, source, c).tolist()
+        top = self.logprobs_top(rows)
+        host = self.run_cycle(hi, k, kv_len, greedy, filters, source, c, top).cpu()  # host sync: once per cycle
+        result = host[:, : k + 2].tolist()
+        unpacked = unpack_logprobs(host[:, k + 2:], k, top) if top >= 0 else None
         events = []
         for i, ng in zip(live, ngram):
             row_out = result[i]
@@ -539,7 +629,9 @@ class Decoder:
                                             f"{self.lengths_host[i]}: generation stopped for this request"))
                 continue
             self.lengths_host[i] += a + 1
-            ev = self._emit(i, row_out[: a + 1], a)
+            want = r.gen.logprobs
+            lp = None if unpacked is None or want is None else _row_logprobs(*unpacked, i, a + 1, want)
+            ev = self._emit(i, row_out[: a + 1], a, lp)
             # count the tokens kept, not those cut by EOS / max tokens / a stop string (TPF);
             # an n-gram row had no draft pass (its drafts came from the host)
             r.stats.record_cycle(len(ev.token_ids), a, k, drafted=k > 1 and not ng and source != "onepass")
@@ -548,6 +640,12 @@ class Decoder:
                 ix.extend(r.tokens[len(ix) - len(r.prompt_ids):])  # the new tokens only
             events.append(ev)
         return events
+
+    @staticmethod
+    def logprobs_top(rows: list[Row]) -> int:
+        """The alternatives per token a cycle over ``rows`` computes: the most any row asks for,
+        or -1 when no row asks for log-probs (then the cycle computes none)."""
+        return max((r.gen.logprobs for r in rows if r.gen.logprobs is not None), default=-1)
 
     @staticmethod
     def onepass_candidates(rows: list[Row], k: int) -> int:
@@ -596,8 +694,9 @@ class Decoder:
 
     # ---- host bookkeeping -----------------------------------------------------------------------
 
-    def _emit(self, slot: int, new: list[int], accepted: int) -> Event:
-        """Apply EOS / max tokens / stop strings to ``new`` tokens of ``slot`` and build its event."""
+    def _emit(self, slot: int, new: list[int], accepted: int, logprobs: TokenLogprobs | None = None) -> Event:
+        """Apply EOS / max tokens / stop strings to ``new`` tokens of ``slot`` and build its event.
+        ``logprobs``: those of ``new`` (cut with it: every cut keeps a prefix)."""
         r = self.rows[slot]
         assert r is not None
         g = r.gen
@@ -610,8 +709,8 @@ class Decoder:
         finish = "stop" if eos_at is not None else ("length" if len(new) == room else None)
         before = r.text
         r.tokens += new
-        if finish is None and not self.stream_text and not g.stop:
-            return Event(r.request_id, new, "", None, r)  # the text comes with the last event
+        if finish is None and not self.stream_text and not g.stop:  # the text comes with the last event
+            return Event(r.request_id, new, "", None, r, self._keep_logprobs(r, logprobs, len(new)))
         text = self._text(r)
         if g.stop:
             cut = self._find_stop(text, g.stop, len(before))
@@ -640,7 +739,16 @@ class Decoder:
             r.finish_reason = finish
             r.stats.seconds = time.perf_counter() - r.started
             self._park(slot)
-        return Event(r.request_id, new, text[len(before):], finish, r)
+        return Event(r.request_id, new, text[len(before):], finish, r, self._keep_logprobs(r, logprobs, len(new)))
+
+    @staticmethod
+    def _keep_logprobs(r: Row, logprobs: TokenLogprobs | None, n: int) -> TokenLogprobs | None:
+        """The first ``n`` of ``logprobs`` (the tokens kept), added to the row's."""
+        if logprobs is None or r.logprobs is None:
+            return None
+        kept = logprobs.head(n)
+        r.logprobs.extend(kept)
+        return kept
 
     def _fail(self, slot: int, message: str) -> Event:
         """End the row in ``slot`` with ``finish_reason='error'`` and ``message`` (``Row.error``)."""
