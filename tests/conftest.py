@@ -3,6 +3,9 @@
 * ``real_engine``: the real default model with a fresh adapter (block 8), loaded ONCE per session and
   shared by every test file that needs it (the first load converts the GGUF, ~20 s, then ~3 s).
 * ``real_hf``: transformers' own model read from the same converted folder, for parity.
+* ``tiny_chat_folder`` / ``tiny_chat_engine``: a tiny random llama as a Hugging Face folder with a
+  word-level tokenizer and a chat template (``tiny.make_tiny_folder``), and an engine on it with a
+  fresh adapter (block 4): what the server tests serve when they need no real model.
 * tiny random models of every family (``tiny_base``) and ``run_decoder``, which drives a
   :class:`~orthrus.decoding.generator.Decoder` exactly like ``Orthrus.stream`` does (continuous
   batching: add into free slots, step, release finished rows), on token-id prompts.
@@ -19,7 +22,7 @@ from orthrus.adapter import DiffusionAdapter
 from orthrus.config import GenerationConfig
 from orthrus.decoding.generator import Decoder, Row
 from orthrus.models.llama import Transformer
-from tiny import hf_model, ours_from_hf
+from tiny import hf_model, make_tiny_folder, ours_from_hf
 
 TINY_FP = "tiny-fingerprint"
 
@@ -125,3 +128,19 @@ def real_hf(real_engine):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(real_engine.base.folder, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_folder(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A tiny llama as a Hugging Face folder, with a tokenizer and a chat template (words ``w5..w96``)."""
+    return make_tiny_folder(tmp_path_factory.mktemp("tiny-chat"))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_engine(tiny_chat_folder: Any) -> Any:
+    """An :class:`~orthrus.engine.Orthrus` on ``tiny_chat_folder`` with a fresh adapter, block size 4."""
+    from orthrus.engine import Orthrus
+    from orthrus.models.loading import load_base
+
+    base = load_base(str(tiny_chat_folder))
+    return Orthrus(base, tiny_adapter(base.model, block_size=4))

@@ -194,3 +194,140 @@ def test_pack_unpack_round_trip() -> None:
 def test_bad_logprobs_config(bad: Any) -> None:
     with pytest.raises(OrthrusError, match=r"logprobs must be None or an integer in \[0, 20\]"):
         GenerationConfig(logprobs=bad)
+
+
+# ---- over HTTP (the OpenAI API), on a tiny chat model ------------------------------------------------
+
+SERVED = "tiny"
+QUESTION = [{"role": "user", "content": "w5 w6 w7"}]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_chat_engine: Any) -> Any:
+    """(engine, transformers' model of the same folder, {mode: openai client}) for AR and parallel."""
+    pytest.importorskip("fastapi")
+    openai = pytest.importorskip("openai")
+    from transformers import AutoModelForCausalLM
+
+    from orthrus.serve.app import create_app
+    from test_serve import LiveServer
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_chat_engine.base.folder, dtype=torch.float32).eval()
+    servers = {mode: LiveServer(create_app(tiny_chat_engine, model_name=SERVED, mode=mode, max_batch_size=3,
+                                           max_seq_len=128))
+               for mode in ("ar", "parallel")}
+    clients = {mode: openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=60)
+               for mode, s in servers.items()}
+    yield tiny_chat_engine, hf, clients, servers
+    for s in servers.values():
+        s.close()
+
+
+def _expected(engine: Any, hf: Any, prompt_ids: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """The greedy tokens (plain AR) and the model's log-softmax at each of them ``[n, V]``."""
+    tokens = engine.generate([prompt_ids], GenerationConfig(max_new_tokens=n))[0].token_ids
+    return tokens, reference(hf, prompt_ids, tokens)
+
+
+@pytest.mark.parametrize("mode", ["ar", "parallel"])
+def test_chat_logprobs_streamed_and_not(served: Any, mode: str) -> None:
+    engine, hf, clients, _ = served
+    client = clients[mode]
+    n, top = 9, 3
+    tokens, ref = _expected(engine, hf, engine.encode(QUESTION), n)
+    r = client.chat.completions.create(model=SERVED, messages=QUESTION, max_tokens=n, temperature=0,
+                                       logprobs=True, top_logprobs=top)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == n
+    for j, (entry, tok) in enumerate(zip(content, tokens)):
+        assert entry.token == engine.tokenizer.decode([tok]) and entry.bytes == list(entry.token.encode())
+        assert abs(entry.logprob - ref[j, tok].item()) < ATOL
+        assert len(entry.top_logprobs) == top
+        values = [t.logprob for t in entry.top_logprobs]
+        assert values == sorted(values, reverse=True)
+        want_vals, want_ids = ref[j].topk(top)
+        assert [t.token for t in entry.top_logprobs] == [engine.tokenizer.decode([i]) for i in want_ids.tolist()]
+        torch.testing.assert_close(torch.tensor(values), want_vals, atol=ATOL, rtol=0)
+        assert entry.top_logprobs[0].token == entry.token  # greedy: the chosen token is the likeliest
+    streamed = list(client.chat.completions.create(model=SERVED, messages=QUESTION, max_tokens=n, temperature=0,
+                                                   logprobs=True, top_logprobs=top, stream=True))
+    parts = [e for c in streamed for ch in c.choices if ch.logprobs for e in ch.logprobs.content]
+    assert [e.model_dump() for e in parts] == [e.model_dump() for e in content]
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == r.choices[0].message.content
+    # without logprobs: none in the reply; n > 1: each choice has its own
+    plain = client.chat.completions.create(model=SERVED, messages=QUESTION, max_tokens=3, temperature=0)
+    assert plain.choices[0].logprobs is None
+    two = client.chat.completions.create(model=SERVED, messages=QUESTION, max_tokens=4, temperature=0, n=2,
+                                         logprobs=True)
+    assert [len(c.logprobs.content) for c in two.choices] == [4, 4]
+    assert all(e.top_logprobs == [] for c in two.choices for e in c.logprobs.content)  # top_logprobs 0
+
+
+@pytest.mark.parametrize("mode", ["ar", "parallel"])
+def test_completion_logprobs_streamed_and_not(served: Any, mode: str) -> None:
+    engine, hf, clients, _ = served
+    client = clients[mode]
+    prompt = "w9 w10 w11 w12"
+    n, top = 8, 2
+    tokens, ref = _expected(engine, hf, engine.encode(prompt, chat_template=False), n)
+    r = client.completions.create(model=SERVED, prompt=prompt, max_tokens=n, temperature=0, logprobs=top)
+    lp = r.choices[0].logprobs
+    texts = [engine.tokenizer.decode([t]) for t in tokens]
+    assert lp.tokens == texts
+    torch.testing.assert_close(torch.tensor(lp.token_logprobs), ref.gather(1, torch.tensor(tokens)[:, None])[:, 0],
+                               atol=ATOL, rtol=0)
+    for j, d in enumerate(lp.top_logprobs):  # the top N, and the chosen token (as OpenAI: up to N + 1)
+        want_vals, want_ids = ref[j].topk(top)
+        assert list(d) == [engine.tokenizer.decode([i]) for i in want_ids.tolist()] and texts[j] in d
+        torch.testing.assert_close(torch.tensor(list(d.values())), want_vals, atol=ATOL, rtol=0)
+    assert lp.text_offset == [sum(len(t) for t in texts[:j]) for j in range(n)]
+    streamed = list(client.completions.create(model=SERVED, prompt=prompt, max_tokens=n, temperature=0,
+                                              logprobs=top, stream=True))
+    got: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for c in streamed:
+        if c.choices[0].logprobs is not None:
+            for key in got:
+                got[key] += getattr(c.choices[0].logprobs, key)
+    assert got == {key: getattr(lp, key) for key in got}
+    assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
+
+
+def test_sampled_logprobs_over_http_are_the_models(served: Any) -> None:
+    """Parallel mode, temperature 1.3, seeded: the log-probs are the model's own (not the sampling
+    distribution's), at each sampled token."""
+    engine, hf, clients, _ = served
+    r = clients["parallel"].chat.completions.create(model=SERVED, messages=QUESTION, max_tokens=10,
+                                                    temperature=1.3, seed=3, logprobs=True, top_logprobs=1)
+    ids = engine.encode(QUESTION)
+    vocab = {engine.tokenizer.decode([i], skip_special_tokens=False): i for i in range(VOCAB)}  # (EOS too)
+    tokens = [vocab[e.token] for e in r.choices[0].logprobs.content]
+    ref = reference(hf, ids, tokens)
+    for j, (e, tok) in enumerate(zip(r.choices[0].logprobs.content, tokens)):
+        assert abs(e.logprob - ref[j, tok].item()) < ATOL
+        assert abs(e.top_logprobs[0].logprob - ref[j].max().item()) < ATOL
+
+
+BAD_LOGPROBS = [  # (path, extra fields, param, text in the message)
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 50}, "top_logprobs", "[0, 20]"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": -1}, "top_logprobs", "[0, 20]"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 2.5}, "top_logprobs", "[0, 20]"),
+    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs", '"logprobs": true'),
+    ("/v1/chat/completions", {"logprobs": 1}, "logprobs", "boolean"),
+    ("/v1/completions", {"logprobs": 6}, "logprobs", "[0, 5]"),
+    ("/v1/completions", {"logprobs": True}, "logprobs", "[0, 5]"),
+    ("/v1/completions", {"logprobs": 2, "echo": True}, "logprobs", "echo"),
+]
+
+
+@pytest.mark.parametrize("path,extra,param,needle", BAD_LOGPROBS)
+def test_bad_logprobs_values_are_400_naming_the_field(served: Any, path: str, extra: dict, param: str,
+                                                      needle: str) -> None:
+    import httpx
+
+    _, _, _, servers = served
+    body = {"model": SERVED, "max_tokens": 2, **extra}
+    body.update({"messages": QUESTION} if "chat" in path else {"prompt": "w5 w6"})
+    r = httpx.post(servers["ar"].url + path, json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and needle in err["message"] and param in err["message"], err

@@ -388,8 +388,8 @@ def test_bounded_queue_answers_429_with_retry_after(live: LiveServer, http: http
 
 # (field, a value that asks for something we do not implement); each must be a 400 naming the field
 REFUSED_CHAT = {
-    "frequency_penalty": 0.5, "presence_penalty": -0.5, "logit_bias": {"15": 5}, "logprobs": True,
-    "top_logprobs": 3, "response_format": {"type": "json_object"},
+    "frequency_penalty": 0.5, "presence_penalty": -0.5, "logit_bias": {"15": 5},
+    "response_format": {"type": "json_object"},
     "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tool_choice": "required",
     "functions": [{"name": "f", "parameters": {}}], "function_call": {"name": "f"},
     "audio": {"voice": "alloy", "format": "wav"}, "modalities": ["text", "audio"],
@@ -398,14 +398,14 @@ REFUSED_CHAT = {
     "service_tier": "flex",
 }
 REFUSED_COMPLETION = {"frequency_penalty": 0.5, "presence_penalty": 1.0, "logit_bias": {"15": 5},
-                      "logprobs": 1, "suffix": " the end", "best_of": 2}
-# fields we honour (tested elsewhere) and hints that change no output
+                      "suffix": " the end", "best_of": 2}
+# fields we honour (tested elsewhere: logprobs in test_logprobs.py) and hints that change no output
 HONOURED_CHAT = {"messages", "model", "max_completion_tokens", "max_tokens", "n", "seed", "stop", "stream",
-                 "stream_options", "temperature", "top_p"}
+                 "stream_options", "temperature", "top_p", "logprobs", "top_logprobs"}
 HINTS_CHAT = {"metadata", "parallel_tool_calls", "prompt_cache_key", "prompt_cache_options",
               "prompt_cache_retention", "safety_identifier", "user"}
 HONOURED_COMPLETION = {"model", "prompt", "echo", "max_tokens", "n", "seed", "stop", "stream", "stream_options",
-                       "temperature", "top_p"}
+                       "temperature", "top_p", "logprobs"}
 HINTS_COMPLETION = {"user"}
 CLIENT_ONLY = {"self", "extra_headers", "extra_query", "extra_body", "timeout"}
 

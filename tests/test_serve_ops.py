@@ -3,7 +3,7 @@
 ``orthrus serve`` process.
 
 The tiny model is a Hugging Face folder with a word-level tokenizer and a chat template
-(``tiny.make_tiny_folder``): words ``w5..w96`` are tokens; its greedy answers run to max_tokens.
+(``tiny_chat_folder`` in conftest): words ``w5..w96`` are tokens; its greedy answers run to max_tokens.
 """
 
 from __future__ import annotations
@@ -29,12 +29,9 @@ openai = pytest.importorskip("openai")
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from conftest import tiny_adapter  # noqa: E402
 from orthrus.engine import Orthrus  # noqa: E402
-from orthrus.models.loading import load_base  # noqa: E402
 from orthrus.serve.app import create_app  # noqa: E402
 from test_serve import LiveServer  # noqa: E402
-from tiny import make_tiny_folder  # noqa: E402
 
 MODEL = "tiny"
 KEY = "sk-test-0123456789"
@@ -44,20 +41,9 @@ API_KEY_ENV = "ORTHRUS_API_KEY"
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_folder(tmp_path_factory.mktemp("tiny-serve"))
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_folder: Path) -> Orthrus:
-    base = load_base(str(tiny_folder))
-    return Orthrus(base, tiny_adapter(base.model, block_size=4))
-
-
-@pytest.fixture(scope="module")
-def keyed(tiny_engine: Orthrus) -> Iterator[LiveServer]:
+def keyed(tiny_chat_engine: Orthrus) -> Iterator[LiveServer]:
     """A parallel-mode server with an API key and a 2 KiB body limit."""
-    srv = LiveServer(create_app(tiny_engine, model_name=MODEL, mode="parallel", max_batch_size=2,
+    srv = LiveServer(create_app(tiny_chat_engine, model_name=MODEL, mode="parallel", max_batch_size=2,
                                 max_seq_len=128, api_key=KEY, max_body_bytes=2048))
     yield srv
     srv.close()
@@ -165,10 +151,10 @@ def test_body_size_limit(keyed: LiveServer) -> None:
 
 # ---- /metrics -------------------------------------------------------------------------------------
 
-def test_metrics_histograms(tiny_engine: Orthrus) -> None:
+def test_metrics_histograms(tiny_chat_engine: Orthrus) -> None:
     """Counters keep their names; the five histograms count what they should. Two servers in one
     process have their own registries."""
-    servers = [LiveServer(create_app(tiny_engine, model_name=MODEL, mode=mode, max_batch_size=2, max_seq_len=128))
+    servers = [LiveServer(create_app(tiny_chat_engine, model_name=MODEL, mode=mode, max_batch_size=2, max_seq_len=128))
                for mode in ("parallel", "ar")]
     try:
         for srv in servers:
@@ -283,11 +269,11 @@ class ServeProcess:
 
 
 @pytest.fixture
-def serve_process(tiny_folder: Path) -> Iterator[Any]:
+def serve_process(tiny_chat_folder: Path) -> Iterator[Any]:
     procs: list[ServeProcess] = []
 
     def start(*extra: str) -> ServeProcess:
-        p = ServeProcess(tiny_folder, *extra)
+        p = ServeProcess(tiny_chat_folder, *extra)
         procs.append(p)
         return p
 

@@ -20,6 +20,10 @@ puts the prompt text before each choice's text.
 
 Sampling defaults follow the OpenAI API (``temperature`` 1, ``top_p`` 1); pass ``temperature: 0``
 for greedy output, which is identical to the frozen model's own.
+
+Log-probs (chat ``logprobs`` / ``top_logprobs``, completions ``logprobs``) are the frozen model's
+own distribution at each generated position (the verify pass's log-softmax, before temperature,
+top-k and top-p), in both modes and when streaming: each chunk carries those of its tokens.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orthrus.config import GenerationConfig
-from orthrus.decoding.generator import Event, cache_room
+from orthrus.decoding.generator import Event, Row, cache_room
 from orthrus.decoding.stats import DecodeStats
 from orthrus.engine import Orthrus, row_seed
 from orthrus.errors import ContextLengthError, OrthrusError
@@ -104,6 +108,7 @@ class Server:
         self.scheduler = Scheduler(engine, max_batch_size, self.context + room, self.metrics.latencies)
         self.created = int(time.time())
         self.started = time.time()
+        self._token_texts: dict[int, str] = {}
 
     # ---- request -> GenerationConfig ------------------------------------------------------------
 
@@ -112,8 +117,8 @@ class Server:
             raise APIError(404, f"the model '{name}' does not exist: this server serves '{self.model_name}'",
                            param="model", code="model_not_found")
 
-    def generation(self, body: P.GenerationRequest, n_prompt: int, max_tokens: int | None, prompt_param: str,
-                   seed: int) -> GenerationConfig:
+    def generation(self, body: P.ChatCompletionRequest | P.CompletionRequest, n_prompt: int,
+                   max_tokens: int | None, prompt_param: str, seed: int) -> GenerationConfig:
         """Validate lengths against the context and build one row's :class:`GenerationConfig`."""
         ctx = self.context
         if n_prompt >= ctx:
@@ -132,9 +137,16 @@ class Server:
             return GenerationConfig(max_new_tokens=max_tokens, temperature=temperature, top_k=body.top_k or 0,
                                     top_p=1.0 if body.top_p is None else body.top_p, seed=seed,
                                     stop=body.stop, mode=self.mode, block_size=self.block_size_override,
-                                    draft=self.draft, **self.schedule_args)
+                                    draft=self.draft, logprobs=body.logprobs_top, **self.schedule_args)
         except OrthrusError as e:
             raise APIError(400, str(e)) from None
+
+    def token_text(self, token_id: int) -> str:
+        """A token's text in log-probs (special tokens shown; cached)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
 
     @staticmethod
     def seeds(body: P.GenerationRequest, count: int) -> list[int]:
@@ -248,10 +260,11 @@ class Call:
 
 
 async def _reply(call: Call, http: Request, prompt_tokens: int, prefixes: list[str],
-                 respond: Callable[[list[tuple[str, str]], dict, dict], Any]) -> Any:
+                 respond: Callable[[list[P.Choice], dict, dict], Any],
+                 logprobs: Callable[[Row], dict] | None = None) -> Any:
     """A non-streamed reply: wait for every row, then ``respond(choices, usage, extra)`` with
-    ``choices`` = (prefix + text, finish_reason) per row. If the client goes away meanwhile, the
-    rows are cancelled (their slots freed)."""
+    ``choices`` = (prefix + text, finish_reason, ``logprobs(row)`` or None) per row. If the client
+    goes away meanwhile, the rows are cancelled (their slots freed)."""
     try:
         if not await call.wait(http, lambda: call.done):
             return Response(status_code=CLIENT_CLOSED)
@@ -260,7 +273,11 @@ async def _reply(call: Call, http: Request, prompt_tokens: int, prefixes: list[s
     texts = [[p] for p in prefixes]
     for i, ev in call.buffer:
         texts[i].append(ev.text)
-    choices = [("".join(t), call.finished[i].finish_reason or "") for i, t in enumerate(texts)]
+    choices = []
+    for i, t in enumerate(texts):
+        row = call.finished[i].row
+        lp = logprobs(row) if logprobs is not None and row.logprobs is not None else None
+        choices.append(("".join(t), call.finished[i].finish_reason or "", lp))
     return respond(choices, call.usage(prompt_tokens), call.extra())
 
 
@@ -406,14 +423,18 @@ def create_app(engine: Orthrus, model_name: str, mode: str = "parallel", max_bat
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if not body.stream:
             return await _reply(call, request, len(ids), [""] * len(seeds),
-                                lambda *a: P.chat_response(rid, model_name, *a))
+                                lambda *a: P.chat_response(rid, model_name, *a),
+                                lambda row: P.chat_logprobs(row.tokens, row.logprobs, server.token_text))
 
         async def chunks() -> AsyncIterator[dict]:
             created = int(time.time())
             for i in range(len(seeds)):
                 yield P.chat_chunk(rid, model_name, created, i, {"role": "assistant", "content": ""}, None)
             async for i, ev in call.rest():
-                if ev.text:
+                if ev.logprobs is not None and ev.token_ids:  # the chunk of these tokens, even if its text
+                    lp = P.chat_logprobs(ev.token_ids, ev.logprobs, server.token_text)  # is held back
+                    yield P.chat_chunk(rid, model_name, created, i, {"content": ev.text}, None, lp)
+                elif ev.text:
                     yield P.chat_chunk(rid, model_name, created, i, {"content": ev.text}, None)
                 if ev.finish_reason is not None:
                     yield P.chat_chunk(rid, model_name, created, i, {}, ev.finish_reason)
@@ -454,16 +475,22 @@ def create_app(engine: Orthrus, model_name: str, mode: str = "parallel", max_bat
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if not body.stream:
             return await _reply(call, request, prompt_tokens, prefixes,
-                                lambda *a: P.completion_response(rid, model_name, *a))
+                                lambda *a: P.completion_response(rid, model_name, *a),
+                                lambda row: P.completion_logprobs(row.tokens, row.logprobs, server.token_text))
 
         async def chunks() -> AsyncIterator[dict]:
             created = int(time.time())
+            offsets = [0] * len(prefixes)  # per choice: text_offset of its next token (no echo with logprobs)
             for i, prefix in enumerate(prefixes):
                 if prefix:  # echo: the prompt text comes first
                     yield P.completion_chunk(rid, model_name, created, i, prefix, None)
             async for i, ev in call.rest():
-                if ev.text or ev.finish_reason is not None:
-                    yield P.completion_chunk(rid, model_name, created, i, ev.text, ev.finish_reason)
+                lp = None
+                if ev.logprobs is not None and ev.token_ids:
+                    lp = P.completion_logprobs(ev.token_ids, ev.logprobs, server.token_text, offsets[i])
+                    offsets[i] += sum(len(t) for t in lp["tokens"])
+                if ev.text or ev.finish_reason is not None or lp is not None:
+                    yield P.completion_chunk(rid, model_name, created, i, ev.text, ev.finish_reason, lp)
             if include_usage:
                 yield P.usage_chunk(rid, model_name, created, "text_completion", call.usage(prompt_tokens))
 

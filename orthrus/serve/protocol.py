@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
+
+if TYPE_CHECKING:
+    from orthrus.decoding.generator import TokenLogprobs
 
 # a finite float: JSON numbers only (not booleans), NaN and infinities rejected
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
 MAX_STOP = 4  # as in the OpenAI API
 MAX_CHOICES = 128  # choices per request (n x prompts), as OpenAI caps n
+MAX_TOP_LOGPROBS = 20  # chat: top_logprobs in [0, 20], as OpenAI
+MAX_COMPLETION_LOGPROBS = 5  # completions: logprobs in [0, 5], as OpenAI
 
 
 def _none(v: Any) -> bool:
@@ -55,8 +60,6 @@ _SHARED_DEFAULTS: dict[str, tuple[Any, str]] = {
 }
 _CHAT_DEFAULTS: dict[str, tuple[Any, str]] = {
     **_SHARED_DEFAULTS,
-    "logprobs": (_one_of(False), "false"),
-    "top_logprobs": (_one_of(0), "null or 0"),
     "response_format": (_one_of({"type": "text"}), '{"type": "text"}'),
     "tools": (_empty, "null or []"),
     "tool_choice": (_one_of("none", "auto"), '"none" (there are no tools)'),
@@ -81,7 +84,6 @@ _CHAT_DEFAULTS: dict[str, tuple[Any, str]] = {
 }
 _COMPLETION_DEFAULTS: dict[str, tuple[Any, str]] = {
     **_SHARED_DEFAULTS,
-    "logprobs": (_none, "null"),
     "suffix": (_one_of(""), 'null or ""'),
 }
 # fields of an assistant turn that a client copies back from an earlier reply
@@ -183,8 +185,8 @@ class ChatCompletionRequest(GenerationRequest):
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None  # newer name of max_tokens
-    logprobs: Any = None
-    top_logprobs: Any = None
+    logprobs: StrictBool | None = None
+    top_logprobs: Any = None  # checked below (the message names the allowed range)
     response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
@@ -208,6 +210,22 @@ class ChatCompletionRequest(GenerationRequest):
 
     _defaults = _only_defaults(_CHAT_DEFAULTS)
 
+    @field_validator("top_logprobs", mode="before")
+    @classmethod
+    def _top_logprobs(cls, v: Any, info: ValidationInfo) -> int | None:
+        if v is None:
+            return None
+        if type(v) is not int or not 0 <= v <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]")
+        if v and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs \"logprobs\": true")
+        return v
+
+    @property
+    def logprobs_top(self) -> int | None:
+        """The alternatives per token to return (None: no log-probs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def chat(self) -> list[dict[str, str]]:
         # "developer" is the newer name of "system"; chat templates only know the latter
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
@@ -225,10 +243,27 @@ class CompletionRequest(GenerationRequest):
     prompt: Any
     echo: StrictBool | None = False
     best_of: Annotated[StrictInt, Field(ge=1)] | None = None
-    logprobs: Any = None
+    logprobs: Any = None  # checked below (the message names the allowed range)
     suffix: Any = None
 
     _defaults = _only_defaults(_COMPLETION_DEFAULTS)
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _logprobs(cls, v: Any, info: ValidationInfo) -> int | None:
+        if v is None:
+            return None
+        if type(v) is not int or not 0 <= v <= MAX_COMPLETION_LOGPROBS:
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_COMPLETION_LOGPROBS}] (the number of "
+                             "alternatives per token)")
+        if info.data.get("echo"):  # echo + logprobs asks for the prompt's log-probs as well
+            raise PydanticCustomError("unsupported_parameter", "'logprobs' together with 'echo' (the "
+                                      "prompt tokens' log-probs) is not supported by this server", {})
+        return v
+
+    @property
+    def logprobs_top(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -317,30 +352,72 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_response(rid: str, model: str, choices: list[tuple[str, str]], use: dict, extra: dict) -> dict:
-    """A chat reply; ``choices``: (text, finish_reason) in index order."""
+Choice = tuple[str, str, "dict | None"]  # (text, finish_reason, logprobs object or None)
+
+
+def chat_response(rid: str, model: str, choices: list[Choice], use: dict, extra: dict) -> dict:
+    """A chat reply; ``choices``: (text, finish_reason, logprobs) in index order."""
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": i, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish, "logprobs": None} for i, (text, finish) in enumerate(choices)],
+                         "finish_reason": finish, "logprobs": lp} for i, (text, finish, lp) in enumerate(choices)],
             "usage": use, "orthrus": extra}
 
 
-def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict, finish: str | None) -> dict:
+def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict, finish: str | None,
+               logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
 
 
-def completion_response(rid: str, model: str, choices: list[tuple[str, str]], use: dict, extra: dict) -> dict:
-    """A completions reply; ``choices``: (text, finish_reason) in index order."""
+def completion_response(rid: str, model: str, choices: list[Choice], use: dict, extra: dict) -> dict:
+    """A completions reply; ``choices``: (text, finish_reason, logprobs) in index order."""
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": None}
-                        for i, (text, finish) in enumerate(choices)],
+            "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": lp}
+                        for i, (text, finish, lp) in enumerate(choices)],
             "usage": use, "orthrus": extra}
 
 
-def completion_chunk(rid: str, model: str, created: int, index: int, text: str, finish: str | None) -> dict:
+def completion_chunk(rid: str, model: str, created: int, index: int, text: str, finish: str | None,
+                     logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": None}]}
+            "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}]}
+
+
+# ---- log-probs -----------------------------------------------------------------------------------
+
+def _entry(text: str, logprob: float) -> dict[str, Any]:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def chat_logprobs(tokens: list[int], lp: "TokenLogprobs", text: Callable[[int], str]) -> dict[str, Any]:
+    """The chat ``logprobs`` object of ``tokens``: ``{"content": [{token, logprob, bytes,
+    top_logprobs: [{token, logprob, bytes}, ...]}, ...], "refusal": None}``; ``text(id)`` is a
+    token's text."""
+    content = []
+    for tok, value, ids, values in zip(tokens, lp.logprobs, lp.top_ids, lp.top_logprobs):
+        content.append({**_entry(text(tok), value), "top_logprobs": [_entry(text(t), v) for t, v in zip(ids, values)]})
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(tokens: list[int], lp: "TokenLogprobs", text: Callable[[int], str],
+                        offset: int = 0) -> dict[str, Any]:
+    """The completions ``logprobs`` object of ``tokens``: ``tokens``, ``token_logprobs``,
+    ``top_logprobs`` (per token a dict of the N most likely tokens' texts and, as OpenAI, the chosen
+    token's: up to N + 1 entries) and ``text_offset`` (each token's character offset, counted from
+    ``offset``, by the lengths of the token texts)."""
+    texts = [text(t) for t in tokens]
+    tops = []
+    for tok_text, value, ids, values in zip(texts, lp.logprobs, lp.top_ids, lp.top_logprobs):
+        top: dict[str, float] = {}
+        for t, v in zip(ids, values):
+            top.setdefault(text(t), v)  # two ids with one text: the likelier one's
+        top.setdefault(tok_text, value)
+        tops.append(top)
+    offsets = []
+    for t in texts:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": texts, "token_logprobs": list(lp.logprobs), "top_logprobs": tops, "text_offset": offsets}
 
 
 def usage_chunk(rid: str, model: str, created: int, obj: str, use: dict) -> dict:
