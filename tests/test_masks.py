@@ -53,7 +53,7 @@ def setup(request):
 def test_document_positions_restart_per_document():
     doc = torch.tensor([[0, 0, 0, 1, 1, 2, -1, -1], [0, 0, 0, 0, 0, 0, 0, 0]])
     assert document_positions(doc).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1], list(range(8))]
-    mask = document_causal_mask(doc, document_positions(doc))[0, 0]
+    mask = document_causal_mask(doc)[0, 0]
     assert mask[4].tolist() == [False, False, False, True, True, False, False, False]
     assert mask.diagonal().all()  # padding rows see themselves: no empty softmax rows
 
@@ -210,3 +210,28 @@ def test_flex_compiled_on_cuda(setup):  # pragma: no cover - CPU-only CI
     flex = draft_blocks(BlockDrafter(adapter), base, batch, cache, th, anchors, valid, K, use_flex=True)
     dense = draft_blocks(BlockDrafter(adapter), base, batch, cache, th, anchors, valid, K)
     torch.testing.assert_close(flex.student[flex.valid], dense.student[dense.valid], atol=1e-4, rtol=1e-4)
+
+
+def test_a_sliding_window_caps_the_context(tmp_path):
+    """No mask needs a sliding window because the window is never exceeded: a Mistral model's
+    context is its window, decoding refuses more (the context error) and training refuses longer
+    rows."""
+    from orthrus.engine import Orthrus
+    from orthrus.errors import ContextLengthError, OrthrusError
+    from orthrus.models.loading import LoadedModel
+    from orthrus.train.trainer import Trainer, TrainConfig
+
+    class Tokenizer:
+        chat_template = None
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    base = ours_from_hf(hf_model("mistral", sliding_window=16, max_position_embeddings=256))
+    assert base.config.sliding_window == 16 and base.config.max_context == 16
+    engine = Orthrus(LoadedModel(base, Tokenizer(), (), "fp", "tiny", tmp_path), None, prepare=False)
+    assert len(engine.generate([[5] * 10], max_new_tokens=6)[0].token_ids) == 6  # exactly the window
+    with pytest.raises(ContextLengthError, match="exceeds the model's context of 16 tokens"):
+        engine.generate([[5] * 10], max_new_tokens=7)
+    with pytest.raises(OrthrusError, match=r"--seq-len \(32\) exceeds the model's context of 16 tokens"):
+        Trainer(TrainConfig(data="-", out=str(tmp_path), seq_len=32, block_size=4), base, "fp", [], progress=False)

@@ -41,18 +41,16 @@ def document_positions(doc: Tensor) -> Tensor:
     return idx - first
 
 
-def document_causal_mask(doc: Tensor, positions: Tensor, sliding_window: int | None = None) -> Tensor:
+def document_causal_mask(doc: Tensor) -> Tensor:
     """Teacher mask ``[B, 1, S, S]`` bool: slot i sees slot j iff same document and j <= i.
 
     Padding slots (``doc == -1``) see each other causally, so no query row is empty (no NaN); no
-    real token ever sees them. ``sliding_window`` (Mistral) limits how far back a query looks, in
-    positions, as :func:`orthrus.models.llama.causal_mask` does.
+    real token ever sees them. No sliding window: a row is at most the model's context long (the
+    trainer checks), which a sliding-window model caps at its window.
     """
     s = doc.shape[1]
     i = torch.arange(s, device=doc.device)
     mask = (doc[:, :, None] == doc[:, None, :]) & (i[None, None, :] <= i[None, :, None])  # [B, S, S]
-    if sliding_window is not None:
-        mask = mask & (positions[:, None, :] > positions[:, :, None] - sliding_window)
     return mask[:, None]
 
 

@@ -179,7 +179,7 @@ def teacher_forward(base: Transformer, batch: Batch, cache: KVCache) -> Tensor:
     """
     b, s = batch.tokens.shape
     slots = torch.arange(s, device=batch.tokens.device).expand(b, s)
-    mask = document_causal_mask(batch.doc, batch.positions, base.config.sliding_window)  # [B, 1, S, S]
+    mask = document_causal_mask(batch.doc)  # [B, 1, S, S]
     cos, sin = rope_cos_sin(batch.positions, base.inv_freq, base.dtype)
     h = base.model.embed_tokens(batch.tokens)
     for i, layer in enumerate(base.model.layers):
@@ -361,6 +361,10 @@ class Trainer:
         self.block_size = cfg.block_size or (adapter.config.block_size if adapter is not None else 16)
         _check(self.block_size < cfg.seq_len,
                f"--block-size ({self.block_size}) must be smaller than --seq-len ({cfg.seq_len})")
+        # the model is never used past its context (for a sliding-window model: its window), so
+        # neither are the training rows; the masks need no window then
+        _check(cfg.seq_len <= base.config.max_context,
+               f"--seq-len ({cfg.seq_len}) exceeds the model's context of {base.config.max_context} tokens")
         torch.manual_seed(cfg.seed)  # lora init; DDP broadcasts rank 0's weights anyway
         if adapter is None:
             adapter = DiffusionAdapter.init(base, fingerprint, kind=kind, block_size=self.block_size, lora_rank=rank)
