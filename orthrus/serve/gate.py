@@ -96,6 +96,15 @@ class Gate:
             return await _reply(send, 503, P.error_body(
                 "the server is shutting down and accepts no new requests: retry on another server",
                 "server_error", code="server_shutting_down"), {"Connection": "close"})
+        st.in_flight += 1  # from here on the drain waits for this request (its body upload included)
+        try:
+            await self._admit(scope, receive, send)
+        finally:
+            st.in_flight -= 1
+
+    async def _admit(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The API key and the body size; then the app, with the body read here replayed to it."""
+        st = self.state
         headers = dict(scope.get("headers") or [])
         if not st.authorised(headers.get(b"authorization")):
             st.rejected += 1
@@ -135,8 +144,4 @@ class Gate:
                 return msg
             return await receive()
 
-        st.in_flight += 1
-        try:
-            await self.app(scope, replay, send)
-        finally:
-            st.in_flight -= 1
+        await self.app(scope, replay, send)
