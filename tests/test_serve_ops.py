@@ -161,8 +161,10 @@ def test_metrics_histograms(tiny_chat_engine: Orthrus) -> None:
             c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
             n_tokens = [5, 9]
             for i, n in enumerate(n_tokens):
-                c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"w{20 + i} w9"}],
-                                          max_tokens=n, temperature=0, stream=i == 1)
+                r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"w{20 + i} w9"}],
+                                              max_tokens=n, temperature=0, stream=i == 1)
+                if i == 1:
+                    assert sum(bool(ch.choices[0].finish_reason) for ch in r if ch.choices) == 1  # read to the end
             m = scrape(srv.url)
             assert m["orthrus_requests"]["orthrus_requests_total"] == 2
             assert m["orthrus_generated_tokens"]["orthrus_generated_tokens_total"] == sum(n_tokens)
