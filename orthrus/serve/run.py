@@ -10,7 +10,8 @@ On SIGTERM (what a container runtime or systemd sends before killing a process) 
 3. then the process exits with status 0. Requests still running at the timeout are failed by the
    scheduler with "the server is shutting down" (an error event on a stream, a 500 otherwise).
 
-SIGINT (Ctrl-C) keeps uvicorn's behaviour: stop now (twice: force).
+A second SIGTERM during the drain, or SIGINT (Ctrl-C), keeps uvicorn's behaviour: stop now (SIGINT
+twice: force).
 """
 
 from __future__ import annotations
