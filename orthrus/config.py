@@ -17,7 +17,10 @@ from orthrus.errors import OrthrusError
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 DTYPES = ("float32", "bfloat16", "float16")
-DRAFTS = ("diffusion", "ngram", "hybrid")  # draft sources of parallel mode (GenerationConfig.draft)
+DRAFTS = ("diffusion", "ngram", "hybrid", "self", "hybrid-self")  # draft sources of parallel mode (GenerationConfig.draft)
+SELF_DRAFTS = ("self", "hybrid-self")  # the ones that draft with the model's own fp16 copy (no adapter)
+SELF_BLOCK_SIZE = 8  # self-drafting's default K (7 one-token draft steps a cycle)
+HYBRID_DRAFTS = ("hybrid", "hybrid-self")  # the ones that switch to n-gram drafts where they match
 # training block kinds: ``anchor`` is ``[x_s, MASK x (K-1)]`` at ``s..`` seeing the AR K/V below
 # ``s`` (the two-pass schedule's draft); ``masked`` is ``[MASK x K]`` at ``s..`` seeing the same
 # context, i.e. without the token at ``s`` (the one-pass schedule's candidate block, drafted in the
@@ -187,7 +190,10 @@ class GenerationConfig(_Serializable):
     view, one extra forward pass per cycle) or ``ngram`` (prompt lookup over the row's own prompt
     and output, on the host: no adapter and no draft pass) or ``hybrid`` (per cycle and row: n-gram
     drafts when the latest tokens repeat an earlier n-gram, else the diffusion view's; the n-gram
-    cycles run at block size ``max(K, 8)``). ``ngram_max``: the longest suffix the
+    cycles run at block size ``max(K, 8)``), ``self`` (self-drafting: an fp16-weight copy of the
+    frozen model drafts K-1 tokens one step at a time, each step streaming half the bytes of an
+    fp32 step; no adapter; a CPU) or ``hybrid-self`` (``hybrid`` with self-drafting in place of the
+    diffusion view). ``ngram_max``: the longest suffix the
     n-gram lookup tries to match (then shorter ones, down to 1).
     ``schedule`` (parallel mode, diffusion drafts): ``two-pass`` (a draft pass, then a verify pass),
     ``one-pass`` (the verify pass also drafts the next block, for ``candidates`` guesses of how

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from orthrus.adapter import DiffusionAdapter
-from orthrus.config import AdapterConfig, GenerationConfig
+from orthrus.config import SELF_BLOCK_SIZE, SELF_DRAFTS, AdapterConfig, GenerationConfig
 from orthrus.decoding.generator import Decoder, Event, cache_room, pow2, uses_cuda_graphs
 from orthrus.decoding.ngram import NGRAM_BLOCK_SIZE
 from orthrus.decoding.stats import DecodeStats
@@ -71,7 +71,8 @@ class Orthrus:
         ``draft_precision``: the weights of the adapter's draft pass: ``int8`` (draft-only int8
         copies, ``orthrus.models.quant``: a cheaper draft, the same exact output), ``float32``
         (the model's own), ``auto`` (int8 where it is the faster choice: a prepared fp32 model on
-        a CPU with fbgemm, and an adapter)."""
+        a CPU with fbgemm, and an adapter; not under ``compile``, which cannot trace fbgemm's
+        packed weights)."""
         if draft_precision not in DRAFT_PRECISIONS:
             raise OrthrusError(f"draft precision must be one of {', '.join(DRAFT_PRECISIONS)}, got {draft_precision!r}")
         self.base = base
@@ -82,8 +83,11 @@ class Orthrus:
         if draft_precision == "int8" and not (cpu32 and int8_available()):
             raise OrthrusError("--draft-precision int8 needs a float32 model on a CPU and a torch with "
                                "fbgemm (x86); use float32 or auto")
+        if draft_precision == "int8" and compile:  # dynamo cannot trace fbgemm's packed weights
+            raise OrthrusError("--draft-precision int8 does not run under --compile: drop one of them")
         self.draft_int8 = adapter is not None and (
-            draft_precision == "int8" or (draft_precision == "auto" and prepare and cpu32 and int8_available()))
+            draft_precision == "int8"
+            or (draft_precision == "auto" and prepare and cpu32 and int8_available() and not compile))
         if prepare:
             self.model.prepare_inference()
         if self.draft_int8:
@@ -163,6 +167,15 @@ class Orthrus:
             return 1
         if gen.draft == "ngram":  # drafts by prompt lookup: no adapter needed
             return gen.block_size or NGRAM_BLOCK_SIZE
+        if gen.draft in SELF_DRAFTS:  # the model's own fp16 copy drafts: no adapter needed
+            if self.compile:  # dynamo cannot trace fbgemm's packed weights
+                raise OrthrusError(f"draft {gen.draft!r} (self-drafting) does not run under --compile: "
+                                   "drop --compile, or use another draft source")
+            try:
+                self.model.prepare_self_draft()
+            except ValueError as e:
+                raise OrthrusError(f"draft {gen.draft!r}: {e}; use draft 'ngram' or an adapter's drafts") from e
+            return gen.block_size or SELF_BLOCK_SIZE
         if self.adapter is None:
             raise OrthrusError("parallel mode needs an adapter: pass --adapter PATH or --adapter init, "
                                "or draft by n-gram (--draft ngram), which needs none")

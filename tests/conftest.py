@@ -67,8 +67,10 @@ def run_decoder(model: Transformer, adapter: DiffusionAdapter | None, prompts: l
     def k_of(g: GenerationConfig) -> int:
         if g.mode == "ar":
             return 1
+        if block_size or g.block_size:
+            return block_size or g.block_size
         assert adapter is not None
-        return block_size or g.block_size or adapter.config.block_size
+        return adapter.config.block_size
 
     if capacity is None:
         capacity = max(len(p) + g.max_new_tokens + k_of(g) for p, g in zip(prompts, gens))

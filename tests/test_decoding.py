@@ -23,7 +23,7 @@ from orthrus.cache import KVCache
 from orthrus.config import GenerationConfig
 from orthrus.decoding.generator import Decoder
 from orthrus.models.llama import Transformer
-from orthrus.models.quant import int8_available
+from orthrus.models.quant import fp16_available, int8_available
 from tiny import FAMILIES
 from chi2 import assert_sequence_distribution  # tests/chi2.py: alpha = 1e-4 per test
 
@@ -366,26 +366,28 @@ def exact_sequence_probs(model: Transformer, prompt: list[int], n: int, temperat
     return joint.view([v] * n)
 
 
-@pytest.mark.parametrize("mode,k,temperature,top_k,top_p,int8", [
-    ("ar", 1, 1.0, 0, 1.0, False),
-    ("parallel", 2, 1.0, 0, 1.0, False),     # K - 1 = 1 draft: the bonus token path is used
-    ("parallel", 4, 0.7, 5, 1.0, False),     # 3 drafts: mostly rejections and residual samples
-    ("parallel", 3, 1.3, 0, 0.9, False),
-    ("parallel", 3, 1.0, 0, 1.0, True),      # drafts from int8 weights (orthrus.models.quant)
+@pytest.mark.parametrize("mode,k,temperature,top_k,top_p,variant", [
+    ("ar", 1, 1.0, 0, 1.0, ""),
+    ("parallel", 2, 1.0, 0, 1.0, ""),     # K - 1 = 1 draft: the bonus token path is used
+    ("parallel", 4, 0.7, 5, 1.0, ""),     # 3 drafts: mostly rejections and residual samples
+    ("parallel", 3, 1.3, 0, 0.9, ""),
+    ("parallel", 3, 1.0, 0, 1.0, "int8"),  # drafts from int8 weights (orthrus.models.quant)
+    ("parallel", 3, 0.8, 0, 0.9, "self"),  # self-drafting: the model's fp16 copy drafts
 ])
-def test_sampling_matches_exact_ar_distribution(mode, k, temperature, top_k, top_p, int8):
+def test_sampling_matches_exact_ar_distribution(mode, k, temperature, top_k, top_p, variant):
     model = sampling_model()
     adapter = perturb(tiny_adapter(model, "full", block_size=k), scale=0.3, seed=1)  # q differs from p
-    if int8:
-        if not int8_available():
-            pytest.skip("this torch has no fbgemm int8 linear")
+    if variant and not (int8_available() and fp16_available()):
+        pytest.skip("this torch has no fbgemm int8 / fp16 linear")
+    if variant == "int8":
         model.prepare_inference()
         model.prepare_draft()
         adapter.prepare_inference(int8=True)
     prompt, n, rows = [3, 1, 4, 1, 5], 3, 12000
     probs = exact_sequence_probs(model, prompt, n, temperature, top_k, top_p)
     gens = [GenerationConfig(max_new_tokens=n, mode=mode, temperature=temperature, top_k=top_k,
-                             top_p=top_p, seed=1000 + s) for s in range(rows)]
+                             top_p=top_p, seed=1000 + s, draft="self" if variant == "self" else "diffusion")
+            for s in range(rows)]
     out, _ = run_decoder(model, adapter, [prompt] * rows, gens, block_size=k, decode=lambda ids: "")
     assert_sequence_distribution(torch.tensor(toks(out)), probs, model.config.vocab_size)
     if mode == "parallel":  # the drafter was actually used, with both outcomes

@@ -35,6 +35,8 @@ TPF_SOURCES = {
     "ngram": "decoder counters (no draft passes)",
     "onepass": "decoder counters (one forward per cycle: no draft passes)",
     "hybrid": "decoder counters (n-gram cycles have no draft pass)",
+    "self": "decoder counters (K-1 one-token draft passes of the fp16 copy per cycle)",
+    "hybrid-self": "decoder counters (self cycles: K-1 fp16 draft passes; n-gram cycles: none)",
     "hf": "definition: one token per forward per row",
     "hf-pld": "generated tokens / model forward calls (the first, prompt+verify, call included)",
 }
@@ -60,7 +62,8 @@ def summarize(results: dict[str, ModeResult]) -> dict[str, dict[str, Any]]:
         match, div = exact_match(ref.token_ids, r.token_ids) if ref is not None else (None, None)
         cycles = sum(st.accept_hist)
         # cycles that verified drafts (the per-slot acceptance's denominator)
-        drafted = st.verify_passes if mode in ("ngram", "onepass", "hybrid") and r.block_size > 1 else st.draft_passes
+        drafted = (st.verify_passes if mode in ("ngram", "onepass", "hybrid", "self", "hybrid-self") and r.block_size > 1
+                   else st.draft_passes)
         finish: dict[str, int] = {}
         for f in r.finish_reasons:
             finish[f] = finish.get(f, 0) + 1
@@ -92,13 +95,13 @@ def _fmt(v: float | None, spec: str, suffix: str = "") -> str:
 
 def format_table(summary: dict[str, dict[str, Any]]) -> str:
     """One fixed-width table: a row per mode, always the same columns."""
-    head = (f"{'mode':<9}{'batch':>6}{'K':>4}{'tokens':>8}{'seconds':>9}{'tok/s':>8}{'TPF':>6}"
+    head = (f"{'mode':<12}{'batch':>6}{'K':>4}{'tokens':>8}{'seconds':>9}{'tok/s':>8}{'TPF':>6}"
             f"{'accept':>7}{'vs AR':>7}{'vs HF':>7}{'exact':>7}{'peak MiB':>9}")
     lines = [head, "-" * len(head)]
     for s in summary.values():
         mem = s["memory"].get("peak_bytes")
         lines.append(
-            f"{s['mode']:<9}{s['batch_size']:>6}{s['block_size']:>4}{s['tokens']:>8}{s['seconds']:>9.1f}"
+            f"{s['mode']:<12}{s['batch_size']:>6}{s['block_size']:>4}{s['tokens']:>8}{s['seconds']:>9.1f}"
             f"{s['tokens_per_second']:>8.2f}{s['tpf']:>6.2f}{s['acceptance_length']:>7.2f}"
             f"{_fmt(s['speedup_vs_ar'], '.2f', 'x'):>7}{_fmt(s['speedup_vs_hf'], '.2f', 'x'):>7}"
             f"{_fmt(None if s['exact_match_vs_ar'] is None else 100 * s['exact_match_vs_ar'], '.0f', '%'):>7}"

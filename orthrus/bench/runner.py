@@ -10,6 +10,10 @@ Modes (all greedy, same chat-templated token ids, same ``max_new_tokens``, same 
   ``candidates`` candidate acceptances; one forward per cycle), same block size.
 * ``hybrid``: ``parallel`` with hybrid drafts (n-gram where the latest tokens repeat, else the
   adapter's, two-pass), same block size (its n-gram cycles: at least ``NGRAM_BLOCK_SIZE``).
+* ``self``: parallel mode with self-drafting (``draft="self"``: an fp16-weight copy of the model
+  drafts K-1 tokens one step at a time; no adapter), block size ``self_block_size``.
+* ``hybrid-self``: ``draft="hybrid-self"``: n-gram drafts where the latest tokens repeat, else
+  self-drafting, at ``self_block_size`` (its n-gram cycles: at least ``NGRAM_BLOCK_SIZE``).
 * ``hf``: transformers ``generate`` on ``AutoModelForCausalLM`` loaded from the same folder.
 * ``hf-pld``: transformers prompt lookup decoding (``prompt_lookup_num_tokens=10``), a training-free
   speculative peer. transformers runs it at batch size 1 only, so it always does.
@@ -32,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from orthrus.config import GenerationConfig
+from orthrus.config import SELF_BLOCK_SIZE, GenerationConfig
 from orthrus.decoding.ngram import NGRAM_BLOCK_SIZE
 from orthrus.decoding.stats import DecodeStats
 from orthrus.errors import OrthrusError
@@ -42,8 +46,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MODES = ("ar", "parallel", "onepass", "hybrid", "ngram", "hf", "hf-pld")
-OURS = ("ar", "parallel", "onepass", "hybrid", "ngram")  # modes run by our engine (decoder counters)
+MODES = ("ar", "parallel", "onepass", "hybrid", "ngram", "self", "hybrid-self", "hf", "hf-pld")
+OURS = ("ar", "parallel", "onepass", "hybrid", "ngram", "self", "hybrid-self")  # run by our engine (decoder counters)
+SELF_MODES = ("self", "hybrid-self")  # self-drafting: the model's fp16 copy drafts (no adapter needed)
 ADAPTER_MODES = ("parallel", "onepass", "hybrid")  # modes that need an adapter
 PLD_TOKENS = 10  # prompt_lookup_num_tokens for hf-pld (transformers' documented example value)
 
@@ -206,6 +211,7 @@ class BenchSettings:
     warmup: int = 1
     block_size: int | None = None
     ngram_block_size: int | None = None  # set when block_size is the adapter's measured choice
+    self_block_size: int | None = None  # self and hybrid-self (None: SELF_BLOCK_SIZE)
     candidates: int | None = None  # onepass: candidate blocks per pass (None: the decoder's default)
 
     def __post_init__(self) -> None:
@@ -237,6 +243,7 @@ class Bench:
             assert engine.adapter is not None
             self.block = s.block_size or engine.adapter.config.block_size
         self.ngram_block = s.ngram_block_size or s.block_size or NGRAM_BLOCK_SIZE
+        self.self_block = s.self_block_size or SELF_BLOCK_SIZE
 
     def _sync(self) -> None:
         if self.cuda:
@@ -246,6 +253,9 @@ class Bench:
         if mode == "ngram":
             return GenerationConfig(max_new_tokens=self.settings.max_new_tokens, mode="parallel",
                                     draft="ngram", block_size=self.ngram_block)
+        if mode in SELF_MODES:
+            return GenerationConfig(max_new_tokens=self.settings.max_new_tokens, mode="parallel",
+                                    draft=mode, block_size=self.self_block)
         if mode in ADAPTER_MODES:
             return GenerationConfig(max_new_tokens=self.settings.max_new_tokens, mode="parallel",
                                     block_size=self.block, schedule="one-pass" if mode == "onepass" else "two-pass",
@@ -254,6 +264,8 @@ class Bench:
         return GenerationConfig(max_new_tokens=self.settings.max_new_tokens, mode=mode)
 
     def _block_of(self, mode: str) -> int:
+        if mode in SELF_MODES:
+            return self.self_block
         return self.ngram_block if mode == "ngram" else self.block if mode in ADAPTER_MODES else 1
 
     def _run(self, mode: str, chunk: list[list[int]]) -> tuple[list[list[int]], list[str], DecodeStats]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from orthrus.config import SELF_BLOCK_SIZE
 from orthrus.commands.common import add_model_args, check_model_args, has_adapter, load_engine
 from orthrus.errors import OrthrusError
 
@@ -30,13 +31,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("--modes", default="ar,parallel,hf", metavar="LIST",
                    help="comma list of ar, parallel (two-pass diffusion drafts), onepass (the one-pass "
                         "schedule), hybrid (n-gram drafts where they match, else diffusion), ngram "
-                        "(n-gram drafts, no adapter needed), hf, hf-pld (default: ar,parallel,hf)")
+                        "(n-gram drafts, no adapter needed), self (self-drafting: the model's fp16 copy "
+                        "drafts, no adapter needed), hybrid-self (n-gram where it matches, else self), "
+                        "hf, hf-pld (default: ar,parallel,hf)")
     add_model_args(p)
     p.add_argument("--block-size", default=None, metavar="K|auto",
                    help="parallel block size; 'auto': measured on this device (1 = AR when nothing "
                         "pays); default: the adapter's (32 for --adapter init)")
     p.add_argument("--ngram-block-size", type=int, default=None, metavar="K",
                    help="block size of the ngram mode (default: --block-size, else 8)")
+    p.add_argument("--self-block-size", type=int, default=None, metavar="K",
+                   help=f"block size of the self and hybrid-self modes (default: {SELF_BLOCK_SIZE})")
     p.add_argument("--candidates", type=int, default=None, metavar="C",
                    help="onepass: candidate next blocks drafted per pass (default: 2)")
     p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="(default: 256)")
@@ -80,6 +85,8 @@ def _command(args: argparse.Namespace, block: int | str | None) -> str:
         parts += ["--candidates", str(args.candidates)]
     if args.ngram_block_size is not None:
         parts += ["--ngram-block-size", str(args.ngram_block_size)]
+    if args.self_block_size is not None:
+        parts += ["--self-block-size", str(args.self_block_size)]
     if args.threads is not None:
         parts += ["--threads", str(args.threads)]
     if args.pass_costs:
@@ -110,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     if need and not has_adapter(args):
         raise OrthrusError(f"mode '{need[0]}' needs an adapter: pass --adapter PATH or --adapter init, "
                            "or drop it from --modes")
-    for name in ("candidates", "ngram_block_size"):
+    for name in ("candidates", "ngram_block_size", "self_block_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise OrthrusError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     args.block_size = block  # load_engine reads it (the block size of a fresh --adapter init)
@@ -121,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     engine = load_engine(args)
     settings = BenchSettings(modes=modes, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                              warmup=args.warmup, block_size=block, candidates=args.candidates,
-                             ngram_block_size=args.ngram_block_size)
+                             ngram_block_size=args.ngram_block_size, self_block_size=args.self_block_size)
     command = _command(args, block="auto" if auto else block)
     report = run_bench(engine, prompts, settings, out=args.out, block_size_auto=auto,
                        prompt_source=args.prompts, limit=args.limit or None, command=command,

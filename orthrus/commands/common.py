@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from orthrus.adapter import WEIGHTS
-from orthrus.config import DRAFTS, DTYPES, SCHEDULES, AdapterConfig, GenerationConfig
+from orthrus.config import DRAFTS, DTYPES, SCHEDULES, SELF_BLOCK_SIZE, SELF_DRAFTS, AdapterConfig, GenerationConfig
 from orthrus.decoding.ngram import NGRAM_BLOCK_SIZE
 from orthrus.engine import DEFAULT_ADAPTERS, DRAFT_PRECISIONS, Orthrus
 from orthrus.errors import OrthrusError
@@ -92,7 +92,11 @@ def add_draft_arg(group: Any) -> None:
                             "ngram (prompt lookup over the prompt and the output so far: no adapter "
                             f"needed, implies --mode parallel, block size {NGRAM_BLOCK_SIZE} by default); "
                             "hybrid (each cycle: n-gram drafts when the latest tokens repeat earlier ones, "
-                            f"at block size max(K, {NGRAM_BLOCK_SIZE}), else the adapter's)")
+                            f"at block size max(K, {NGRAM_BLOCK_SIZE}), else the adapter's); self "
+                            "(self-drafting: a float16-weight copy of the model drafts K-1 tokens one "
+                            "step at a time; no adapter needed, implies --mode parallel, block size "
+                            f"{SELF_BLOCK_SIZE} by default; a CPU); hybrid-self (hybrid with self-drafting "
+                            "in place of the adapter)")
     group.add_argument("--schedule", choices=SCHEDULES, default="two-pass",
                        help="parallel mode with diffusion drafts: two-pass (a draft pass, then a verify "
                             "pass; default), one-pass (the verify pass also drafts the next block for "
@@ -125,9 +129,14 @@ def has_adapter(args: argparse.Namespace) -> bool:
 def resolve_mode(args: argparse.Namespace) -> str:
     """``--mode``, or its default: ``parallel`` if an adapter is available, else ``ar``."""
     mode = getattr(args, "mode", None)
-    if resolve_draft(args) == "ngram":  # n-gram drafts need no adapter
+    draft = resolve_draft(args)
+    if draft in SELF_DRAFTS and (args.device != "cpu" or args.dtype != "float32"):
+        raise OrthrusError(f"--draft {draft} (self-drafting with a float16 copy of the weights) needs "
+                           f"--device cpu and --dtype float32 (got {args.device}, {args.dtype}): use --draft "
+                           "ngram, or an adapter's drafts")
+    if draft in ("ngram",) + SELF_DRAFTS:  # n-gram drafts and self-drafting need no adapter
         if mode == "ar":
-            raise OrthrusError("--draft ngram drafts in parallel mode: drop --mode ar (or --draft)")
+            raise OrthrusError(f"--draft {draft} drafts in parallel mode: drop --mode ar (or --draft)")
         return "parallel"
     if mode is None:
         return "parallel" if has_adapter(args) else "ar"
@@ -198,8 +207,8 @@ def auto_block_size_wanted(args: argparse.Namespace, gen: GenerationConfig) -> b
     """``--block-size auto``, or the default on a CPU with the model's shipped adapter: a K-token
     pass costs more than a 1-token pass there, so the block size (or plain AR) is measured rather
     than taken from the adapter, and CPU users are never made slower than AR by default."""
-    if gen.mode != "parallel" or gen.draft == "ngram":
-        return False  # the calibration measures the adapter's drafts; n-gram uses its default K
+    if gen.mode != "parallel" or gen.draft in ("ngram",) + SELF_DRAFTS:
+        return False  # the calibration measures the adapter's drafts; n-gram and self use their default K
     block = getattr(args, "block_size", None)
     return block == "auto" or getattr(args, "schedule", None) == "auto" or (
         block is None and getattr(args, "adapter", None) is None and parse_device(args.device).type == "cpu"

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from orthrus.adapter import DiffusionAdapter
-from orthrus.config import GenerationConfig
+from orthrus.config import HYBRID_DRAFTS, SELF_DRAFTS, GenerationConfig
 from orthrus.decoding.graphs import CycleGraphs
 from orthrus.decoding.ngram import NGRAM_BLOCK_SIZE, NgramIndex, ngram_drafts
 from orthrus.decoding.sampling import (STREAM_ACCEPT, STREAM_BONUS, STREAM_DRAFT, STREAM_RESIDUAL,
@@ -166,7 +166,7 @@ def pow2(n: int) -> int:
 def hybrid_ngram_block(gen: GenerationConfig, k: int) -> int:
     """A hybrid row's n-gram block size (the larger of its own ``k`` and ``NGRAM_BLOCK_SIZE``: an
     n-gram match is often long, and an n-gram cycle has no draft pass to pay for); else 0."""
-    return max(k, NGRAM_BLOCK_SIZE) if gen.draft == "hybrid" and gen.mode == "parallel" and k > 1 else 0
+    return max(k, NGRAM_BLOCK_SIZE) if gen.draft in HYBRID_DRAFTS and gen.mode == "parallel" and k > 1 else 0
 
 
 def cache_room(gen: GenerationConfig, k: int) -> int:
@@ -230,6 +230,9 @@ class Decoder:
         # under CUDA graphs its address is fixed at capture, so a replay reads this cycle's drafts)
         self.ngram: list[NgramIndex | None] = [None] * max_batch
         self.ngram_rows = torch.zeros(max_batch, dtype=torch.bool, device=dev)
+        # self-drafting rows (GenerationConfig.draft in SELF_DRAFTS), read by cycles in which they
+        # share the batch with diffusion-drafted rows
+        self.self_rows = torch.zeros(max_batch, dtype=torch.bool, device=dev)
         self.ngram_in: dict[int, Tensor] = {}
         # one-pass schedule, per block size K: the drafts the last pass made for each slot's next
         # cycle [max_batch, K-1], whether each is fresh [max_batch, K-1] (sampled from the q stored
@@ -306,8 +309,12 @@ class Decoder:
             self.ngram[slot] = None  # built lazily on the row's first n-gram cycle
         slots = free[: len(requests)]
         dev = self.model.device
+        if any(gen.draft in SELF_DRAFTS and gen.mode == "parallel" for _, _, gen, _ in requests):
+            self.model.prepare_self_draft()  # once per model (fp16 copies of its weights), not in a cycle
         self.ngram_rows[torch.tensor(slots, device=dev)] = torch.tensor(
             [self._uses_ngram(self.rows[i]) for i in slots], device=dev)
+        self.self_rows[torch.tensor(slots, device=dev)] = torch.tensor(
+            [self._uses_self(self.rows[i]) for i in slots], device=dev)
         events: list[Event] = []
         start = 0
         while start < len(slots):  # groups of consecutive slots share one prefill forward
@@ -397,6 +404,38 @@ class Decoder:
                            use_filters=filters)
         return sample(q, uniform(self.seeds[:hi], positions[:, 1:], STREAM_DRAFT)), q
 
+    def _self_draft(self, hi: int, k: int, kv_len: int, positions: Tensor, sampled: bool,
+                    filters: bool) -> tuple[Tensor, Tensor | None]:
+        """Self-drafting over slots ``[0, hi)``: K-1 one-token steps of the model's fp16 copy
+        (``Transformer.self_draft_step``), each reading the previous draft (``x_t`` first).
+
+        Step ``j`` reads position ``t+j`` and writes its K/V there (slots the verify pass of this
+        cycle overwrites), so it sees the committed cache below ``t`` and its own earlier steps.
+        A Python loop of K-1 whole forward passes, not of tokens: drafting one token after
+        another is what self-drafting is; nothing here syncs with the host.
+
+        Returns drafts ``[hi, K-1]`` for ``positions[:, 1:]`` and, when ``sampled``, the
+        distributions they were drawn from ``[hi, K-1, V]`` (the draft stream's uniform of each
+        drafted position, as :meth:`_draft` uses).
+        """
+        model = self.model
+        cache = self.cache.rows(0, hi)
+        tok = self.x_t[:hi, None]  # [B, 1]
+        drafts: list[Tensor] = []
+        qs: list[Tensor] = []
+        for j in range(k - 1):
+            pos = positions[:, j:j + 1]  # [B, 1]
+            logits = model.self_draft_step(tok, pos, cache, kv_len)  # [B, 1, V]
+            if sampled:
+                qj = process_logits(logits, self.temperature[:hi], self.top_k[:hi], self.top_p[:hi],
+                                    use_filters=filters)
+                tok = sample(qj, uniform(self.seeds[:hi], pos + 1, STREAM_DRAFT))  # [B, 1]
+                qs.append(qj)
+            else:
+                tok = logits.argmax(-1)
+            drafts.append(tok)
+        return torch.cat(drafts, dim=1), (torch.cat(qs, dim=1) if sampled else None)
+
     def _cycle(self, hi: int, k: int, kv_len: int, greedy: bool, filters: bool,
                source: str = "diffusion", candidates: int = 0, logprobs: int = -1) -> Tensor:
         """Device part of one cycle over slots ``[0, hi)`` with block size ``k`` (run it under
@@ -404,8 +443,10 @@ class Decoder:
 
         ``source`` says where the drafts come from: ``diffusion`` (the adapter's draft pass),
         ``ngram`` (the host's n-gram drafts in ``self.ngram_in[k]``, written by :meth:`step`
-        before the cycle; no draft pass) or ``mixed`` (both; each row takes its own source's by
-        ``self.ngram_rows``), or ``onepass`` (the one-pass schedule with ``candidates`` candidate
+        before the cycle; no draft pass), ``self`` (K-1 steps of the model's fp16 copy,
+        :meth:`_self_draft`), or several of them joined by ``+`` in that order's sorted form
+        (``diffusion+ngram``, ``ngram+self``, ...: each row takes its own source's drafts, by
+        ``self.ngram_rows`` and ``self.self_rows``), or ``onepass`` (the one-pass schedule with ``candidates`` candidate
         blocks: :meth:`_cycle_onepass`). ``logprobs`` >= 0: also the log-probs of the emitted
         tokens and that many alternatives per position (see :meth:`_commit`); -1: none.
 
@@ -424,21 +465,27 @@ class Decoder:
         sampled = not greedy
         if sampled:
             temp, top_k, top_p = self.temperature[:hi], self.top_k[:hi], self.top_p[:hi]
-        if k > 1 and source == "ngram":
-            drafts, q = self.ngram_in[k][:hi], None  # [B, K-1]; q: one-hot, built after verify
-        elif k > 1:
+        srcs = source.split("+") if k > 1 else []
+        drafts, q = x.new_zeros(hi, 0), None  # [B, K-1] drafts, [B, K-1, V] their q (sampling)
+        if "diffusion" in srcs:
             drafts, q = self._draft(hi, k, kv_len, positions, sampled, filters)
-            if source == "mixed":
-                drafts = torch.where(self.ngram_rows[:hi, None], self.ngram_in[k][:hi], drafts)
-        else:
-            drafts = x.new_zeros(hi, 0)
-            q = None
+        if "self" in srcs:  # after the diffusion pass: both write slots t.., the self steps last
+            d, qs = self._self_draft(hi, k, kv_len, positions, sampled, filters)
+            if "diffusion" in srcs:
+                pick = self.self_rows[:hi]
+                drafts = torch.where(pick[:, None], d, drafts)
+                q = torch.where(pick[:, None, None], qs, q) if sampled else None
+            else:
+                drafts, q = d, qs
+        if "ngram" in srcs:  # q: one-hot for these rows, built after verify
+            ng = self.ngram_in[k][:hi]
+            drafts = ng if len(srcs) == 1 else torch.where(self.ngram_rows[:hi, None], ng, drafts)
         verify_in = torch.cat((x[:, None], drafts), dim=1)  # [B, K]
         p_logits = model.logits(model(verify_in, positions, cache, kv_len))  # [B, K, V]
         if sampled:
             p = process_logits(p_logits, temp, top_k, top_p, use_filters=filters)
-            if k > 1 and source != "diffusion":
-                q = self._ngram_q(drafts, q, p.shape[-1], source == "mixed", hi)
+            if "ngram" in srcs:
+                q = self._ngram_q(drafts, q, p.shape[-1], len(srcs) > 1, hi)
             if k == 1:
                 q = p.new_zeros(hi, 0, p.shape[-1])
             n_acc, nxt = self._sampled_accept(drafts, q, p, positions)
@@ -605,11 +652,15 @@ class Decoder:
                 flags[i] = ng
             self.ngram_rows[:hi].copy_(torch.tensor(flags), non_blocking=True)
         source, c = "diffusion", 0
-        if k > 1 and any(ngram):
-            source = "ngram" if all(ngram) else "mixed"
-            self._upload_ngram_drafts([i for i, ng in zip(live, ngram) if ng], hi, k)
+        drafted = [int(k > 1)] * len(rows)  # draft passes each row's cycle costs (for its stats)
+        if k > 1 and (any(ngram) or any(self._uses_self(r) for r in rows)):
+            kinds = ["ngram" if ng else "self" if self._uses_self(r) else "diffusion" for r, ng in zip(rows, ngram)]
+            source = "+".join(sorted(set(kinds)))
+            drafted = [{"ngram": 0, "self": k - 1, "diffusion": 1}[kind] for kind in kinds]
+            if any(ngram):
+                self._upload_ngram_drafts([i for i, ng in zip(live, ngram) if ng], hi, k)
         elif k > 1 and self.scratch and all(r.gen.schedule == "one-pass" for r in rows):
-            source = "onepass"
+            source, drafted = "onepass", [0] * len(rows)  # drafted by the previous verify pass
             c = self.onepass_candidates(rows, k)
             self._onepass_buffers(k, not greedy)
         for kk, fresh in self.op_fresh.items():  # only this cycle's one-pass drafts stay fresh
@@ -620,7 +671,7 @@ class Decoder:
         result = host[:, : k + 2].tolist()
         unpacked = unpack_logprobs(host[:, k + 2:], k, top) if top >= 0 else None
         events = []
-        for i, ng in zip(live, ngram):
+        for j, i in enumerate(live):
             row_out = result[i]
             a = row_out[k]
             r = self.rows[i]
@@ -634,7 +685,7 @@ class Decoder:
             ev = self._emit(i, row_out[: a + 1], a, lp)
             # count the tokens kept, not those cut by EOS / max tokens / a stop string (TPF);
             # an n-gram row had no draft pass (its drafts came from the host)
-            r.stats.record_cycle(len(ev.token_ids), a, k, drafted=k > 1 and not ng and source != "onepass")
+            r.stats.record_cycle(len(ev.token_ids), a, k, drafted=drafted[j])
             ix = self.ngram[i]
             if ix is not None and ev.finish_reason is None:
                 ix.extend(r.tokens[len(ix) - len(r.prompt_ids):])  # the new tokens only
@@ -670,9 +721,15 @@ class Decoder:
         return self._ngram_index(slot).match()[0] >= HYBRID_MIN_MATCH
 
     def _uses_ngram(self, r: Row) -> bool:
-        """Whether row ``r`` drafts by n-gram: it asks to, or there is no adapter to draft with (an
-        AR row beside n-gram rows runs at their block size; any draft is exact)."""
-        return r.gen.draft == "ngram" or self.adapter is None
+        """Whether row ``r`` drafts by n-gram: it asks to, or there is no adapter to draft with and
+        it does not self-draft (an AR row beside drafting rows runs at their block size; any draft
+        is exact)."""
+        return r.gen.draft == "ngram" or (self.adapter is None and not self._uses_self(r))
+
+    @staticmethod
+    def _uses_self(r: Row) -> bool:
+        """Whether row ``r`` self-drafts where it does not draft by n-gram (``self``, ``hybrid-self``)."""
+        return r.gen.mode == "parallel" and r.gen.draft in SELF_DRAFTS
 
     def _upload_ngram_drafts(self, slots: list[int], hi: int, k: int) -> None:
         """Look up the n-gram drafts of ``slots`` on the host and write all rows' drafts into the

@@ -44,8 +44,10 @@ class DecodeStats:
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
-    def record_cycle(self, emitted: int, accepted: int, block_size: int, drafted: bool) -> None:
-        """One decode cycle that emitted ``emitted`` tokens after accepting ``accepted`` drafts."""
+    def record_cycle(self, emitted: int, accepted: int, block_size: int, drafted: int) -> None:
+        """One decode cycle that emitted ``emitted`` tokens after accepting ``accepted`` drafts and
+        ran ``drafted`` draft passes (0: n-gram or one-pass drafts; 1: a diffusion draft pass; K-1:
+        self-drafting's one-token steps)."""
         self.verify_passes += 1
         self.draft_passes += int(drafted)
         self.tokens += emitted

@@ -10,7 +10,9 @@ use the same code. Parity with transformers is a test (tests/test_parity.py).
 from __future__ import annotations
 
 import math
-from typing import Callable
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +20,7 @@ from torch import Tensor, nn
 
 from orthrus.cache import KVCache
 from orthrus.config import ModelConfig, RopeConfig
-from orthrus.models.quant import Int8Linear, int8_available, int8_linear
+from orthrus.models.quant import Int8Linear, fp16_available, fp16_linear, int8_available, int8_linear
 
 
 class RMSNorm(nn.Module):
@@ -326,12 +328,12 @@ def swiglu(gate_up: Callable[[Tensor], tuple[Tensor, ...]], down: Callable[[Tens
 
 
 class DraftMLP:
-    """A draft-only copy of one layer's MLP (int8 weights, see ``orthrus.models.quant``): what a
-    draft pass runs instead of the frozen fp32 MLP. Not a module: nothing is trained or saved."""
+    """A draft-only copy of one layer's MLP (int8 or fp16 weights, see ``orthrus.models.quant``):
+    what a draft pass runs instead of the frozen fp32 MLP. Not a module: nothing is trained or saved."""
 
-    def __init__(self, mlp: MLP) -> None:
-        self.gate_up = int8_linear([mlp.gate_proj, mlp.up_proj])
-        self.down = int8_linear([mlp.down_proj])
+    def __init__(self, mlp: MLP, make: Callable[[list], Any] = int8_linear) -> None:
+        self.gate_up = make([mlp.gate_proj, mlp.up_proj])
+        self.down = make([mlp.down_proj])
 
     def __call__(self, x: Tensor) -> Tensor:
         return swiglu(self.gate_up, self.down, x)
@@ -361,6 +363,17 @@ class Inner(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+@dataclass
+class SelfDraft:
+    """The frozen model's own layers with fp16 weights (``Transformer.prepare_self_draft``): a
+    cheaper copy of the model that drafts for it, one token per step (self-drafting). Not a module:
+    derived from the frozen weights, never trained or saved."""
+
+    attns: list[Attention]  # shallow copies of the frozen projections whose q/k/v and o are fp16
+    mlps: list[DraftMLP]
+    head: Any  # Fp16Linear over the LM head
+
+
 class Transformer(nn.Module):
     """The frozen causal LM (the AR view). State dict names match Hugging Face's ``*ForCausalLM``."""
 
@@ -377,10 +390,11 @@ class Transformer(nn.Module):
         # draft-only int8 copies of the MLPs and the LM head (set by prepare_draft)
         self.draft_mlps: list[DraftMLP] | None = None
         self.draft_head: Int8Linear | None = None
+        self.self_draft: SelfDraft | None = None  # set by prepare_self_draft
 
     def __getstate__(self) -> dict:  # as Attention's: copies leave the packed LM head behind
         state = self.__dict__.copy()
-        state["head"] = state["draft_mlps"] = state["draft_head"] = None
+        state["head"] = state["draft_mlps"] = state["draft_head"] = state["self_draft"] = None
         return state
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001
@@ -430,13 +444,42 @@ class Transformer(nn.Module):
         self.draft_mlps = [DraftMLP(layer.mlp) for layer in self.model.layers]
         self.draft_head = int8_linear([self.lm_head])
 
+    def prepare_self_draft(self) -> None:
+        """An fp16-weight copy of the whole model (fbgemm; a CPU) that drafts for it token by token
+        (:meth:`self_draft_step`): each step streams half the bytes of an fp32 step, and its
+        greedy tokens almost always equal the fp32 model's. Verify passes never use it, so outputs
+        stay exact. Memory: +1/2 of the fp32 model. Idempotent."""
+        if self.self_draft is not None:
+            return
+        if not fp16_available() or self.device.type != "cpu" or self.dtype != torch.float32:
+            raise ValueError("self-drafting needs a float32 model on a CPU and a torch with fbgemm (x86)")
+        attns = []
+        for layer in self.model.layers:
+            a = copy.copy(layer.self_attn)  # shares the parameters; only qkv / o are replaced
+            a.qkv = fp16_linear([a.q_proj, a.k_proj, a.v_proj])
+            a.o = fp16_linear([a.o_proj])
+            attns.append(a)
+        self.self_draft = SelfDraft(attns, [DraftMLP(layer.mlp, fp16_linear) for layer in self.model.layers],
+                                    fp16_linear([self.lm_head]))
+
+    def self_draft_step(self, tokens: Tensor, positions: Tensor, cache: KVCache, kv_len: int) -> Tensor:
+        """One self-draft step (after :meth:`prepare_self_draft`): the fp16 copy reads ``tokens
+        [B, 1]`` at ``positions [B, 1]``, writes their K/V there (slots that the verify pass of the
+        same cycle overwrites) and attends causally; returns the draft logits ``[B, 1, V]``."""
+        sd = self.self_draft
+        assert sd is not None, "call prepare_self_draft first"
+        mask = causal_mask(positions, kv_len)
+        h = self.run_layers(self.model.embed_tokens(tokens), positions, sd.attns,
+                            cached_attend(cache, positions, kv_len, mask), sd.mlps)
+        return sd.head(h)[0]
+
     def release_inference(self) -> None:
-        """Undo :meth:`prepare_inference` and :meth:`prepare_draft`: the plain per-projection GEMMs
-        again (packed and int8 copies freed)."""
+        """Undo :meth:`prepare_inference`, :meth:`prepare_draft` and :meth:`prepare_self_draft`:
+        the plain per-projection GEMMs again (packed, int8 and fp16 copies freed)."""
         for layer in self.model.layers:
             layer.self_attn.qkv = layer.self_attn.o = None
             layer.mlp.gate_up = layer.mlp.down = None
-        self.head = self.draft_head = self.draft_mlps = None
+        self.head = self.draft_head = self.draft_mlps = self.self_draft = None
 
     @property
     def prepared(self) -> bool:

