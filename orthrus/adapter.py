@@ -274,7 +274,7 @@ class DiffusionAdapter(nn.Module):
         seen = torch.cat((positions, ctx.repeat_interleave(k, dim=1)), dim=1)  # [B, T] last main slot seen
         blk = torch.arange(c, device=dev).repeat_interleave(k)  # [C*K] block of each scratch slot
         own = torch.cat((blk.new_full((k,), -1), blk))[:, None] == blk  # [T, C*K]
-        mask = torch.cat((causal_mask(seen, kv_len, base.config.sliding_window),
+        mask = torch.cat((causal_mask(seen, kv_len),
                           own.expand(b, 1, -1, -1)), dim=-1)  # [B, 1, T, kv_len + C*K]
         embeds = torch.cat((base.model.embed_tokens(tokens),
                             self.mask_embedding.to(base.dtype).expand(b, c * k, -1)), dim=1)

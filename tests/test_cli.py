@@ -93,8 +93,8 @@ BAD: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
                (":1:", "id")),
     "empty file": (lambda t: ["--prompts-file", write(t / "p.jsonl", "\n\n")], ("no prompts",)),
     "not utf-8": (lambda t: ["--prompts-file", str(t / "b.jsonl")], ("UTF-8",)),
-    "parallel without adapter": (lambda t: ["hi", "--mode", "parallel", "--model", _folder_with_config(t)],
-                                 ("parallel", "--adapter")),
+    "parallel without adapter": (lambda t: ["hi", "--mode", "parallel", "--draft", "diffusion", "--model",
+                                            _folder_with_config(t)], ("parallel", "--adapter")),
     "missing adapter": (lambda t: ["hi", "--adapter", str(t / "nope")], ("adapter", "init")),
     "adapter without weights": (lambda t: ["hi", "--adapter", str(t)], ("adapter.safetensors",)),
     "bad adapter kind": (lambda t: ["hi", "--adapter", "init", "--adapter-kind", "lora:0"], ("lora:R",)),
@@ -142,14 +142,17 @@ def test_read_prompts_jsonl(tmp_path: Path) -> None:
 
 
 def test_default_mode(tmp_path: Path, monkeypatch) -> None:
-    """Parallel when an adapter is available (given, or shipped for the model), else AR."""
+    """Parallel when the drafts have a source (an adapter, given or shipped for the model, or
+    self-drafting: float32 on a CPU), else AR."""
     from orthrus.cli import build_parser
+    from orthrus.models.quant import fp16_available
 
     def mode(*argv: str) -> str:
         return common.resolve_mode(build_parser().parse_args(["generate", "hi", *argv]))
 
     monkeypatch.setitem(common.DEFAULT_ADAPTERS, "smollm2-135m", tmp_path / "none")
-    assert mode() == "ar"
+    assert mode() == ("parallel" if fp16_available() else "ar")  # hybrid-self needs no adapter
+    assert mode("--dtype", "bfloat16") == "ar"
     assert mode("--adapter", "init") == "parallel"
     assert mode("--adapter", "init", "--mode", "ar") == "ar"
     (tmp_path / "none").mkdir()
@@ -344,21 +347,33 @@ def test_block_size_auto_applies_the_measured_choice(monkeypatch: pytest.MonkeyP
     assert (out.block_size, out.schedule, out.candidates) == (8, "one-pass", 2) and asked[-1] == (8,)
 
 
-def test_default_draft_is_hybrid_with_an_adapter(monkeypatch: pytest.MonkeyPatch) -> None:
-    """--draft defaults to hybrid when an adapter is available (not with --schedule one-pass, which
-    drafts by diffusion only); with --block-size auto, a machine where no diffusion K pays drafts by
-    n-gram alone instead of falling back to AR."""
+def test_default_draft_is_hybrid_self_on_a_cpu_else_hybrid_with_an_adapter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--draft defaults to hybrid-self where the model can self-draft (float32 on a CPU: needs no
+    adapter, so parallel mode becomes the default for every model there), to hybrid with an
+    explicit --adapter or elsewhere with an adapter (not with --schedule one-pass, which drafts by
+    diffusion only); with --block-size auto, a machine where no diffusion K pays drafts by n-gram
+    alone instead of falling back to AR."""
     import argparse
 
     from orthrus.bench import blocksize
     from orthrus.commands import common
+    from orthrus.models.quant import fp16_available
 
     monkeypatch.setattr(common, "has_adapter", lambda a: a.model == "with")
-    ns = lambda **kw: argparse.Namespace(**{"draft": None, "schedule": "two-pass", "model": "with", **kw})  # noqa: E731
-    assert common.resolve_draft(ns()) == "hybrid"
-    assert common.resolve_draft(ns(model="without")) == "diffusion"
+    ns = lambda **kw: argparse.Namespace(**{"draft": None, "schedule": "two-pass", "model": "with", "adapter": None,  # noqa: E731
+                                            "device": "cpu", "dtype": "float32", "mode": None, **kw})
+    cpu = "hybrid-self" if fp16_available() else "hybrid"
+    assert common.resolve_draft(ns()) == cpu
+    assert common.resolve_draft(ns(dtype="bfloat16")) == "hybrid"
+    assert common.resolve_draft(ns(adapter="runs/a")) == "hybrid"
+    assert common.resolve_draft(ns(compile=True)) == "hybrid"
+    assert common.resolve_draft(ns(model="without", dtype="bfloat16")) == "diffusion"
     assert common.resolve_draft(ns(schedule="one-pass")) == "diffusion"
     assert common.resolve_draft(ns(draft="ngram")) == "ngram"
+    if fp16_available():  # no adapter: parallel by default all the same, AR when asked
+        assert common.resolve_mode(ns(model="without")) == "parallel"
+        assert common.resolve_mode(ns(model="without", mode="ar")) == "ar"
+        assert common.resolve_mode(ns(model="without", dtype="bfloat16")) == "ar"
     hyb = GenerationConfig(mode="parallel", draft="hybrid", max_new_tokens=8)
     for k, want in ((1, ("ngram", None)), (4, ("hybrid", 4))):
         monkeypatch.setattr(blocksize, "cached_block_size", lambda engine, batch_size, candidates, k=k:

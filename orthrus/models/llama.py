@@ -220,17 +220,15 @@ def merge_heads(y: Tensor) -> Tensor:
     return y.transpose(1, 2).reshape(b, t, -1)
 
 
-def causal_mask(positions: Tensor, kv_len: int, sliding_window: int | None = None) -> Tensor:
+def causal_mask(positions: Tensor, kv_len: int) -> Tensor:
     """Boolean mask ``[B, 1, T, kv_len]``: query at absolute position p sees cache slot j iff j <= p.
 
     Slots beyond a row's own tokens are never seen, so stale K/V (padding, rejected drafts) is dead.
+    No sliding window: a sliding-window model's context is capped at its window
+    (``ModelConfig.max_context``), so a window would never mask anything.
     """
     j = torch.arange(kv_len, device=positions.device)
-    p = positions[:, None, :, None]  # [B, 1, T, 1]
-    mask = j <= p
-    if sliding_window is not None:
-        mask = mask & (j > p - sliding_window)
-    return mask
+    return j <= positions[:, None, :, None]  # [B, 1, T, kv_len]
 
 
 def cached_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -499,7 +497,7 @@ class Transformer(nn.Module):
             Final-normed hidden states ``[B, T, C]``; apply :meth:`logits` where needed.
         """
         kv_len = cache.capacity if kv_len is None else kv_len
-        mask = causal_mask(positions, kv_len, self.config.sliding_window)  # [B, 1, T, S]
+        mask = causal_mask(positions, kv_len)  # [B, 1, T, S]
         return self.run_layers(self.model.embed_tokens(tokens), positions, [l.self_attn for l in self.model.layers],
                                cached_attend(cache, positions, kv_len, mask))
 

@@ -83,8 +83,9 @@ class TrainConfig:
     """One training run (saved as ``train_config.json`` and inside ``trainer_state.pt``).
 
     ``max_steps`` and ``epochs``: training stops at whichever comes first; with neither, one epoch.
-    ``max_minutes``: a time budget; once a few steps are timed, the step count (and the lr
-    schedule's horizon) is cut to what fits, so the cosine decay still ends at the last step.
+    ``max_minutes``: a time budget; once a few steps are timed, and again at every log step (a run
+    that slows down still ends in time), the step count (and the lr schedule's horizon) is cut to
+    what fits, so the cosine decay still ends at the last step.
     ``adapter_kind`` and ``block_size`` None: the continued adapter's, else ``full`` and 16.
     ``warmup`` None: 5% of the steps. ``block_kind``: which blocks to train (``BLOCK_KINDS``, or
     ``mix``: every other anchor of a row is a ``masked`` block, so one adapter drafts for both
@@ -720,8 +721,11 @@ class Trainer:
                 win_time += time.perf_counter() - t0
                 if self.step == budget_from:
                     budget_t0 = time.perf_counter()
-                elif self.step == budget_from + BUDGET_PROBE and cfg.max_minutes is not None:
-                    per_step = (time.perf_counter() - budget_t0) / BUDGET_PROBE
+                elif (self.step >= budget_from + BUDGET_PROBE and cfg.max_minutes is not None
+                      and (self.step == budget_from + BUDGET_PROBE or self.step % cfg.log_every == 0)):
+                    # after the probe, again at every log step: a run that slows down (a busy
+                    # machine, a pause) still ends within --max-minutes (the schedule only shrinks)
+                    per_step = (time.perf_counter() - budget_t0) / (self.step - budget_from)
                     end = min(end, self._fit_budget(per_step, time.perf_counter() - started, eval_seconds))
                 window.append(rec["loss"])
                 bar.update(1)
