@@ -9,7 +9,8 @@ tokens (LM head over K-1 slots), and the one-pass schedule's fused pass (verify 
 blocks of K, LM head over K + 2(K-1) rows), batch 1, at a ``--context``-token cache, for a model with plain
 kernels (``plain``), one prepared by ``prepare_inference`` (``prepared``: prepacked weights) and one
 prepared with draft-only int8 weights (``int8``: ``prepare_draft``; its verify and AR passes are the
-prepared ones, its draft pass reads the int8 copies). The first two rounds are warm-up; the median of
+prepared ones, its draft pass reads the int8 copies; it also times a self-drafting step, one token
+through the fp16 copy of ``prepare_self_draft``). The first two rounds are warm-up; the median of
 the rest is reported, in ms and as a multiple of each setup's own AR step.
 """
 
@@ -51,6 +52,7 @@ def main() -> None:
             m.prepare_inference()
             if setup == "int8":
                 m.prepare_draft()
+                m.prepare_self_draft()
             ad.prepare_inference(int8=setup == "int8")
         cache = m.new_cache(1, ctx + 64)
         x = torch.randint(0, 1000, (1, ctx))
@@ -73,25 +75,31 @@ def main() -> None:
             fns[f"draft K={k}"] = lambda k=k, d=draft: d(k)
         for k in (4, 8):
             fns[f"one-pass K={k} C=2"] = lambda k=k, o=onepass: o(k, 2)
+        if m.self_draft is not None:  # a self-drafting step: 1 token through the fp16 copy
+            fns["self-draft step"] = lambda m=m, cache=cache, x=x: m.self_draft_step(
+                x[:, :1], torch.tensor([[ctx]]), cache, ctx + 64)
         passes[setup] = fns
     times: dict[tuple[str, str], list[float]] = {}
     with torch.inference_mode():
+        names = list(dict.fromkeys(n for s in setups for n in passes[s]))
         for r in range(args.rounds):
-            for name in passes[setups[0]]:
-                for setup in (setups if r % 2 else setups[::-1]):
+            for name in names:
+                for setup in [s for s in (setups if r % 2 else setups[::-1]) if name in passes[s]]:
                     t = time.perf_counter()
                     passes[setup][name]()
                     times.setdefault((setup, name), []).append(time.perf_counter() - t)
     med = {key: 1000 * sorted(v[2:])[len(v[2:]) // 2] for key, v in times.items()}
     rows = []
     print(f"{'pass':18s}" + "".join(f" {s + ' ms':>12s} {'x AR':>6s}" for s in setups))
-    for name in passes[setups[0]]:
+    for name in names:
         row: dict = {"pass": name}
         for s in setups:
-            row[f"{s}_ms"] = med[(s, name)]
-            row[f"{s}_x_ar"] = med[(s, name)] / med[(s, "ar")]
+            if (s, name) in med:
+                row[f"{s}_ms"] = med[(s, name)]
+                row[f"{s}_x_ar"] = med[(s, name)] / med[(s, "ar")]
         rows.append(row)
-        print(f"{name:18s}" + "".join(f" {row[s + '_ms']:12.1f} {row[s + '_x_ar']:6.2f}" for s in setups))
+        print(f"{name:18s}" + "".join(f" {row[s + '_ms']:12.1f} {row[s + '_x_ar']:6.2f}" if s + "_ms" in row
+                                      else f" {'-':>12s} {'-':>6s}" for s in setups))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
