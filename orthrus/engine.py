@@ -15,7 +15,7 @@ import torch
 
 from orthrus.adapter import DiffusionAdapter
 from orthrus.config import SELF_BLOCK_SIZE, SELF_DRAFTS, AdapterConfig, GenerationConfig
-from orthrus.decoding.generator import Decoder, Event, cache_room, pow2, uses_cuda_graphs
+from orthrus.decoding.generator import DEFAULT_MAX_DRAFT_ROWS, Decoder, Event, cache_room, pow2, uses_cuda_graphs
 from orthrus.decoding.ngram import NGRAM_BLOCK_SIZE
 from orthrus.decoding.stats import DecodeStats
 from orthrus.errors import ContextLengthError, OrthrusError
@@ -65,14 +65,17 @@ class Orthrus:
     """A frozen base model plus (optionally) its diffusion adapter."""
 
     def __init__(self, base: LoadedModel, adapter: DiffusionAdapter | None, cuda_graphs: bool | None = None,
-                 compile: bool = False, prepare: bool = True, draft_precision: str = "auto") -> None:
+                 compile: bool = False, prepare: bool = True, draft_precision: str = "auto",
+                 max_draft_rows: int | None | str = "auto") -> None:
         """``prepare``: fuse and (fp32 on CPU) prepack the weights for decoding (see
         ``Transformer.prepare_inference``); False keeps the plain per-projection GEMMs.
         ``draft_precision``: the weights of the adapter's draft pass: ``int8`` (draft-only int8
         copies, ``orthrus.models.quant``: a cheaper draft, the same exact output), ``float32``
         (the model's own), ``auto`` (int8 where it is the faster choice: a prepared fp32 model on
         a CPU with fbgemm, and an adapter; not under ``compile``, which cannot trace fbgemm's
-        packed weights)."""
+        packed weights). ``max_draft_rows``: cycles draft only while at most this many rows
+        decode, else one token a pass (see ``Decoder``); None: always draft; ``auto``:
+        ``DEFAULT_MAX_DRAFT_ROWS`` on a CPU (measured), None on a GPU."""
         if draft_precision not in DRAFT_PRECISIONS:
             raise OrthrusError(f"draft precision must be one of {', '.join(DRAFT_PRECISIONS)}, got {draft_precision!r}")
         self.base = base
@@ -96,6 +99,11 @@ class Orthrus:
             adapter.prepare_inference(int8=self.draft_int8)
         self.cuda_graphs = cuda_graphs
         self.compile = compile
+        if max_draft_rows == "auto":
+            max_draft_rows = DEFAULT_MAX_DRAFT_ROWS if self.model.device.type == "cpu" else None
+        if max_draft_rows is not None and (not isinstance(max_draft_rows, int) or max_draft_rows < 0):
+            raise OrthrusError(f"max draft rows must be an integer >= 0, 'auto' or None, got {max_draft_rows!r}")
+        self.max_draft_rows = max_draft_rows
         # idle decoders kept for their static cache and captured CUDA graphs, one per key
         self._spares: dict[str, Decoder] = {}
 
@@ -103,7 +111,8 @@ class Orthrus:
     def from_pretrained(cls, model: str = DEFAULT_MODEL, adapter: str | None = None, device: str = "cpu",
                         dtype: str = "float32", adapter_kind: str = "full",
                         block_size: int | None = None, cuda_graphs: bool | None = None,
-                        compile: bool = False, draft_precision: str = "auto") -> "Orthrus":
+                        compile: bool = False, draft_precision: str = "auto",
+                        max_draft_rows: int | None | str = "auto") -> "Orthrus":
         """Load a base model and an adapter.
 
         Args:
@@ -115,6 +124,7 @@ class Orthrus:
             cuda_graphs: replay each decoding cycle as a CUDA graph (None: yes on CUDA devices).
             compile: ``torch.compile`` each decoding cycle (fused kernels; a slow first cycle per shape).
             draft_precision: ``auto``, ``int8`` or ``float32`` (see :class:`Orthrus`).
+            max_draft_rows: ``auto``, an integer or None (see :class:`Orthrus`).
         """
         base = load_base(model, device=device, dtype=dtype)
         ad = None
@@ -128,7 +138,7 @@ class Orthrus:
             ad = DiffusionAdapter.load(DEFAULT_ADAPTERS[model], base.model, base.fingerprint)
         if ad is not None:
             ad = ad.to(device=base.model.device, dtype=base.model.dtype).eval().requires_grad_(False)
-        return cls(base, ad, cuda_graphs, compile, draft_precision=draft_precision)
+        return cls(base, ad, cuda_graphs, compile, draft_precision=draft_precision, max_draft_rows=max_draft_rows)
 
     # ---- prompts ------------------------------------------------------------------------------
 
@@ -189,7 +199,7 @@ class Orthrus:
 
     def new_decoder(self, max_batch: int, capacity: int) -> Decoder:
         return Decoder(self.model, self.adapter, self.base.eos_ids, self.decode, max_batch, capacity,
-                       cuda_graphs=self.cuda_graphs, compile=self.compile)
+                       cuda_graphs=self.cuda_graphs, compile=self.compile, max_draft_rows=self.max_draft_rows)
 
     def release_decoders(self) -> None:
         """Drop the idle decoders kept between calls (their caches and CUDA graphs)."""

@@ -330,6 +330,8 @@ def test_cli_draft_ngram_needs_no_adapter(tmp_path, capsys):
     (["--draft", "fast"], "--draft"),
     (["--draft", "ngram", "--schedule", "one-pass"], "one-pass"),
     (["--draft", "ngram", "--mode", "ar"], "--mode ar"),
+    (["--draft", "self", "--mode", "ar"], "--mode ar"),  # self-drafting (tests/test_selfdraft.py)
+    (["--draft", "hybrid-self", "--dtype", "bfloat16"], "float32"),
 ])
 def test_cli_bad_draft_one_line_exit_2(argv, needle, monkeypatch, capsys):
     from orthrus.commands import common

@@ -15,6 +15,7 @@ import torch
 
 from conftest import random_prompts, run_decoder, tiny_adapter, tiny_base
 from orthrus.config import GenerationConfig
+from orthrus.decoding.generator import Decoder
 from orthrus.models.quant import fp16_available
 from test_decoding import perturb
 
@@ -101,17 +102,19 @@ def test_cli_draft_self_needs_no_adapter(tmp_path, capsys):
         assert sum(r["stats"]["verify_passes"] for r in rows) < 2 * 20
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--draft", "self", "--mode", "ar"], "--mode ar"),
-    (["--draft", "hybrid-self", "--dtype", "bfloat16"], "float32"),
-])
-def test_cli_bad_self_draft_one_line_exit_2(argv, needle, monkeypatch, capsys):
-    from orthrus.commands import common, generate
-    from test_ngram import _cli
-
-    for mod in (common, generate):
-        monkeypatch.setattr(mod, "load_engine", lambda *a, **k: pytest.fail("loaded the model"))
-    rc, out, err = _cli(["generate", "hi", *argv], capsys)
-    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("INFO ")]
-    assert rc == 2 and out == "" and len(lines) == 1 and lines[0].startswith("orthrus: error: "), err
-    assert needle in lines[0]
+def test_max_draft_rows_decodes_one_token_a_pass_beyond_it_and_stays_exact() -> None:
+    """With more rows decoding than ``max_draft_rows``, cycles verify one token per row and draft
+    nothing; once rows finish and few are left, drafting resumes. The output is AR's either way."""
+    model = tiny_base("llama", seed=11)[1]
+    model.prepare_inference()
+    prompts = random_prompts([5, 8, 3], model.config.vocab_size, seed=12)
+    lengths = [6, 8, 40]  # two short rows, then the long one decodes alone
+    ar = toks(run_decoder(model, None, prompts, [GenerationConfig(max_new_tokens=n) for n in lengths])[0])
+    gens = [gen(n, "hybrid-self") for n in lengths]
+    rows, dec = run_decoder(model, None, prompts, gens, block_size=4, capacity=64,
+                            decoder_cls=lambda *a, **k: Decoder(*a, **k, max_draft_rows=1))
+    assert dec.max_draft_rows == 1
+    assert toks(rows) == ar
+    assert rows[0].stats.draft_passes == 0 and rows[1].stats.draft_passes == 0  # never alone
+    assert rows[2].stats.draft_passes > 0  # alone at the end: drafts again
+    assert rows[2].stats.verify_passes < 40

@@ -24,6 +24,7 @@ from typing import Any
 from orthrus.adapter import WEIGHTS
 from orthrus.config import DRAFTS, DTYPES, SCHEDULES, SELF_BLOCK_SIZE, SELF_DRAFTS, AdapterConfig, GenerationConfig
 from orthrus.decoding.ngram import NGRAM_BLOCK_SIZE
+from orthrus.decoding.generator import DEFAULT_MAX_DRAFT_ROWS
 from orthrus.engine import DEFAULT_ADAPTERS, DRAFT_PRECISIONS, Orthrus
 from orthrus.errors import OrthrusError
 from orthrus.jsonl import iter_jsonl
@@ -54,10 +55,28 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true",
                    help="torch.compile each decoding cycle (fused kernels; the first cycle of each "
                         "shape compiles, which takes from seconds to minutes)")
+    g.add_argument("--max-draft-rows", type=max_draft_rows_arg, default="auto", metavar="N|all|auto",
+                   help="parallel mode: cycles draft only while at most N rows are decoding, beyond that "
+                        "every row decodes one token a pass (the output is the same either way); all: "
+                        f"always draft; auto (default): {DEFAULT_MAX_DRAFT_ROWS} on a CPU, where drafting "
+                        "loses to plain decoding past a few rows (measured: bench/README.md), all on a GPU")
     g.add_argument("--draft-precision", default="auto", choices=DRAFT_PRECISIONS,
                    help="weights of the adapter's draft pass: int8 (draft-only int8 copies: a cheaper "
                         "draft, the same exact output; +1/4 of the model's memory), float32 (the "
                         "model's own), auto (int8 for a float32 model on a CPU with fbgemm; default)")
+
+
+def max_draft_rows_arg(value: str) -> int | None | str:
+    """``--max-draft-rows``: an integer >= 0, ``all`` (None: always draft) or ``auto``."""
+    if value in ("auto", "all"):
+        return None if value == "all" else value
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, 'all' or 'auto', got {value!r}")
+    return n
 
 
 def add_generation_args(parser: argparse.ArgumentParser) -> None:
@@ -283,11 +302,11 @@ def _stamp(path: Path | None) -> tuple[int, int] | None:
 @functools.lru_cache(maxsize=1)
 def _cached_engine(model: str, adapter: str | None, device: str, dtype: str, adapter_kind: str,
                    block_size: int | None, cuda_graphs: bool | None, compile: bool, draft_precision: str,
-                   stamps: tuple[Any, ...]) -> Orthrus:
+                   max_draft_rows: int | None | str, stamps: tuple[Any, ...]) -> Orthrus:
     del stamps  # part of the cache key only
     return Orthrus.from_pretrained(model, adapter=adapter, device=device, dtype=dtype, adapter_kind=adapter_kind,
                                    block_size=block_size, cuda_graphs=cuda_graphs, compile=compile,
-                                   draft_precision=draft_precision)
+                                   draft_precision=draft_precision, max_draft_rows=max_draft_rows)
 
 
 def load_engine(args: argparse.Namespace, reuse: bool = True) -> Orthrus:
@@ -306,7 +325,7 @@ def load_engine(args: argparse.Namespace, reuse: bool = True) -> Orthrus:
                     else DEFAULT_ADAPTERS.get(args.model, Path("-")) / WEIGHTS)
     key = (args.model, args.adapter, args.device, args.dtype, kind, block, getattr(args, "cuda_graphs", None),
            bool(getattr(args, "compile", False)), getattr(args, "draft_precision", "auto"),
-           (_stamp(model_path), _stamp(adapter_path)))
+           getattr(args, "max_draft_rows", "auto"), (_stamp(model_path), _stamp(adapter_path)))
     log.info("loading %s (adapter: %s) on %s in %s", args.model, args.adapter or "default",
              args.device, args.dtype)
     t0 = time.perf_counter()
