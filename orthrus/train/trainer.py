@@ -29,6 +29,7 @@ with a clear error on a non-finite loss, keeping the last good checkpoint.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -36,6 +37,7 @@ import logging
 import math
 import os
 import random
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -714,18 +716,22 @@ class Trainer:
         last_eval = None
         end = self.total_steps if stop_after is None else min(self.total_steps, self.step + stop_after)
         budget_from = self.step + BUDGET_SKIP  # first steps compile kernels: not timed for the budget
+        recent: collections.deque[float] = collections.deque(maxlen=50)  # step times, for the budget
         try:
             while self.step < end:
                 t0 = time.perf_counter()
                 rec = self._train_step()
-                win_time += time.perf_counter() - t0
-                if self.step == budget_from:
-                    budget_t0 = time.perf_counter()
-                elif (self.step >= budget_from + BUDGET_PROBE and cfg.max_minutes is not None
-                      and (self.step == budget_from + BUDGET_PROBE or self.step % cfg.log_every == 0)):
+                step_time = time.perf_counter() - t0
+                win_time += step_time
+                if self.step > budget_from:
+                    recent.append(step_time)
+                if (len(recent) >= BUDGET_PROBE and cfg.max_minutes is not None
+                        and (len(recent) == BUDGET_PROBE or self.step % cfg.log_every == 0)):
                     # after the probe, again at every log step: a run that slows down (a busy
-                    # machine, a pause) still ends within --max-minutes (the schedule only shrinks)
-                    per_step = (time.perf_counter() - budget_t0) / (self.step - budget_from)
+                    # machine) still ends within --max-minutes (the schedule only shrinks). The
+                    # median of the recent steps: a pause (SIGSTOP for a benchmark) spends the
+                    # budget's wall clock but does not make the steps still to come look slower
+                    per_step = statistics.median(recent)
                     end = min(end, self._fit_budget(per_step, time.perf_counter() - started, eval_seconds))
                 window.append(rec["loss"])
                 bar.update(1)
