@@ -38,40 +38,32 @@ def int8_available() -> bool:
         return False
 
 
-class Int8Linear:
-    """Frozen linear maps ``x [..., C] -> [..., N_i]`` through one int8 GEMM (draft passes only).
-
-    Same calling convention as :class:`~orthrus.models.llama.InferenceLinear`: ``weights [N_i, C]``
-    are concatenated; ``self(x)`` gives one output per weight, :meth:`fused` all side by side.
-    Weights are quantized symmetrically per output channel (int8); activations per row (7 bits,
-    fbgemm's ``reduce_range`` for CPUs without VNNI), see the module docstring. Memory: a quarter of
-    the fp32 weights.
-    """
+class _DraftLinear:
+    """Frozen linear maps ``x [..., C] -> [..., N_i]`` through one GEMM of a cheaper kernel (draft
+    passes only). Same calling convention as :class:`~orthrus.models.llama.InferenceLinear`:
+    ``weights [N_i, C]`` are concatenated; ``self(x)`` gives one output per weight, :meth:`fused`
+    all side by side. Subclasses pack ``self.weight`` (float32 ``[sum N_i, C]``) in ``_pack`` and
+    run it in ``_gemm``; the bias (if any) is added in float32 after."""
 
     def __init__(self, weights: list[Tensor], biases: list[Tensor | None]) -> None:
         with torch.no_grad():
             w = torch.cat([x.detach().float() for x in weights]) if len(weights) > 1 else weights[0].detach().float()
-            n, c = w.shape
             self.sizes = [x.shape[0] for x in weights]
-            self.in_features = c
-            wp = w.new_zeros(n, c + PAD)
-            wp[:, :c] = w
-            scale = (w.abs().amax(1) / 127.0).clamp_min(1e-12).double()
-            with warnings.catch_warnings():  # torch deprecates quantized tensors (the op stays)
-                warnings.simplefilter("ignore")
-                q = torch.quantize_per_channel(wp, scale, torch.zeros(n, dtype=torch.long), 0, torch.qint8)
-                self.packed = torch.ops.quantized.linear_prepack(q, None)
+            self.in_features = w.shape[1]
             self.bias = (None if all(b is None for b in biases) else
                          torch.cat([b.detach().float() if b is not None else w.new_zeros(k)
                                     for b, k in zip(biases, self.sizes)]))
-            self.pins = w.new_zeros(PAD)
-            self.pins[0], self.pins[1] = 1.0, -1.0
+            self._pack(w.contiguous())
+
+    def _pack(self, w: Tensor) -> None:
+        raise NotImplementedError
+
+    def _gemm(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
 
     def fused(self, x: Tensor) -> Tensor:
         """``x [..., C]`` (float32) -> ``[..., sum N_i]``."""
-        s = x.abs().amax(-1, keepdim=True).clamp_min(1e-30)  # [..., 1] each row's own scale
-        xn = torch.cat((x / s, self.pins.expand(*x.shape[:-1], PAD)), dim=-1)  # every row spans [-1, 1]
-        y = torch.ops.quantized.linear_dynamic(xn, self.packed, True) * s
+        y = self._gemm(x)
         return y + self.bias if self.bias is not None else y
 
     def __call__(self, x: Tensor) -> tuple[Tensor, ...]:
@@ -80,32 +72,41 @@ class Int8Linear:
         return y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (y,)
 
 
-class Fp16Linear:
-    """Frozen linear maps through fbgemm's fp16-weight GEMM (fp32 activations and accumulation):
+class Int8Linear(_DraftLinear):
+    """:class:`_DraftLinear` through fbgemm's int8 GEMM. Weights are quantized symmetrically per
+    output channel (int8); activations per row (7 bits, fbgemm's ``reduce_range`` for CPUs without
+    VNNI), see the module docstring. Memory: a quarter of the fp32 weights."""
+
+    def _pack(self, w: Tensor) -> None:
+        n, c = w.shape
+        wp = w.new_zeros(n, c + PAD)
+        wp[:, :c] = w
+        scale = (w.abs().amax(1) / 127.0).clamp_min(1e-12).double()
+        with warnings.catch_warnings():  # torch deprecates quantized tensors (the op stays)
+            warnings.simplefilter("ignore")
+            q = torch.quantize_per_channel(wp, scale, torch.zeros(n, dtype=torch.long), 0, torch.qint8)
+            self.packed = torch.ops.quantized.linear_prepack(q, None)
+        self.pins = w.new_zeros(PAD)
+        self.pins[0], self.pins[1] = 1.0, -1.0
+
+    def _gemm(self, x: Tensor) -> Tensor:
+        s = x.abs().amax(-1, keepdim=True).clamp_min(1e-30)  # [..., 1] each row's own scale
+        xn = torch.cat((x / s, self.pins.expand(*x.shape[:-1], PAD)), dim=-1)  # every row spans [-1, 1]
+        return torch.ops.quantized.linear_dynamic(xn, self.packed, True) * s
+
+
+class Fp16Linear(_DraftLinear):
+    """:class:`_DraftLinear` through fbgemm's fp16-weight GEMM (fp32 activations and accumulation):
     half the bytes of fp32, with drafts that agree with the fp32 model almost always (on 762 greedy
     positions of the default model: 100% top-1 agreement, against 92% for :class:`Int8Linear`).
     For the self-draft (``Transformer.prepare_self_draft``), whose 1-token steps are bound by
-    streaming the weights. Rows are independent (no activation quantization). Same calling
-    convention as :class:`Int8Linear`."""
+    streaming the weights. Rows are independent (no activation quantization)."""
 
-    def __init__(self, weights: list[Tensor], biases: list[Tensor | None]) -> None:
-        with torch.no_grad():
-            w = torch.cat([x.detach().float() for x in weights]) if len(weights) > 1 else weights[0].detach().float()
-            self.sizes = [x.shape[0] for x in weights]
-            self.in_features = w.shape[1]
-            self.packed = torch.ops.quantized.linear_prepack_fp16(w.contiguous(), None)
-            self.bias = (None if all(b is None for b in biases) else
-                         torch.cat([b.detach().float() if b is not None else w.new_zeros(k)
-                                    for b, k in zip(biases, self.sizes)]))
+    def _pack(self, w: Tensor) -> None:
+        self.packed = torch.ops.quantized.linear_prepack_fp16(w, None)
 
-    def fused(self, x: Tensor) -> Tensor:
-        """``x [..., C]`` (float32) -> ``[..., sum N_i]``."""
-        y = torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
-        return y + self.bias if self.bias is not None else y
-
-    def __call__(self, x: Tensor) -> tuple[Tensor, ...]:
-        y = self.fused(x)
-        return y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (y,)
+    def _gemm(self, x: Tensor) -> Tensor:
+        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
 
 
 def fp16_available() -> bool:
