@@ -27,7 +27,7 @@ from orthrus.cache import KVCache
 from orthrus.config import AdapterConfig
 from orthrus.errors import OrthrusError
 from orthrus.models.llama import (Attention, InferenceLinear, Transformer, cached_attend, causal_mask,
-                                  joint_attention, merge_heads, packing_available)
+                                  block_attention, merge_heads, packing_available)
 from orthrus.models.quant import int8_linear
 
 WEIGHTS = "adapter.safetensors"
@@ -196,28 +196,29 @@ class DiffusionAdapter(nn.Module):
         return split
 
     def forward(self, base: Transformer, embeds: Tensor, positions: Tensor, cache: KVCache, kv_len: int,
-                ctx_mask: Tensor | None, block_mask: Tensor | None,
+                ctx_mask: Tensor | None, block_size: int,
                 attn_fn: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor] | None = None) -> Tensor:
-        """Run the diffusion view over a set of blocks without writing the cache (training).
+        """Run the diffusion view over ``N`` blocks of ``K`` tokens without writing the cache (training).
 
         Args:
             base: the frozen model whose norms, MLPs and K/V cache are shared.
-            embeds: ``[B, Q, C]`` input embeddings (anchor tokens and mask embeddings).
-            positions: ``[B, Q]`` absolute positions (rope).
+            embeds: ``[B, N*K, C]`` input embeddings (anchor tokens and mask embeddings), block by block.
+            positions: ``[B, N*K]`` absolute positions (rope).
             cache: the AR cache; read only, slots ``[0, kv_len)``.
-            ctx_mask: ``[B, 1, Q|1, kv_len]`` bool: which cache slots each query may see.
-            block_mask: ``[B|1, 1, Q, Q]`` bool among the blocks' own queries/keys, None: all.
-            attn_fn: optional replacement for the dense :func:`joint_attention` (training on CUDA
-                uses flex attention, see ``orthrus.train.masks``): ``attn_fn(q, k_cache, v_cache,
-                k_block, v_block) -> [B, H, Q, D]`` with its own mask; ``ctx_mask`` and
-                ``block_mask`` are then unused.
+            ctx_mask: ``[B, 1, N, kv_len]`` bool: which cache slots each block may see. Each block
+                also sees its own ``K`` keys, bidirectionally, and no other block's
+                (:func:`block_attention`).
+            block_size: ``K``.
+            attn_fn: optional replacement for :func:`block_attention` (training on CUDA uses flex
+                attention, see ``orthrus.train.masks``): ``attn_fn(q, k_cache, v_cache, k_block,
+                v_block) -> [B, H, N*K, D]`` with its own mask; ``ctx_mask`` is then unused.
         Returns:
-            Final-normed hidden states ``[B, Q, C]``.
+            Final-normed hidden states ``[B, N*K, C]``.
         """
         def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             kc, vc = cache.layer(i, kv_len)
             if attn_fn is None:
-                return joint_attention(q, kc, vc, ctx_mask, k, v, block_mask)
+                return block_attention(q, kc, vc, ctx_mask, k, v, block_size)
             return attn_fn(q, kc, vc, k, v)
 
         return base.run_layers(embeds, positions, list(self.layers), attend)
@@ -293,6 +294,14 @@ class DiffusionAdapter(nn.Module):
         if masked is not None:
             first = torch.where(masked[:, None, None], mask, first)
         return torch.cat((first, mask.expand(b, block_size - 1, -1)), dim=1)
+
+    def bound_to(self, base: Transformer) -> "DiffusionAdapter":
+        """A float32 copy of this adapter's weights on another copy of the same frozen model (for
+        example the bf16 copy a CPU run trains with, or the float32 model it evaluates with): a
+        LoRA adapter wraps its base's own linears, so it cannot simply be moved."""
+        new = DiffusionAdapter(base, self.config).to(device=base.device, dtype=torch.float32)
+        new.load_state_dict(self.state_dict())
+        return new
 
     # ---- persistence -------------------------------------------------------------------------
 

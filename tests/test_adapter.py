@@ -42,7 +42,7 @@ def draft_logits(base, adapter: DiffusionAdapter, prompt_len: int = 9, k: int = 
         pos = prompt_len + torch.arange(k).expand(2, k)
         kv_len = prompt_len + k
         ctx = (torch.arange(kv_len) < prompt_len)[None, None, None, :].expand(2, 1, 1, kv_len)
-        hidden = adapter(base, embeds, pos, cache, kv_len, ctx, None)
+        hidden = adapter(base, embeds, pos, cache, kv_len, ctx, k)
         assert all(torch.equal(a, b) for a, b in zip(before, cache.k + cache.v))  # cache read only
         return base.logits(hidden)
 

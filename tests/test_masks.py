@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from orthrus.adapter import DiffusionAdapter
-from orthrus.models.llama import joint_attention
+from orthrus.models.llama import block_attention
 from orthrus.train.data import Document, make_batch, pack
-from orthrus.train.masks import (block_context_mask, block_diagonal_mask, block_mask_mod, document_causal_mask,
+from orthrus.train.masks import (block_context_mask, block_mask_mod, document_causal_mask,
                                  document_positions, flex_block_attention)
 from orthrus.train.trainer import (BlockDrafter, draft_blocks, eval_anchor_chunks, masked_blocks, teacher_forward,
                                    train_anchors)
@@ -110,7 +110,7 @@ def test_all_blocks_in_one_forward_equal_per_block_decoding(setup, kind):
             if is_masked:  # the anchor token is not an input at all
                 assert torch.equal(embeds[0, 0], adapter.mask_embedding)
             ctx = torch.ones(1, 1, 1, p, dtype=torch.bool)
-            ref = adapter(base, embeds, torch.arange(p, p + K)[None], own, p, ctx, None)
+            ref = adapter(base, embeds, torch.arange(p, p + K)[None], own, p, ctx, K)
             ref_logits = base.logits(ref[0, : K - 1])
             n_valid = int(out.valid[r, n].sum())
             assert n_valid == min(K - 1, int(slots[-1]) - a)  # slots past the document are masked out
@@ -140,20 +140,46 @@ def test_anchors_are_response_tokens_with_a_next_token(setup):
 def test_context_mask_keeps_documents_apart(setup):
     _, _, _, batch = setup
     anchors, valid = train_anchors(batch, 5, torch.Generator().manual_seed(2))
-    ctx = block_context_mask(batch.doc, anchors, valid, K)[:, 0]  # [B, N*K, S]
+    ctx = block_context_mask(batch.doc, anchors, valid)[:, 0]  # [B, N, S]: one row per block
     for r in range(anchors.shape[0]):
         for n in range(anchors.shape[1]):
-            rows = ctx[r, n * K: (n + 1) * K]
-            assert (rows == rows[0]).all()  # every query of a block sees the same context
-            seen = rows[0].nonzero()[:, 0]
+            seen = ctx[r, n].nonzero()[:, 0]
             if not valid[r, n]:
                 assert seen.numel() == 0
                 continue
             a = int(anchors[r, n])
             same = (batch.doc[r] == batch.doc[r, a]).nonzero()[:, 0]
             assert seen.tolist() == [int(j) for j in same if j < a]
-    blk = block_diagonal_mask(3, K, "cpu")[0, 0]
-    assert blk.sum() == 3 * K * K and blk[0, K - 1] and not blk[0, K]
+
+
+def dense_block_mask(ctx: torch.Tensor, k: int) -> torch.Tensor:
+    """The full ``[B, 1, N*K, S + N*K]`` mask of a block forward over ``[cache | all block keys]``:
+    a block's queries see its context row and the block-diagonal part (its own K keys only)."""
+    b, _, n, s = ctx.shape
+    blk = torch.arange(n * k) // k
+    return torch.cat((ctx.repeat_interleave(k, dim=2), (blk[:, None] == blk).expand(b, 1, n * k, n * k)), dim=-1)
+
+
+@pytest.mark.parametrize("heads", [(6, 2), (4, 4)])
+def test_block_attention_equals_dense_attention_over_all_keys(setup, heads):
+    """The [N, K, K] block scores == one dense SDPA over [cache | every block's keys] with the
+    block-diagonal mask (what training computed before), GQA and not, padding anchors included."""
+    _, _, _, batch = setup
+    b, s = batch.tokens.shape
+    anchors, valid = train_anchors(batch, 5, torch.Generator().manual_seed(6))
+    valid[0, -1] = False  # a padding anchor: sees no cache slot, only its own block
+    h, hkv = heads
+    q_len = anchors.shape[1] * K
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(b, h, q_len, 8, generator=g)
+    k1, v1 = torch.randn(b, hkv, s, 8, generator=g), torch.randn(b, hkv, s, 8, generator=g)
+    k2, v2 = torch.randn(b, hkv, q_len, 8, generator=g), torch.randn(b, hkv, q_len, 8, generator=g)
+    ctx = block_context_mask(batch.doc, anchors, valid)
+    rep = h // hkv
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, torch.cat((k1, k2), 2).repeat_interleave(rep, 1), torch.cat((v1, v2), 2).repeat_interleave(rep, 1),
+        attn_mask=dense_block_mask(ctx, K))
+    torch.testing.assert_close(block_attention(q, k1, v1, ctx, k2, v2, K), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_flex_mask_mod_equals_dense_masks(setup):
@@ -163,8 +189,7 @@ def test_flex_mask_mod_equals_dense_masks(setup):
     b, s = batch.tokens.shape
     anchors, valid = train_anchors(batch, 5, torch.Generator().manual_seed(3))
     q = anchors.shape[1] * K
-    dense = torch.cat((block_context_mask(batch.doc, anchors, valid, K),
-                       block_diagonal_mask(anchors.shape[1], K, "cpu").expand(b, 1, q, q)), dim=-1)
+    dense = dense_block_mask(block_context_mask(batch.doc, anchors, valid), K)
     flex = create_mask(block_mask_mod(batch.doc, anchors, valid, K), b, 1, q, s + q, device="cpu")
     assert torch.equal(flex, dense)
 
@@ -191,8 +216,7 @@ def test_flex_attention_equals_dense_on_cpu(setup):
     qh, k1, v1 = (torch.randn(b, 6, q_len, 8, generator=g), torch.randn(b, 2, s, 8, generator=g),
                   torch.randn(b, 2, s, 8, generator=g))
     k2, v2 = torch.randn(b, 2, q_len, 8, generator=g), torch.randn(b, 2, q_len, 8, generator=g)
-    ref = joint_attention(qh, k1, v1, block_context_mask(batch.doc, anchors, valid, K), k2, v2,
-                          block_diagonal_mask(anchors.shape[1], K, "cpu"))
+    ref = block_attention(qh, k1, v1, block_context_mask(batch.doc, anchors, valid), k2, v2, K)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.testing.assert_close(fn(qh, k1, v1, k2, v2), ref, atol=1e-5, rtol=1e-5)

@@ -60,7 +60,7 @@ def test_fused_pass_equals_verify_plus_masked_blocks(arch: str, kind: str, prepa
                 one = ref_cache.rows(r, r + 1)
                 embeds = ad.block_embeds(base, verify[r, :1], k, masks[:1])  # [MASK x K]
                 ctx = torch.ones(1, 1, 1, t + j + 1, dtype=torch.bool)
-                ref = ad(base, embeds, torch.arange(t + j + 1, t + j + 1 + k)[None], one, t + j + 1, ctx, None)
+                ref = ad(base, embeds, torch.arange(t + j + 1, t + j + 1 + k)[None], one, t + j + 1, ctx, k)
                 torch.testing.assert_close(h_cand[r, c], ref[0], atol=1e-4, rtol=1e-4)
 
 

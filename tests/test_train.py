@@ -407,3 +407,29 @@ def test_eval_blocks_caps_the_held_out_anchors(loaded, tmp_path):
     assert full.eval_stride == 1 and cap.eval_stride >= 3
     assert every["eval_blocks"] // cap.eval_stride <= some["eval_blocks"] < every["eval_blocks"] // 2
     assert 1.0 <= some["eval_acceptance_length"] <= K
+
+
+def test_bf16_training_on_cpu_evaluates_with_the_float32_model(loaded, tmp_path):
+    """A bf16 run on a CPU trains a bf16 copy of the float32 model, but its held-out figures are
+    those of the float32 model that decodes there (equal to an fp32 run's evaluation of the saved
+    adapter), the model it was given is untouched, and it still learns."""
+    base = loaded.model
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    docs = random_docs(30, seed=4, lo=24, hi=40)
+    cfg = config(tmp_path / "bf16", adapter_kind="lora:4", max_steps=12, anchors_per_seq=16, warmup=2,
+                 eval_rows=4, dtype="bfloat16")
+    tr = Trainer(cfg, base, loaded.fingerprint, docs, progress=False)
+    assert tr.base.dtype == torch.bfloat16 and tr.eval_base is base
+    summary = tr.train()
+    assert summary["eval_after"]["eval_loss"] < summary["eval_before"]["eval_loss"]
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+    saved = DiffusionAdapter.load(tmp_path / "bf16", base, loaded.fingerprint)
+    ref = Trainer(config(tmp_path / "fp32", max_steps=1, anchors_per_seq=16, eval_rows=4),
+                  base, loaded.fingerprint, docs, adapter=saved, progress=False).evaluate()
+    got = tr.evaluate()
+    assert got["eval_slot_accept"] == ref["eval_slot_accept"]
+    assert abs(got["eval_loss"] - ref["eval_loss"]) < 1e-6
+    # warm-starting a bf16 run from that adapter starts from the same weights
+    tr2 = Trainer(config(tmp_path / "again", max_steps=1, anchors_per_seq=16, eval_rows=4, dtype="bfloat16"),
+                  base, loaded.fingerprint, docs, adapter=saved, progress=False)
+    assert all(torch.equal(v, saved.state_dict()[k]) for k, v in tr2.adapter.state_dict().items())

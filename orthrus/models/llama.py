@@ -259,35 +259,35 @@ def cached_attend(cache: KVCache, positions: Tensor, kv_len: int,
     return attend
 
 
-def joint_attention(
-    q: Tensor, k1: Tensor, v1: Tensor, m1: Tensor, k2: Tensor, v2: Tensor, m2: Tensor | None
-) -> Tensor:
-    """Attention over two key sets with one softmax, without concatenating (copying) the keys.
+def block_attention(q: Tensor, k1: Tensor, v1: Tensor, m1: Tensor, k2: Tensor, v2: Tensor,
+                    block_size: int) -> Tensor:
+    """Attention of ``N`` blocks of ``K`` queries over a shared key set and their own block, with
+    one softmax, each block against its own keys only (the diffusion view in training).
 
-    Used by the diffusion view: set 1 is the shared AR cache, set 2 the block's own K/V.
+    Query block ``n`` (rows ``n*K .. n*K+K-1``) sees the slots of set 1 that ``m1[:, :, n]``
+    allows (the shared AR cache) and the ``K`` keys of set 2 in its own block, bidirectionally.
+    The block part is ``[N, K, K]`` scores, not the ``[N*K, N*K]`` of a dense block-diagonal
+    mask (of which ``N - 1`` blocks in ``N`` are masked away), and set 1 is read as a view.
 
     Args:
-        q: ``[B, H, T, D]``.
-        k1, v1: ``[B, Hkv, S, D]`` (a view of the cache, not copied); m1: ``[B, 1, T|1, S]`` bool.
-        k2, v2: ``[B, Hkv, T2, D]``; m2: ``[B|1, 1, T, T2]`` bool or None (all visible).
+        q: ``[B, H, N*K, D]``.
+        k1, v1: ``[B, Hkv, S, D]`` (a view of the cache); m1: ``[B, 1, N, S]`` bool, per block.
+        k2, v2: ``[B, Hkv, N*K, D]``, the blocks' own K/V.
+        block_size: ``K``.
     Returns:
-        ``[B, H, T, D]``.
+        ``[B, H, N*K, D]``.
     """
     b, h, t, d = q.shape
-    hkv = k1.shape[1]
-    g = h // hkv
+    hkv, s = k1.shape[1], k1.shape[2]
+    g, k, n = h // hkv, block_size, t // block_size
     qg = q.reshape(b, hkv, g * t, d) * (1.0 / math.sqrt(d))  # heads h = kv * g + i share kv
-    s1 = (qg @ k1.transpose(-1, -2)).view(b, hkv, g, t, -1)  # [B, Hkv, G, T, S]
-    s2 = (qg @ k2.transpose(-1, -2)).view(b, hkv, g, t, -1)  # [B, Hkv, G, T, T2]
-    s1 = s1.float().masked_fill(~m1[:, :, None], float("-inf"))
-    s2 = s2.float()
-    if m2 is not None:
-        s2 = s2.masked_fill(~m2[:, :, None], float("-inf"))
-    p = torch.softmax(torch.cat((s1, s2), dim=-1), dim=-1).to(q.dtype)
-    n1 = k1.shape[2]
-    p1 = p[..., :n1].reshape(b, hkv, g * t, n1)
-    p2 = p[..., n1:].reshape(b, hkv, g * t, -1)
-    return (p1 @ v1 + p2 @ v2).view(b, h, t, d)
+    s1 = (qg @ k1.transpose(-1, -2)).view(b, hkv, g, n, k, s)  # [B, Hkv, G, N, K, S]
+    s2 = qg.view(b, hkv, g, n, k, d) @ k2.view(b, hkv, 1, n, k, d).transpose(-1, -2)  # [.., N, K, K]
+    s1 = s1.float().masked_fill(~m1[:, :, None, :, None, :], float("-inf"))
+    p = torch.softmax(torch.cat((s1, s2.float()), dim=-1), dim=-1).to(q.dtype)
+    y = p[..., :s].reshape(b, hkv, g * t, s) @ v1  # [B, Hkv, G*N*K, D]
+    y2 = p[..., s:] @ v2.view(b, hkv, 1, n, k, d)  # [B, Hkv, G, N, K, D]
+    return (y + y2.reshape(b, hkv, g * t, d)).view(b, h, t, d)
 
 
 class MLP(nn.Module):

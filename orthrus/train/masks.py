@@ -8,13 +8,13 @@ A packed row holds several documents back to back (slot ``j`` belongs to documen
   is exactly the forward each document would get on its own (tested), so packing changes nothing.
 * **blocks** (diffusion view, all anchors of a row in one forward): the block at anchor slot ``s`` is
   ``[x_s, MASK x (K-1)]``; its K queries see the cached AR K/V of slots ``j < s`` of ``s``'s own
-  document (``ctx_mask``) and, bidirectionally, the K keys of their own block and no other
-  (``block_mask``, block-diagonal). That is exactly what one decoding draft sees (tested against a
-  per-block loop).
+  document (``ctx_mask``, one row per block) and, bidirectionally, the K keys of their own block and
+  no other. That is exactly what one decoding draft sees (tested against a per-block loop).
 
-The dense boolean masks feed :func:`orthrus.models.llama.joint_attention` (CPU, small batches). On
-CUDA the same rule is a flex-attention ``mask_mod`` over the keys ``[cache slots | block keys]``
-(:func:`flex_block_attention`), which never materialises the ``[B, N*K, S]`` score tensor.
+On the CPU, :func:`orthrus.models.llama.block_attention` computes this with ``[N, K, S]`` context
+scores and ``[N, K, K]`` block scores. On CUDA the same rule is a flex-attention ``mask_mod`` over
+the keys ``[cache slots | block keys]`` (:func:`flex_block_attention`), which never materialises
+the ``[B, N*K, S]`` score tensor.
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ def block_inputs(positions: Tensor, anchors: Tensor, block_size: int) -> Tensor:
     return (positions.gather(1, anchors)[:, :, None] + k).flatten(1)
 
 
-def block_context_mask(doc: Tensor, anchors: Tensor, anchor_valid: Tensor, block_size: int) -> Tensor:
-    """``ctx_mask [B, 1, N*K, S]`` bool: block n's queries see cache slots ``j < anchors[n]`` of its document.
+def block_context_mask(doc: Tensor, anchors: Tensor, anchor_valid: Tensor) -> Tensor:
+    """``ctx_mask [B, 1, N, S]`` bool: block n (all its queries) sees cache slots ``j < anchors[n]``
+    of its document.
 
     Invalid (padding) anchors see no cache slot at all; their block still sees itself, so softmax
     is defined, and their outputs are ignored by the loss.
@@ -69,14 +70,7 @@ def block_context_mask(doc: Tensor, anchors: Tensor, anchor_valid: Tensor, block
     s = doc.shape[1]
     j = torch.arange(s, device=doc.device)
     a_doc = doc.gather(1, anchors)  # [B, N]
-    mask = (j < anchors[:, :, None]) & (doc[:, None, :] == a_doc[:, :, None]) & anchor_valid[:, :, None]
-    return mask.repeat_interleave(block_size, dim=1)[:, None]  # [B, 1, N*K, S]
-
-
-def block_diagonal_mask(n_blocks: int, block_size: int, device: torch.device | str) -> Tensor:
-    """``block_mask [1, 1, N*K, N*K]`` bool: each block attends bidirectionally within itself only."""
-    blk = torch.arange(n_blocks * block_size, device=device) // block_size
-    return (blk[:, None] == blk[None, :])[None, None]
+    return ((j < anchors[:, :, None]) & (doc[:, None, :] == a_doc[:, :, None]) & anchor_valid[:, :, None])[:, None]
 
 
 # ---- flex attention (CUDA) ---------------------------------------------------------------------
@@ -86,7 +80,7 @@ def block_mask_mod(doc: Tensor, anchors: Tensor, anchor_valid: Tensor, block_siz
 
     ``mask_mod(b, h, q, kv)`` is True iff query ``q`` (block ``q // K``) may see key ``kv``: a cache
     slot before its anchor in the anchor's document, or a key of its own block. It equals
-    ``cat(block_context_mask, block_diagonal_mask)`` along the key axis (tested).
+    the rule :func:`orthrus.models.llama.block_attention` applies (tested against dense masks).
     """
     s = doc.shape[1]
     k = block_size

@@ -9,7 +9,8 @@ One optimizer step, per micro-batch of ``B`` packed rows of ``S`` slots:
    is in the same document. Block n is ``[x_s, MASK x (K-1)]`` at positions ``pos(s)..pos(s)+K-1``.
 3. **Student**: all ``N*K`` block queries of the batch go through the diffusion view in ONE forward,
    reading the teacher's cache through ``ctx_mask`` (slots ``< s`` of s's document) and their own
-   block bidirectionally (``block_mask``); flex attention on CUDA (see ``masks.py``).
+   block bidirectionally, each block against its own keys (``block_attention``); flex attention on
+   CUDA (see ``masks.py``).
 4. **Loss**: slot i of a block drafts ``s+i+1``; KL from the teacher at ``s+i`` (or CE on the real
    token), averaged over valid slots (same document, inside the row). Only adapter parameters have
    gradients; the frozen model is never handed to the optimizer and comes out bit-identical.
@@ -30,6 +31,7 @@ with a clear error on a non-finite loss, keeping the last good checkpoint.
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import hashlib
 import json
@@ -58,7 +60,7 @@ from orthrus.models.llama import Transformer, cached_attention, rope_cos_sin
 from orthrus.models.loading import DEFAULT_MODEL
 from orthrus.train.data import Batch, Document, make_batch, pack, split_eval
 from orthrus.train.loss import LOSSES, accepted_prefix, chunk_slots, distill_loss
-from orthrus.train.masks import (block_context_mask, block_diagonal_mask, block_inputs,
+from orthrus.train.masks import (block_context_mask, block_inputs,
                                  document_causal_mask, flex_block_attention)
 
 log = logging.getLogger(__name__)
@@ -93,7 +95,9 @@ class TrainConfig:
     ``mix``: every other anchor of a row is a ``masked`` block, so one adapter drafts for both
     schedules).
     ``eval_rows`` None: the last 2% of documents (none under 20). ``dtype`` None: float32 on CPU,
-    bfloat16 on CUDA (then bf16 autocast, fp32 adapter weights). ``use_flex`` None: on CUDA.
+    bfloat16 on CUDA (then bf16 autocast, fp32 adapter weights). ``bfloat16`` on a CPU trains the
+    same way on a bf16 copy of the float32 model (2x faster on CPUs with AMX) and evaluates with
+    the float32 model, which is what decodes on a CPU. ``use_flex`` None: on CUDA.
     """
 
     data: str
@@ -201,7 +205,7 @@ class BlockDrafter(nn.Module):
         self.adapter = adapter
 
     def forward(self, base: Transformer, anchor_tokens: Tensor, positions: Tensor, cache: KVCache,
-                kv_len: int, ctx_mask: Tensor | None, block_mask: Tensor | None, attn_fn: Any = None,
+                kv_len: int, ctx_mask: Tensor | None, attn_fn: Any = None,
                 masked: Tensor | None = None) -> Tensor:
         """``anchor_tokens [B, N]``, ``positions [B, N*K]`` -> hidden ``[B, N*K, C]``; ``masked
         [B, N]`` bool (None: none) marks ``masked`` blocks (slot 0 a mask, not the anchor token)."""
@@ -209,7 +213,7 @@ class BlockDrafter(nn.Module):
         k = positions.shape[1] // n
         flat = None if masked is None else masked.reshape(-1)
         embeds = self.adapter.block_embeds(base, anchor_tokens.reshape(-1), k, flat).view(b, n * k, -1)
-        return self.adapter(base, embeds, positions, cache, kv_len, ctx_mask, block_mask, attn_fn)
+        return self.adapter(base, embeds, positions, cache, kv_len, ctx_mask, k, attn_fn)
 
 
 @dataclass
@@ -238,14 +242,10 @@ def draft_blocks(drafter: nn.Module, base: Transformer, batch: Batch, cache: KVC
     n, k = anchors.shape[1], block_size
     positions = block_inputs(batch.positions, anchors, k)  # [B, N*K]
     if use_flex:
-        attn_fn = flex_block_attention(batch.doc, anchors, anchor_valid, k)
-        ctx_mask = block_mask = None
+        attn_fn, ctx_mask = flex_block_attention(batch.doc, anchors, anchor_valid, k), None
     else:
-        attn_fn = None
-        ctx_mask = block_context_mask(batch.doc, anchors, anchor_valid, k)  # [B, 1, N*K, S]
-        block_mask = block_diagonal_mask(n, k, anchors.device)              # [1, 1, N*K, N*K]
-    hidden = drafter(base, batch.tokens.gather(1, anchors), positions, cache, s, ctx_mask, block_mask, attn_fn,
-                     masked)
+        attn_fn, ctx_mask = None, block_context_mask(batch.doc, anchors, anchor_valid)  # [B, 1, N, S]
+    hidden = drafter(base, batch.tokens.gather(1, anchors), positions, cache, s, ctx_mask, attn_fn, masked)
     student = hidden.view(b, n, k, -1)[:, :, : k - 1]  # slot K-1 would draft past the block
     src = anchors[:, :, None] + torch.arange(k - 1, device=anchors.device)  # [B, N, K-1]: s+i
     tgt = src + 1
@@ -351,7 +351,15 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, base: Transformer, fingerprint: str, docs: list[Document],
                  adapter: DiffusionAdapter | None = None, progress: bool = True) -> None:
-        self.cfg, self.base, self.progress = cfg, base, progress
+        self.cfg, self.progress = cfg, progress
+        # held-out evaluation runs with the model that decodes: on a CPU a bf16 run (bf16 GEMMs pay
+        # on CPUs with AMX) trains a bf16 copy of the float32 model it is given and is judged by the
+        # float32 model, which verifies there
+        self.eval_base = base
+        if base.device.type == "cpu" and base.dtype == torch.float32 and cfg.base_dtype != "float32":
+            base = copy.deepcopy(base).to(getattr(torch, cfg.base_dtype))
+            adapter = adapter.bound_to(base) if adapter is not None else None
+        self.base = base
         self.device = base.device
         self.rank, self.world, _ = init_distributed(self.device)
         self.out = Path(cfg.out).expanduser()
@@ -377,7 +385,6 @@ class Trainer:
         # fp32 master weights; under bf16 the forward runs in autocast
         self.adapter = adapter.to(device=self.device, dtype=torch.float32).train().requires_grad_(True)
         base.requires_grad_(False)
-        self.amp = base.dtype != torch.float32
         self.use_flex = cfg.use_flex if cfg.use_flex is not None else self.device.type == "cuda"
         _check(not self.use_flex or self.device.type == "cuda",
                "--flex needs a CUDA device (on the CPU flex attention has no exact backward pass): use --no-flex")
@@ -417,6 +424,8 @@ class Trainer:
         if self.world > 1:
             self.drafter = nn.parallel.DistributedDataParallel(self.drafter, device_ids=None)
         self.cache = base.new_cache(cfg.batch_size, cfg.seq_len)
+        self.eval_cache = self.cache if self.eval_base is base else self.eval_base.new_cache(cfg.batch_size,
+                                                                                             cfg.seq_len)
         self.chunk = chunk_slots(base.config.vocab_size)
         self.step = 0
         self.tokens = 0
@@ -465,10 +474,13 @@ class Trainer:
         b = self.cfg.batch_size
         return self._orders[epoch][g * b: (g + 1) * b]
 
-    def _autocast(self):
-        if not self.amp:
+    def _autocast(self, base: Transformer | None = None):
+        """bf16/fp16 autocast around passes of ``base`` (default: the training base) when its
+        weights are not float32; else nothing."""
+        base = self.base if base is None else base
+        if base.dtype == torch.float32:
             return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.base.dtype)
+        return torch.autocast(self.device.type, dtype=base.dtype)
 
     # ---- one step ------------------------------------------------------------------------------
 
@@ -555,19 +567,20 @@ class Trainer:
         blocks = torch.zeros((), device=self.device)
         count = torch.zeros((), device=self.device)
         self.adapter.eval()
-        drafter = BlockDrafter(self.adapter)
+        base = self.eval_base
+        drafter = BlockDrafter(self.adapter if base is self.base else self.adapter.bound_to(base).eval())
         for a in range(0, len(self.eval_data), self.cfg.batch_size):
             rows = np.arange(a, min(a + self.cfg.batch_size, len(self.eval_data)))
             cpu = make_batch(self.eval_data, rows, "cpu")
             batch = cpu.to(self.device)
-            cache = self.cache.rows(0, len(rows))
-            with self._autocast():
-                th = teacher_forward(self.base, batch, cache)
+            cache = self.eval_cache.rows(0, len(rows))
+            with self._autocast(self.eval_base):
+                th = teacher_forward(base, batch, cache)
                 for anchors, valid in eval_anchor_chunks(cpu, n, k, self.eval_stride):
                     anchors, valid = anchors.to(self.device), valid.to(self.device)
-                    out = draft_blocks(drafter, self.base, batch, cache, th, anchors, valid, k, self.use_flex,
+                    out = draft_blocks(drafter, base, batch, cache, th, anchors, valid, k, self.use_flex,
                                        valid if masked else None)
-                    ls, c = distill_loss(self.base.logits, out.student, out.teacher, out.target, out.valid,
+                    ls, c = distill_loss(base.logits, out.student, out.teacher, out.target, out.valid,
                                          self.cfg.loss, self.chunk)
                     loss_sum += ls
                     count += c
@@ -586,7 +599,7 @@ class Trainer:
     def _argmax(self, hidden: Tensor) -> Tensor:
         """Greedy token of the LM head for hidden ``[..., C]`` -> ``[...]``, a chunk of rows at a time."""
         flat = hidden.reshape(-1, hidden.shape[-1])
-        parts = [self.base.logits(flat[a: a + self.chunk]).argmax(-1) for a in range(0, flat.shape[0], self.chunk)]
+        parts = [self.eval_base.logits(flat[a: a + self.chunk]).argmax(-1) for a in range(0, flat.shape[0], self.chunk)]
         return torch.cat(parts).view(hidden.shape[:-1])
 
     # ---- checkpoints -------------------------------------------------------------------------------
@@ -786,7 +799,8 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    loaded = load_base(cfg.model, device=device, dtype=cfg.base_dtype)
+    # on a CPU the Trainer makes its own low-precision copy and evaluates with the float32 model
+    loaded = load_base(cfg.model, device=device, dtype="float32" if device == "cpu" else cfg.base_dtype)
     docs = read_documents(cfg.data, loaded.tokenizer, loaded.model.config.vocab_size)
     adapter = None
     if cfg.adapter is not None:
