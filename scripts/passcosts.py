@@ -10,7 +10,10 @@ blocks of K, LM head over K + 2(K-1) rows), batch 1, at a ``--context``-token ca
 kernels (``plain``), one prepared by ``prepare_inference`` (``prepared``: prepacked weights) and one
 prepared with draft-only int8 weights (``int8``: ``prepare_draft``; its verify and AR passes are the
 prepared ones, its draft pass reads the int8 copies; it also times a self-drafting step, one token
-through the fp16 copy of ``prepare_self_draft``). The first two rounds are warm-up; the median of
+through the fp16 copy of ``prepare_self_draft``), and the prepared model under ``torch.compile``
+(``compiled``: Inductor with weight freezing, one static-shape graph per pass, AR, verify and draft
+at K = 8 only; the seconds each first call took to compile are reported, and a second run of the script
+shows Inductor's on-disk cache at work). The first two rounds are warm-up; the median of
 the rest is reported, in ms and as a multiple of each setup's own AR step.
 """
 
@@ -18,15 +21,38 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 
 from orthrus.adapter import DiffusionAdapter
+from orthrus.bench.runner import device_name
 from orthrus.engine import DEFAULT_ADAPTERS, DEFAULT_MODEL
 from orthrus.models.loading import load_base
+
+
+SETUPS = ("plain", "prepared", "int8", "compiled")
+COMPILED = ("ar", "verify K=8", "draft K=8")  # each shape compiles for tens of seconds: the cycle's passes
+
+
+def compiled_passes(fns: dict, compile_s: dict) -> dict:
+    """``fns`` with each pass through its own ``torch.compile`` (Inductor, frozen weights, static
+    shapes), compiled here by a first call whose seconds go to ``compile_s``."""
+    import torch._inductor.config as inductor
+
+    inductor.freezing = True  # weights become constants: prepacked, folded
+    out = {}
+    for name, fn in fns.items():
+        if name in COMPILED:
+            c = torch.compile(fn, dynamic=False)
+            t = time.perf_counter()
+            with torch.inference_mode():
+                c()
+            compile_s[name] = round(time.perf_counter() - t, 2)
+            print(f"compiled {name}: {compile_s[name]:.1f} s", flush=True)
+            out[name] = c
+    return out
 
 
 def main() -> None:
@@ -35,15 +61,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--setups", default="plain,prepared,int8",
-                    help="comma-separated, from plain, prepared, int8 (default: all three)")
+                    help="comma-separated, from plain, prepared, int8, compiled (default: the first three)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     setups = args.setups.split(",")
-    if not setups or any(s not in ("plain", "prepared", "int8") for s in setups):
-        ap.error(f"--setups: a comma-separated list of plain, prepared, int8; got {args.setups!r}")
+    if not setups or any(s not in SETUPS for s in setups):
+        ap.error(f"--setups: a comma-separated list of {', '.join(SETUPS)}; got {args.setups!r}")
     torch.set_num_threads(args.threads)
     ctx = args.context
     passes: dict[str, dict] = {}
+    compile_s: dict[str, float] = {}
     for setup in setups:
         base = load_base(DEFAULT_MODEL)
         m = base.model
@@ -78,7 +105,7 @@ def main() -> None:
         if m.self_draft is not None:  # a self-drafting step: 1 token through the fp16 copy
             fns["self-draft step"] = lambda m=m, cache=cache, x=x: m.self_draft_step(
                 x[:, :1], torch.tensor([[ctx]]), cache, ctx + 64)
-        passes[setup] = fns
+        passes[setup] = compiled_passes(fns, compile_s) if setup == "compiled" else fns
     times: dict[tuple[str, str], list[float]] = {}
     with torch.inference_mode():
         names = list(dict.fromkeys(n for s in setups for n in passes[s]))
@@ -102,9 +129,11 @@ def main() -> None:
                                       else f" {'-':>12s} {'-':>6s}" for s in setups))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
+        args.out.write_text(json.dumps({"machine": device_name(torch.device("cpu")),
+                                        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                                         "threads": args.threads, "context": ctx, "rounds": args.rounds,
-                                        "torch": torch.__version__, "passes": rows}, indent=1))
+                                        "torch": torch.__version__, "passes": rows,
+                                        "compile_seconds": compile_s}, indent=1))
 
 
 if __name__ == "__main__":
