@@ -14,8 +14,8 @@ from orthrus.models.llama import block_attention
 from orthrus.train.data import Document, make_batch, pack
 from orthrus.train.masks import (block_context_mask, block_mask_mod, document_causal_mask,
                                  document_positions, flex_block_attention)
-from orthrus.train.trainer import (BlockDrafter, draft_blocks, eval_anchor_chunks, masked_blocks, teacher_forward,
-                                   train_anchors)
+from orthrus.train.blocks import (BlockDrafter, draft_blocks, eval_anchor_chunks, masked_blocks, teacher_forward,
+                                  train_anchors)
 from tiny import hf_model, ours_from_hf
 
 K = 4
@@ -243,7 +243,8 @@ def test_a_sliding_window_caps_the_context(tmp_path):
     from orthrus.engine import Orthrus
     from orthrus.errors import ContextLengthError, OrthrusError
     from orthrus.models.loading import LoadedModel
-    from orthrus.train.trainer import Trainer, TrainConfig
+    from orthrus.train.config import TrainConfig
+    from orthrus.train.trainer import Trainer
 
     class Tokenizer:
         chat_template = None

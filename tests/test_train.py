@@ -20,7 +20,8 @@ from orthrus.models.loading import load_base
 from orthrus.train import trainer as trainer_mod
 from orthrus.train.data import Document, iter_json_array, read_documents, sharegpt_prompts
 from orthrus.train.loss import distill_loss
-from orthrus.train.trainer import BUDGET_PROBE, BUDGET_SKIP, LOG, STATE, TrainConfig, Trainer
+from orthrus.train.config import LOG, STATE, TrainConfig
+from orthrus.train.trainer import BUDGET_PROBE, BUDGET_SKIP, Trainer
 from tiny import make_tiny_folder
 
 K = 4

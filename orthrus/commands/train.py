@@ -21,7 +21,7 @@ from orthrus.models.loading import DEFAULT_MODEL
 
 
 def register(subparsers: Any) -> None:
-    from orthrus.train.trainer import TrainConfig as C
+    from orthrus.train.config import TrainConfig as C
 
     p = subparsers.add_parser(
         "train", help="train a diffusion adapter by self-distillation (KL to the frozen model)",
@@ -85,7 +85,8 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from orthrus.train.trainer import TrainConfig, run_training
+    from orthrus.train.config import TrainConfig
+    from orthrus.train.trainer import run_training
 
     cfg = TrainConfig(
         data=args.data, out=args.out, model=args.model, adapter=args.adapter, adapter_kind=args.adapter_kind,

@@ -5,6 +5,7 @@ adapter on it (single process or ``torchrun``). See ``trainer.py`` for the schem
 """
 
 from orthrus.train.data import Document, pack, read_documents, sharegpt_prompts
-from orthrus.train.trainer import TrainConfig, Trainer, run_training
+from orthrus.train.config import TrainConfig
+from orthrus.train.trainer import Trainer, run_training
 
 __all__ = ["Document", "TrainConfig", "Trainer", "pack", "read_documents", "run_training", "sharegpt_prompts"]

@@ -26,6 +26,10 @@ Runs are resumable (``trainer_state.pt``: adapter weights in fp32, optimizer, sc
 states; data order is a pure function of seed, epoch and batch index), multi-process with torchrun
 (DDP; rank r takes global batches r, r+W, ...; rank 0 alone logs, evaluates and writes), and stop
 with a clear error on a non-finite loss, keeping the last good checkpoint.
+
+Files: ``config.py`` (:class:`TrainConfig`), ``blocks.py`` (the two passes and the anchors),
+``masks.py``, ``loss.py``, ``data.py`` (documents, packing); this one: the loop, the evaluation,
+checkpoints, the time budget and DDP.
 """
 
 from __future__ import annotations
@@ -43,7 +47,6 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,258 +56,18 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from orthrus.adapter import CONFIG, WEIGHTS, DiffusionAdapter
-from orthrus.cache import KVCache
-from orthrus.config import BLOCK_KINDS, DTYPES, AdapterConfig
+from orthrus.config import BLOCK_KINDS, AdapterConfig
 from orthrus.errors import OrthrusError
-from orthrus.models.llama import Transformer, cached_attention, rope_cos_sin
-from orthrus.models.loading import DEFAULT_MODEL
-from orthrus.train.data import Batch, Document, make_batch, pack, split_eval
-from orthrus.train.loss import LOSSES, accepted_prefix, chunk_slots, distill_loss
-from orthrus.train.masks import (block_context_mask, block_inputs,
-                                 document_causal_mask, flex_block_attention)
+from orthrus.models.llama import Transformer
+from orthrus.train.data import Document, make_batch, pack, split_eval
+from orthrus.train.loss import accepted_prefix, chunk_slots, distill_loss
+from orthrus.train.blocks import (BlockDrafter, anchor_candidates, draft_blocks, eval_anchor_chunks,
+                                  masked_blocks, teacher_forward, train_anchors)
+from orthrus.train.config import LOG, RESUME_KEYS, STATE, TRAIN_CONFIG, TrainConfig, check
 
 log = logging.getLogger(__name__)
 
-STATE = "trainer_state.pt"
-LOG = "log.jsonl"
-TRAIN_CONFIG = "train_config.json"
-# options that fix the data order and the meaning of a step: a resumed run must keep them
-RESUME_KEYS = ("seq_len", "batch_size", "grad_accum", "anchors_per_seq", "block_size", "seed",
-               "eval_rows", "adapter_kind", "loss", "block_kind")
-TRAIN_BLOCK_KINDS = BLOCK_KINDS + ("mix",)  # --block-kind; mix: alternate anchors of a row
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise OrthrusError(msg)
-
-
 BUDGET_SKIP, BUDGET_PROBE = 3, 10  # --max-minutes: steps not timed, then steps timed
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One training run (saved as ``train_config.json`` and inside ``trainer_state.pt``).
-
-    ``max_steps`` and ``epochs``: training stops at whichever comes first; with neither, one epoch.
-    ``max_minutes``: a time budget; once a few steps are timed, and again at every log step (a run
-    that slows down still ends in time), the step count (and the lr schedule's horizon) is cut to
-    what fits, so the cosine decay still ends at the last step.
-    ``adapter_kind`` and ``block_size`` None: the continued adapter's, else ``full`` and 16.
-    ``warmup`` None: 5% of the steps. ``block_kind``: which blocks to train (``BLOCK_KINDS``, or
-    ``mix``: every other anchor of a row is a ``masked`` block, so one adapter drafts for both
-    schedules).
-    ``eval_rows`` None: the last 2% of documents (none under 20). ``dtype`` None: float32 on CPU,
-    bfloat16 on CUDA (then bf16 autocast, fp32 adapter weights). ``bfloat16`` on a CPU trains the
-    same way on a bf16 copy of the float32 model (2x faster on CPUs with AMX) and evaluates with
-    the float32 model, which is what decodes on a CPU. ``use_flex`` None: on CUDA.
-    """
-
-    data: str
-    out: str
-    model: str = DEFAULT_MODEL
-    adapter: str | None = None
-    adapter_kind: str | None = None
-    max_steps: int | None = None
-    epochs: int | None = None
-    max_minutes: float | None = None
-    block_size: int | None = None
-    seq_len: int = 512
-    anchors_per_seq: int = 16
-    batch_size: int = 2
-    grad_accum: int = 1
-    lr: float = 5e-4
-    min_lr_ratio: float = 0.1
-    warmup: int | None = None
-    weight_decay: float = 0.0
-    clip: float = 1.0
-    loss: str = "kl"
-    device: str = "cpu"
-    dtype: str | None = None
-    resume: bool = False
-    seed: int = 0
-    log_every: int = 1
-    eval_every: int = 100
-    save_every: int = 100
-    eval_rows: int | None = None
-    eval_blocks: int = 4096
-    use_flex: bool | None = None
-    block_kind: str = "anchor"
-
-    def __post_init__(self) -> None:
-        _check(self.block_kind in TRAIN_BLOCK_KINDS,
-               f"--block-kind must be one of {', '.join(TRAIN_BLOCK_KINDS)}, got {self.block_kind!r}")
-        if self.adapter_kind is not None:
-            AdapterConfig.parse_kind(self.adapter_kind)
-        _check(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}")
-        _check(self.epochs is None or self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
-        _check(self.max_minutes is None or (math.isfinite(self.max_minutes) and self.max_minutes > 0),
-               f"--max-minutes must be a positive number, got {self.max_minutes}")
-        _check(self.block_size is None or self.block_size >= 2,
-               f"--block-size must be >= 2 (a block drafts K-1 tokens), got {self.block_size}")
-        _check(self.seq_len >= 3, f"--seq-len must be >= 3, got {self.seq_len}")
-        _check(self.block_size is None or self.block_size < self.seq_len,
-               f"--block-size ({self.block_size}) must be smaller than --seq-len ({self.seq_len})")
-        for name in ("anchors_per_seq", "batch_size", "grad_accum", "log_every"):
-            _check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every"):
-            _check(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0 (0: at the end only)")
-        _check(math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}")
-        _check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        _check(self.warmup is None or self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}")
-        _check(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
-        _check(self.clip > 0, f"gradient clipping must be > 0, got {self.clip}")
-        _check(self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        _check(self.dtype is None or self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}")
-        _check(self.eval_rows is None or self.eval_rows >= 0, f"--eval-rows must be >= 0, got {self.eval_rows}")
-        _check(self.eval_blocks >= 1, f"--eval-blocks must be >= 1, got {self.eval_blocks}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @property
-    def base_dtype(self) -> str:
-        return self.dtype or ("bfloat16" if self.device.startswith("cuda") else "float32")
-
-
-# ---- the two passes -----------------------------------------------------------------------------
-
-@torch.no_grad()
-def teacher_forward(base: Transformer, batch: Batch, cache: KVCache) -> Tensor:
-    """The frozen AR forward over packed rows: fills ``cache`` slots ``0..S-1`` with K/V.
-
-    The same computation as :meth:`Transformer.forward` (its modules, in its order), with two
-    differences that packing needs: the mask is document-causal and K/V go to slot ``j`` of the row
-    while rope uses the per-document position.
-
-    Args:
-        base: the frozen model.
-        batch: ``B`` packed rows of ``S`` slots.
-        cache: at least ``B`` rows and ``S`` slots.
-    Returns:
-        Final-normed hidden states ``[B, S, C]`` (teacher logits: ``base.logits`` of them).
-    """
-    b, s = batch.tokens.shape
-    slots = torch.arange(s, device=batch.tokens.device).expand(b, s)
-    mask = document_causal_mask(batch.doc)  # [B, 1, S, S]
-    cos, sin = rope_cos_sin(batch.positions, base.inv_freq, base.dtype)
-    h = base.model.embed_tokens(batch.tokens)
-    for i, layer in enumerate(base.model.layers):
-        attn = layer.self_attn
-        q, k, v = attn.project(layer.input_layernorm(h), cos, sin)
-        cache.write(i, slots, k, v)
-        h = layer.ffn(h + attn.out(cached_attention(q, k, v, mask)))
-    return base.model.norm(h)
-
-
-class BlockDrafter(nn.Module):
-    """The diffusion view plus its block inputs: what DDP wraps (everything with a gradient)."""
-
-    def __init__(self, adapter: DiffusionAdapter) -> None:
-        super().__init__()
-        self.adapter = adapter
-
-    def forward(self, base: Transformer, anchor_tokens: Tensor, positions: Tensor, cache: KVCache,
-                kv_len: int, ctx_mask: Tensor | None, attn_fn: Any = None,
-                masked: Tensor | None = None) -> Tensor:
-        """``anchor_tokens [B, N]``, ``positions [B, N*K]`` -> hidden ``[B, N*K, C]``; ``masked
-        [B, N]`` bool (None: none) marks ``masked`` blocks (slot 0 a mask, not the anchor token)."""
-        b, n = anchor_tokens.shape
-        k = positions.shape[1] // n
-        flat = None if masked is None else masked.reshape(-1)
-        embeds = self.adapter.block_embeds(base, anchor_tokens.reshape(-1), k, flat).view(b, n * k, -1)
-        return self.adapter(base, embeds, positions, cache, kv_len, ctx_mask, k, attn_fn)
-
-
-@dataclass
-class BlockOutputs:
-    """Per draft slot ``[B, N, K-1, ...]``: student and teacher hidden states, target tokens, validity."""
-
-    student: Tensor  # [B, N, K-1, C]
-    teacher: Tensor  # [B, N, K-1, C] teacher hidden at s+i (predicts s+i+1)
-    target: Tensor   # [B, N, K-1] the actual token at s+i+1
-    valid: Tensor    # [B, N, K-1] bool
-
-
-def draft_blocks(drafter: nn.Module, base: Transformer, batch: Batch, cache: KVCache, teacher_hidden: Tensor,
-                 anchors: Tensor, anchor_valid: Tensor, block_size: int, use_flex: bool = False,
-                 masked: Tensor | None = None) -> BlockOutputs:
-    """All blocks of a batch in one diffusion forward (``cache`` must hold the teacher's K/V).
-
-    Args:
-        drafter: a :class:`BlockDrafter` (or DDP around one).
-        teacher_hidden: ``[B, S, C]`` from :func:`teacher_forward` on the same batch.
-        anchors: ``[B, N]`` anchor slots; anchor_valid: ``[B, N]`` bool (False: padding anchor).
-        masked: ``[B, N]`` bool, the ``masked`` blocks (None: all are ``anchor`` blocks). Both kinds
-            see the same context and draft the same targets; a masked block does not see ``x_s``.
-    """
-    b, s = batch.tokens.shape
-    n, k = anchors.shape[1], block_size
-    positions = block_inputs(batch.positions, anchors, k)  # [B, N*K]
-    if use_flex:
-        attn_fn, ctx_mask = flex_block_attention(batch.doc, anchors, anchor_valid, k), None
-    else:
-        attn_fn, ctx_mask = None, block_context_mask(batch.doc, anchors, anchor_valid)  # [B, 1, N, S]
-    hidden = drafter(base, batch.tokens.gather(1, anchors), positions, cache, s, ctx_mask, attn_fn, masked)
-    student = hidden.view(b, n, k, -1)[:, :, : k - 1]  # slot K-1 would draft past the block
-    src = anchors[:, :, None] + torch.arange(k - 1, device=anchors.device)  # [B, N, K-1]: s+i
-    tgt = src + 1
-    tgt_c = tgt.clamp(max=s - 1)
-    same_doc = batch.doc.gather(1, tgt_c.flatten(1)).view_as(tgt) == batch.doc.gather(1, anchors)[:, :, None]
-    valid = anchor_valid[:, :, None] & (tgt < s) & same_doc
-    teacher = teacher_hidden.gather(1, src.clamp(max=s - 1).flatten(1)[..., None].expand(-1, -1, hidden.shape[-1]))
-    return BlockOutputs(student, teacher.view(b, n, k - 1, -1),
-                        batch.tokens.gather(1, tgt_c.flatten(1)).view_as(tgt), valid)
-
-
-def masked_blocks(kind: str, anchors: Tensor) -> Tensor | None:
-    """Which blocks at ``anchors [B, N]`` are ``masked`` ones for a ``--block-kind``: ``[B, N]``
-    bool, or None (all ``anchor`` blocks). ``mix`` alternates along the row (anchors are sorted, so
-    both kinds cover the whole row)."""
-    if kind == "anchor":
-        return None
-    if kind == "masked":
-        return torch.ones(anchors.shape, dtype=torch.bool, device=anchors.device)
-    return (torch.arange(anchors.shape[1], device=anchors.device) % 2 == 1).expand(anchors.shape)
-
-
-def train_anchors(batch: Batch, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Sample up to ``n`` anchors per row: response tokens whose next slot is in the same document.
-
-    Returns ``anchors [B, N]`` (slot indices, sorted) and ``valid [B, N]`` (rows with fewer
-    candidates get padding anchors). ``batch`` and ``generator`` must be on the CPU (determinism).
-    """
-    ok = _anchor_candidates(batch, 2)
-    n = min(n, ok.shape[1])
-    score = torch.rand(ok.shape, generator=generator).masked_fill(~ok, -1.0)
-    top, idx = score.topk(n, dim=1)
-    idx, order = idx.sort(dim=1)
-    return idx, top.gather(1, order) >= 0
-
-
-def _anchor_candidates(batch: Batch, span: int) -> Tensor:
-    """``[B, S]`` bool: slot s is a response token and slots s..s+span-1 are in its document."""
-    resp, doc = batch.response, batch.doc
-    s = doc.shape[1]
-    ok = resp.clone()
-    ok[:, s - span + 1:] = False
-    if span > 1:
-        ok[:, : s - span + 1] &= doc[:, span - 1:] == doc[:, : s - span + 1]
-    return ok
-
-
-def eval_anchor_chunks(batch: Batch, n: int, block_size: int, stride: int = 1) -> list[tuple[Tensor, Tensor]]:
-    """Every ``stride``-th anchor whose whole block lies in its response, in chunks of ``n`` per row."""
-    ok = _anchor_candidates(batch, block_size)
-    if stride > 1:
-        ok &= (ok.cumsum(1) - 1) % stride == 0
-    count = ok.sum(1)  # [B]
-    order = torch.argsort((~ok).to(torch.int8), dim=1, stable=True)  # candidates first, in order
-    chunks = []
-    for c in range(0, int(count.max()), n):
-        width = min(n, order.shape[1] - c)
-        chunks.append((order[:, c: c + width], torch.arange(c, c + width) < count[:, None]))
-    return chunks
 
 
 # ---- distributed -----------------------------------------------------------------------------------
@@ -370,11 +133,11 @@ class Trainer:
                 raise OrthrusError(f"--adapter-kind {cfg.adapter_kind} differs from the continued adapter's "
                                    f"kind ({have[0]}{':' + str(have[1]) if have[1] else ''}): leave it out")
         self.block_size = cfg.block_size or (adapter.config.block_size if adapter is not None else 16)
-        _check(self.block_size < cfg.seq_len,
+        check(self.block_size < cfg.seq_len,
                f"--block-size ({self.block_size}) must be smaller than --seq-len ({cfg.seq_len})")
         # the model is never used past its context (for a sliding-window model: its window), so
         # neither are the training rows; the masks need no window then
-        _check(cfg.seq_len <= base.config.max_context,
+        check(cfg.seq_len <= base.config.max_context,
                f"--seq-len ({cfg.seq_len}) exceeds the model's context of {base.config.max_context} tokens")
         torch.manual_seed(cfg.seed)  # lora init; DDP broadcasts rank 0's weights anyway
         if adapter is None:
@@ -386,11 +149,11 @@ class Trainer:
         self.adapter = adapter.to(device=self.device, dtype=torch.float32).train().requires_grad_(True)
         base.requires_grad_(False)
         self.use_flex = cfg.use_flex if cfg.use_flex is not None else self.device.type == "cuda"
-        _check(not self.use_flex or self.device.type == "cuda",
+        check(not self.use_flex or self.device.type == "cuda",
                "--flex needs a CUDA device (on the CPU flex attention has no exact backward pass): use --no-flex")
 
         train_docs, eval_docs = split_eval(docs, cfg.eval_rows)
-        _check(bool(train_docs), "no training rows left after holding out --eval-rows")
+        check(bool(train_docs), "no training rows left after holding out --eval-rows")
         self.train_data = pack(train_docs, cfg.seq_len)
         self.eval_data = None
         if eval_docs:
@@ -402,11 +165,11 @@ class Trainer:
         self.eval_stride = 1
         if self.eval_data is not None:
             rows = np.arange(len(self.eval_data))
-            total = int(_anchor_candidates(make_batch(self.eval_data, rows, "cpu"), self.block_size).sum())
+            total = int(anchor_candidates(make_batch(self.eval_data, rows, "cpu"), self.block_size).sum())
             self.eval_stride = max(1, -(-total // cfg.eval_blocks))
         per_step = cfg.batch_size * cfg.grad_accum * self.world
         self.steps_per_epoch = len(self.train_data) // per_step
-        _check(self.steps_per_epoch >= 1,
+        check(self.steps_per_epoch >= 1,
                f"the data packs into {len(self.train_data)} rows of {cfg.seq_len} tokens, but one step needs "
                f"{per_step} (--batch-size x --grad-accum x processes): add data or lower them")
         limit = math.inf if cfg.max_steps is None else cfg.max_steps
