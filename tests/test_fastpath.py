@@ -15,7 +15,7 @@ import torch
 
 from orthrus.adapter import DiffusionAdapter
 from orthrus.cache import KVCache
-from orthrus.models.llama import InferenceLinear, packing_available
+from orthrus.models.llama import NEVER_PACKED, InferenceLinear, packed_crossover, packing_available
 from tiny import hf_model, ours_from_hf
 
 SHIPPED = Path(__file__).resolve().parents[1] / "orthrus" / "adapters" / "smollm2-135m"
@@ -37,6 +37,44 @@ def test_packed_linear_rows_do_not_depend_on_the_row_count() -> None:
         assert all(torch.equal(p, f[:1, :rows]) for p, f in zip(part, full))
     ref = (torch.nn.functional.linear(x, ws[0], bs[0]), torch.nn.functional.linear(x, ws[1]))
     assert all((a - b).abs().max() < 1e-4 for a, b in zip(full, ref))
+
+
+def test_packed_crossover_is_the_smallest_row_count_from_which_packing_wins() -> None:
+    # (packed, plain) seconds per row count
+    assert packed_crossover({1: (1.0, 2.0), 2: (1.0, 2.0), 4: (1.0, 2.0), 8: (1.0, 2.0)}) == 1
+    assert packed_crossover({1: (38.3, 29.0), 2: (38.9, 29.2), 4: (40.5, 43.6), 8: (45.4, 55.5)}) == 4  # an AMX Xeon
+    assert packed_crossover({1: (1.0, 2.0), 2: (3.0, 2.0), 4: (1.0, 2.0), 8: (1.0, 2.0)}) == 4
+    assert packed_crossover({1: (1.0, 2.0), 2: (1.0, 2.0), 4: (1.0, 2.0), 8: (3.0, 2.0)}) == NEVER_PACKED
+
+
+@needs_packing
+def test_passes_below_min_rows_take_the_plain_kernel() -> None:
+    torch.manual_seed(0)
+    ws, bs = [torch.randn(40, 24), torch.randn(8, 24)], [torch.randn(40), torch.randn(8)]
+    lin = InferenceLinear(ws, bs, pack=True, min_rows=4)
+    plain = InferenceLinear(ws, bs, pack=False)
+    packed = InferenceLinear(ws, bs, pack=True, min_rows=1)
+    for rows in (1, 3, 4, 7):
+        x = torch.randn(1, rows, 24)
+        want = plain(x) if rows < 4 else packed(x)
+        assert all(torch.equal(a, b) for a, b in zip(lin(x), want)), rows
+        assert torch.equal(lin.fused(x), torch.cat(want, -1))
+
+
+@needs_packing
+def test_auto_prepare_measures_the_crossover_and_explicit_packing_keeps_the_default() -> None:
+    from orthrus.models.llama import CROSSOVER_ROWS, PACKED_MIN_ROWS
+
+    base = ours_from_hf(hf_model("llama", 0))
+    base.prepare_inference()
+    assert base.packed_min_rows in CROSSOVER_ROWS + (NEVER_PACKED,)
+    assert {lin.min_rows for lin in base._inference_linears()} == {base.packed_min_rows}
+    base.prepare_inference(pack=True)
+    assert base.packed_min_rows == PACKED_MIN_ROWS
+    base.prepare_inference(pack=True, min_rows=8)
+    assert base.packed_min_rows == 8
+    base.prepare_inference(pack=False)
+    assert base.packed_min_rows is None
 
 
 @needs_packing
@@ -76,7 +114,7 @@ def test_prepared_forward_and_draft_match_the_plain_ones(arch: str, kind: str) -
             attn.qkv = attn.o = None
         ctx_mask = torch.ones(2, 1, 1, t, dtype=torch.bool)
         ref = base.logits(ad(base, ad.block_embeds(base, anchors, k), block_pos, KVCache(cache.k, cache.v), t,
-                             ctx_mask, None))
+                             ctx_mask, k))
     for a, b in zip(results[False], results[True]):
         assert (a - b).abs().max() < 1e-3
     assert (results[False][1] - ref).abs().max() < 1e-3

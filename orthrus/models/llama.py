@@ -9,8 +9,10 @@ use the same code. Parity with transformers is a test (tests/test_parity.py).
 
 from __future__ import annotations
 
-import math
 import copy
+import logging
+import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -21,6 +23,8 @@ from torch import Tensor, nn
 from orthrus.cache import KVCache
 from orthrus.config import ModelConfig, RopeConfig
 from orthrus.models.quant import Int8Linear, fp16_available, fp16_linear, int8_available, int8_linear
+
+log = logging.getLogger(__name__)
 
 
 class RMSNorm(nn.Module):
@@ -76,10 +80,26 @@ def apply_rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tenso
     return qk[:, :h], qk[:, h:]
 
 
-# Passes of at least this many rows use the prepacked kernel. Every pass does: on our 2-core EPYC the
-# real model's 1-token AR step took 48.6 ms with the plain kernel and 27.7 ms prepacked (1 thread;
-# 56.7 / 29.5 ms on 2 threads), and a 2-row pass 80.8 ms plain (median of 15, interleaved).
+# Passes of at least this many rows use the prepacked kernel (unless a model measured its own
+# crossover, see ``Transformer.prepare_inference``). On our 2-core EPYC every pass did: the real
+# model's 1-token AR step took 48.6 ms with the plain kernel and 27.7 ms prepacked (1 thread; 56.7 /
+# 29.5 ms on 2 threads). On an AVX-512/AMX Xeon the plain kernel won for 1 row (30.8 vs 40.7 ms, 2
+# threads) and lost from 4 rows on (45.7 vs 42.8 ms; 8 rows: 56.4 vs 48.9 ms).
 PACKED_MIN_ROWS = 1
+NEVER_PACKED = 1 << 30  # a min_rows that no pass reaches
+CROSSOVER_ROWS = (1, 2, 4, 8)  # the row counts a measured crossover tries
+
+
+def packed_crossover(seconds: dict[int, tuple[float, float]]) -> int:
+    """From ``{rows: (packed seconds, plain seconds)}``: the smallest row count from which the
+    packed kernel is at least as fast for that count and every larger one, else ``NEVER_PACKED``."""
+    best = NEVER_PACKED
+    for rows in sorted(seconds, reverse=True):
+        packed, plain = seconds[rows]
+        if packed > plain:
+            break
+        best = rows
+    return best
 
 
 def packing_available() -> bool:
@@ -92,15 +112,18 @@ class InferenceLinear:
 
     ``weights [N_i, C]`` (q/k/v, or gate/up, or one) map ``x [..., C]`` to a tuple of ``[..., N_i]``.
     With ``pack`` (fp32 on a CPU) they are also concatenated and reordered once into oneDNN's blocked
-    layout, used for passes of at least ``PACKED_MIN_ROWS`` rows. Why: eager PyTorch's small-M
+    layout, used for passes of at least ``min_rows`` rows. Why: eager PyTorch's small-M
     GEMM re-packs the weight on every call, so 8 rows cost ~2.5x one row on our CPU while their
     arithmetic is a fraction of the weight streaming; prepacked, 8 rows cost ~1.3x (measured on 30
     out-of-cache MLP-sized weights, 1 thread: 44 ms -> 24 ms), and even one row runs ~1.8x faster
-    packed (see ``PACKED_MIN_ROWS``). Memory: the packed copy is as large as the
+    packed on that CPU (see ``PACKED_MIN_ROWS``; other CPUs differ, so a model measures its own
+    crossover). Memory: the packed copy is as large as the
     weights; the dense ones stay (the parameters, for training and saving).
     """
 
-    def __init__(self, weights: list[Tensor], biases: list[Tensor | None], pack: bool) -> None:
+    def __init__(self, weights: list[Tensor], biases: list[Tensor | None], pack: bool,
+                 min_rows: int = PACKED_MIN_ROWS) -> None:
+        self.min_rows = min_rows  # passes of fewer rows take the plain kernel
         self.weights = [w.detach() for w in weights]
         self.biases = [None if b is None else b.detach() for b in biases]
         self.sizes = [w.shape[0] for w in weights]
@@ -115,14 +138,14 @@ class InferenceLinear:
 
     def __call__(self, x: Tensor) -> tuple[Tensor, ...]:
         """``x [..., C]`` -> one ``[..., N_i]`` per weight."""
-        if self.packed is not None and x.numel() // x.shape[-1] >= PACKED_MIN_ROWS:  # static shapes: no sync
+        if self.packed is not None and x.numel() // x.shape[-1] >= self.min_rows:  # static shapes: no sync
             y = self.fused(x)
             return y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (y,)
         return tuple(F.linear(x, w, b) for w, b in zip(self.weights, self.biases))
 
     def fused(self, x: Tensor) -> Tensor:
         """``x [..., C]`` -> all outputs side by side ``[..., sum N_i]`` (one GEMM when packed)."""
-        if self.packed is not None and x.numel() // x.shape[-1] >= PACKED_MIN_ROWS:
+        if self.packed is not None and x.numel() // x.shape[-1] >= self.min_rows:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return torch.cat(self(x), dim=-1) if len(self.sizes) > 1 else self(x)[0]
 
@@ -416,7 +439,7 @@ class Transformer(nn.Module):
         return KVCache.empty(c.num_layers, batch_size, c.num_kv_heads, max_len, c.head_dim,
                              dtype=self.dtype, device=self.device)
 
-    def prepare_inference(self, pack: bool | None = None) -> None:
+    def prepare_inference(self, pack: bool | None = None, min_rows: int | None = None) -> None:
         """Prepacked weights for decoding (fp32 on a CPU; see :class:`InferenceLinear`): q/k/v and
         gate/up as one GEMM each, the LM head packed. The parameters keep their Hugging Face names for parity and saving;
         training never calls this (no gradient flows through a packed GEMM).
@@ -424,13 +447,64 @@ class Transformer(nn.Module):
         Args:
             pack: prepack (None: when the model is fp32 on a CPU and oneDNN packing exists). Without
                 packing the projections stay separate GEMMs (no second copy of the weights).
+            min_rows: passes of fewer rows keep the plain kernel. None: ``PACKED_MIN_ROWS`` when
+                ``pack`` is given, else measured here (:meth:`measure_packed_min_rows`, ~1 s for
+                the default model): which kernel wins for few rows depends on the CPU.
         """
+        auto = pack is None
         if pack is None:
             pack = self.device.type == "cpu" and self.dtype == torch.float32 and packing_available()
         for layer in self.model.layers:
             layer.self_attn.prepare_inference(pack)
             layer.mlp.prepare_inference(pack)
         self.head = inference_linear([self.lm_head], pack)
+        if pack:
+            self._set_packed_min_rows(min_rows if min_rows is not None else
+                                      self.measure_packed_min_rows() if auto else PACKED_MIN_ROWS)
+
+    def _inference_linears(self) -> list[InferenceLinear]:
+        out = [self.head] if self.head is not None else []
+        for layer in self.model.layers:
+            out += [x for x in (layer.self_attn.qkv, layer.self_attn.o, layer.mlp.gate_up, layer.mlp.down)
+                    if x is not None]
+        return out
+
+    def _set_packed_min_rows(self, n: int) -> None:
+        for lin in self._inference_linears():
+            lin.min_rows = n
+
+    @property
+    def packed_min_rows(self) -> int | None:
+        """Passes of at least this many rows use the prepacked kernel (None: not prepacked)."""
+        lins = self._inference_linears()
+        return lins[0].min_rows if lins and lins[0].packed is not None else None
+
+    @torch.inference_mode()
+    def measure_packed_min_rows(self, rounds: int = 3) -> int:
+        """The smallest row count of ``CROSSOVER_ROWS`` from which the prepacked kernel is at least as
+        fast as the plain one for every larger count tried (``NEVER_PACKED`` if it never is):
+        whole AR passes with the LM head at a 64-token context, both kernels interleaved, median of
+        ``rounds`` after a warm-up, at the current thread count. Needs :meth:`prepare_inference`
+        with packing."""
+        cache = self.new_cache(1, 64 + max(CROSSOVER_ROWS))
+        seconds: dict[tuple[int, int], list[float]] = {}
+        for r in range(rounds + 1):
+            for rows in CROSSOVER_ROWS:
+                tokens = torch.zeros(1, rows, dtype=torch.long, device=self.device)
+                positions = (64 + torch.arange(rows, device=self.device))[None]
+                for n in (1, NEVER_PACKED):
+                    self._set_packed_min_rows(n)
+                    t = time.perf_counter()
+                    self.logits(self(tokens, positions, cache, kv_len=64 + rows))
+                    if r:  # round 0 warms up
+                        seconds.setdefault((rows, n), []).append(time.perf_counter() - t)
+        med = {key: sorted(v)[len(v) // 2] for key, v in seconds.items()}
+        best = packed_crossover({rows: (med[(rows, 1)], med[(rows, NEVER_PACKED)]) for rows in CROSSOVER_ROWS})
+        log.info("prepacked GEMMs from %s rows on (ms, packed / plain: %s)",
+                 best if best != NEVER_PACKED else "no number of", ", ".join(
+                     f"{rows} rows {1000 * med[(rows, 1)]:.1f} / {1000 * med[(rows, NEVER_PACKED)]:.1f}"
+                     for rows in CROSSOVER_ROWS))
+        return best
 
     def prepare_draft(self) -> None:
         """Draft-only int8 copies of the MLPs and the LM head (a CPU with fbgemm; see
