@@ -20,3 +20,23 @@ def test_shell_script_parses(path):
 def test_the_gpu_scripts_are_there():
     names = {p.name for p in SCRIPTS}
     assert {"prepare.sh", "device.sh", "pipeline.sh", "rehearse.sh", "install.sh", "setup.sh"} <= names
+
+
+@pytest.mark.slow
+def test_gpu_job_aborts_when_the_model_differs_from_the_prepared_one(tmp_path):
+    """The GPU job trains an adapter for the model it was prepared with: if the model there has
+    another fingerprint it stops after the first load, says why, and still leaves DONE and the
+    packed results (so the device calls end at once instead of burning the window)."""
+    import os
+
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    (work / "data" / "fingerprint.txt").write_text("not-the-model-here\n")
+    env = os.environ | {"DEVICE": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu" / "pipeline.sh"), str(work)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    status = (work / "status").read_text()
+    assert proc.returncode == 1, status + proc.stderr
+    assert "ABORT: model fingerprint" in status and "not-the-model-here" in status
+    assert "start distill" not in status and "start train" not in status
+    assert (work / "DONE").exists() and (work / "results.tar.gz").exists()
