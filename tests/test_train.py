@@ -312,6 +312,29 @@ def test_chunked_loss_equals_one_pass():
     assert abs(kl.item()) < 1e-5
 
 
+def test_evaluation_takes_loss_and_greedy_tokens_from_one_head_pass():
+    """evaluate_slots == distill_loss plus a separate argmax pass, chunked or not, for both losses."""
+    from orthrus.train.loss import evaluate_slots
+
+    g = torch.Generator().manual_seed(1)
+    head = torch.nn.Linear(8, 50, bias=False)
+    s, t = torch.randn(3, 4, 5, 8, generator=g), torch.randn(3, 4, 5, 8, generator=g)
+    y = torch.randint(0, 50, (3, 4, 5), generator=g)
+    valid = torch.rand(3, 4, 5, generator=g) > 0.3
+    calls = []
+    counted = lambda h: calls.append(h.shape[0]) or head(h)  # noqa: E731
+    with torch.no_grad():
+        for kind in ("kl", "ce"):
+            want, n = distill_loss(head, s, t, y, valid, kind)
+            for chunk in (None, 7):
+                calls.clear()
+                got, m, sa, ta = evaluate_slots(counted, s, t, y, valid, kind, chunk)
+                assert sum(calls) == 2 * valid.numel()  # each hidden state through the head once
+                torch.testing.assert_close(got, want)
+                assert m == n
+                assert torch.equal(sa, head(s).argmax(-1)) and torch.equal(ta, head(t).argmax(-1))
+
+
 # ---- distillation data ---------------------------------------------------------------------------
 
 def test_distill_writes_ar_output_and_resumes(folder, tmp_path, capsys):

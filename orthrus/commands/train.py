@@ -76,7 +76,7 @@ def register(subparsers: Any) -> None:
                    help="held-out rows: the last N of the data (default: 2%%, none under 20 rows)")
     g.add_argument("--eval-blocks", type=int, default=C.eval_blocks, metavar="N",
                    help="held-out blocks per evaluation, at most about N: every k-th anchor when the "
-                        f"held-out rows have more (default: {C.eval_blocks})")
+                        "held-out rows have more (default: 4096 on CUDA, 256 on a CPU)")
     g.add_argument("--save-every", type=int, default=C.save_every, metavar="N",
                    help=f"checkpoint every N steps and at the end (0: at the end; default: {C.save_every})")
     g.add_argument("--resume", action="store_true", help="continue the run in --out (optimizer, data position)")

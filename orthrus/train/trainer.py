@@ -60,7 +60,7 @@ from orthrus.config import BLOCK_KINDS, AdapterConfig
 from orthrus.errors import OrthrusError
 from orthrus.models.llama import Transformer
 from orthrus.train.data import Document, make_batch, pack, split_eval
-from orthrus.train.loss import accepted_prefix, chunk_slots, distill_loss
+from orthrus.train.loss import accepted_prefix, chunk_slots, distill_loss, evaluate_slots
 from orthrus.train.blocks import (BlockDrafter, anchor_candidates, draft_blocks, eval_anchor_chunks,
                                   masked_blocks, teacher_forward, train_anchors)
 from orthrus.train.config import LOG, RESUME_KEYS, STATE, TRAIN_CONFIG, TrainConfig, check
@@ -166,7 +166,7 @@ class Trainer:
         if self.eval_data is not None:
             rows = np.arange(len(self.eval_data))
             total = int(anchor_candidates(make_batch(self.eval_data, rows, "cpu"), self.block_size).sum())
-            self.eval_stride = max(1, -(-total // cfg.eval_blocks))
+            self.eval_stride = max(1, -(-total // cfg.eval_block_budget))
         per_step = cfg.batch_size * cfg.grad_accum * self.world
         self.steps_per_epoch = len(self.train_data) // per_step
         check(self.steps_per_epoch >= 1,
@@ -343,12 +343,10 @@ class Trainer:
                     anchors, valid = anchors.to(self.device), valid.to(self.device)
                     out = draft_blocks(drafter, base, batch, cache, th, anchors, valid, k, self.use_flex,
                                        valid if masked else None)
-                    ls, c = distill_loss(base.logits, out.student, out.teacher, out.target, out.valid,
-                                         self.cfg.loss, self.chunk)
+                    ls, c, sa, ta = evaluate_slots(base.logits, out.student, out.teacher, out.target, out.valid,
+                                                   self.cfg.loss, self.chunk)  # sa, ta: [B, N, K-1]
                     loss_sum += ls
                     count += c
-                    sa = self._argmax(out.student)  # [B, N, K-1]
-                    ta = self._argmax(out.teacher)
                     acc = accepted_prefix(sa, ta) * valid[:, :, None]
                     slots += acc.sum((0, 1))
                     blocks += valid.sum()
@@ -358,12 +356,6 @@ class Trainer:
         return {"eval_loss": (loss_sum / count.clamp(min=1)).item(),
                 "eval_slot_accept": [round(r, 5) for r in rates],
                 "eval_acceptance_length": 1.0 + sum(rates), "eval_blocks": int(blocks.item())}
-
-    def _argmax(self, hidden: Tensor) -> Tensor:
-        """Greedy token of the LM head for hidden ``[..., C]`` -> ``[...]``, a chunk of rows at a time."""
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        parts = [self.eval_base.logits(flat[a: a + self.chunk]).argmax(-1) for a in range(0, flat.shape[0], self.chunk)]
-        return torch.cat(parts).view(hidden.shape[:-1])
 
     # ---- checkpoints -------------------------------------------------------------------------------
 
