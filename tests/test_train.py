@@ -312,6 +312,35 @@ def test_chunked_loss_equals_one_pass():
     assert abs(kl.item()) < 1e-5
 
 
+def test_step_loss_is_the_mean_over_every_slot_of_its_micro_batches(loaded, tmp_path, monkeypatch):
+    """With gradient accumulation, a step's loss and gradient are those of the mean over all valid
+    slots of its micro-batches (here 1 and 3 slots), not the mean of the two micro-batch means."""
+    base = loaded.model
+    tr = Trainer(config(tmp_path, adapter_kind="lora:4", max_steps=1, grad_accum=2, clip=1e9), base,
+                 loaded.fingerprint, random_docs(20), progress=False)
+    p = next(q for q in tr.adapter.parameters() if q.requires_grad)
+    micro = iter([(2.0, 1.0), (9.0, 3.0)])  # (loss sum, valid slots) per micro-batch
+
+    def fake(epoch, g):
+        value, count = next(micro)
+        return p.mean() * value, torch.tensor(count), 10
+    grads = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def clip(params, max_norm):
+        grads.append(p.grad.clone())
+        return real_clip(params, max_norm)
+    monkeypatch.setattr(tr, "_micro_loss", fake)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    before = p.detach().mean().item()
+    out = tr._train_step()
+    # d/dp of (mean(p) * 2 + mean(p) * 9) / (1 + 3): each element gets 11 / 4 / numel (the mean of
+    # the micro-batch means, (2 + 9 / 3) / 2, would give 2.5 / numel)
+    torch.testing.assert_close(grads[0], torch.full_like(p, 11.0 / 4.0 / p.numel()))
+    assert abs(out["loss"] - before * 11.0 / 4.0) < 1e-6
+    assert tr.step == 1
+
+
 def test_evaluation_takes_loss_and_greedy_tokens_from_one_head_pass():
     """evaluate_slots == distill_loss plus a separate argmax pass, chunked or not, for both losses."""
     from orthrus.train.loss import evaluate_slots

@@ -247,8 +247,9 @@ class Trainer:
 
     # ---- one step ------------------------------------------------------------------------------
 
-    def _micro_loss(self, epoch: int, g: int) -> tuple[Tensor, int]:
-        """Mean loss over the valid slots of global batch ``g``, and its real token count."""
+    def _micro_loss(self, epoch: int, g: int) -> tuple[Tensor, Tensor, int]:
+        """Loss summed over the valid slots of global batch ``g``, their number, and its real
+        token count."""
         rows = self._rows(epoch, g)
         cpu = make_batch(self.train_data, rows, "cpu")
         gen = torch.Generator().manual_seed(_mix(self.cfg.seed, epoch, g))
@@ -261,28 +262,33 @@ class Trainer:
                                self.block_size, self.use_flex, masked_blocks(self.cfg.block_kind, anchors))
             loss_sum, count = distill_loss(self.base.logits, out.student, out.teacher, out.target, out.valid,
                                            self.cfg.loss, self.chunk)
-        return loss_sum / count.clamp(min=1), self.train_data.real_tokens(rows)
+        return loss_sum, count, self.train_data.real_tokens(rows)
 
     def _train_step(self) -> dict[str, float]:
+        """One optimizer step. The loss is the mean over every valid block slot of the step (all
+        micro-batches, all ranks), not a mean of per-micro-batch means: a micro-batch with fewer
+        valid slots (short documents, row ends) weighs less, not more."""
         cfg = self.cfg
         epoch, i = divmod(self.step, self.steps_per_epoch)
-        total = torch.zeros((), device=self.device)
-        tokens = 0.0
+        sums = torch.zeros(3, device=self.device)  # loss sum, valid slots, real tokens
         for m in range(cfg.grad_accum):
             g = (i * cfg.grad_accum + m) * self.world + self.rank
             sync = m == cfg.grad_accum - 1 or self.world == 1
             with (nullcontext() if sync else self.drafter.no_sync()):
-                loss, n = self._micro_loss(epoch, g)
-                (loss / cfg.grad_accum).backward()
-            total += loss.detach() / cfg.grad_accum
-            tokens += n
-        params = [p for p in self.adapter.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-        stats = torch.stack((total / self.world, total.new_tensor(tokens)))
+                loss_sum, count, n = self._micro_loss(epoch, g)
+                loss_sum.backward()
+            sums += torch.stack((loss_sum.detach().float(), count.float(), count.new_tensor(float(n))))
         if self.world > 1:
-            dist.all_reduce(stats)  # mean loss and summed tokens over ranks: the same on every rank
-        loss_v, tokens_v = stats.tolist()  # one host sync per step (logging, NaN check)
-        norm_v = grad_norm.item()  # equal on all ranks: DDP averaged the gradients
+            dist.all_reduce(sums)  # the same totals on every rank
+        params = [p for p in self.adapter.parameters() if p.requires_grad]
+        scale = self.world / sums[1].clamp(min=1)  # DDP averaged the summed gradients over ranks
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        loss_sum_v, count_v, tokens_v = sums.tolist()  # one host sync per step (logging, NaN check)
+        loss_v = loss_sum_v / max(count_v, 1.0)
+        norm_v = grad_norm.item()  # equal on all ranks
         if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
             kept = (f"the last good checkpoint (step {self.last_saved}) is kept in {self.out}"
                     if self.last_saved is not None else "no checkpoint had been written yet")
