@@ -91,12 +91,15 @@ class Orthrus:
         self.draft_int8 = adapter is not None and (
             draft_precision == "int8"
             or (draft_precision == "auto" and prepare and cpu32 and int8_available() and not compile))
+        # under compile the weights stay plain tensors (fused, not prepacked): Inductor lowers oneDNN's
+        # packed linear only for weights it froze itself
+        pack = False if compile else None
         if prepare:
-            self.model.prepare_inference()
+            self.model.prepare_inference(pack)
         if self.draft_int8:
             self.model.prepare_draft()
         if adapter is not None and (prepare or self.draft_int8):
-            adapter.prepare_inference(int8=self.draft_int8)
+            adapter.prepare_inference(pack, int8=self.draft_int8)
         self.cuda_graphs = cuda_graphs
         self.compile = compile
         if max_draft_rows == "auto":

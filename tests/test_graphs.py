@@ -124,9 +124,17 @@ def test_the_trace_check_catches_a_host_sync(monkeypatch):
 
 
 def test_compiled_cycle_gives_the_same_tokens():
-    """--compile: the cycle through torch.compile (inductor; one shape here, ~30 s on a CPU)."""
+    """--compile: the cycle through torch.compile (inductor; one shape here, ~30 s on a CPU), with
+    the weights as the engine prepares them under --compile: fused but not prepacked (Inductor
+    lowers oneDNN's packed linear only for weights it froze itself)."""
+    from orthrus.engine import Orthrus
+    from orthrus.models.loading import LoadedModel
+
     model = tiny_base("llama")[1]
     adapter = tiny_adapter(model, "full", block_size=4)
+    Orthrus(LoadedModel(model, None, (), TINY_FP, "tiny", None), adapter, compile=True)
+    assert model.prepared and model.packed_min_rows is None
+    assert all(a.qkv is not None and a.qkv.packed is None for a in adapter.layers)
     prompts = random_prompts([6], VOCAB, seed=23)
     gens = [GenerationConfig(max_new_tokens=24, mode="parallel")]
     ref, _ = run_decoder(model, adapter, prompts, gens, capacity=200, decoder_cls=recording(static_shapes=True))
