@@ -441,7 +441,10 @@ def test_time_budget_cuts_the_steps_and_ends_the_schedule(loaded, tmp_path):
                 random_docs(24), progress=False)
     assert t._fit_budget(per_step=0.5, elapsed=7.0) == int((60 * 0.95 - 7.0) / 0.5)
     assert t.warmup == max(1, round(0.05 * t.total_steps))
-    assert t._fit_budget(per_step=0.001, elapsed=0.0) == t.total_steps  # more time than steps: unchanged
+    # a busy spell cut it; fast steps again give the steps back, never past the planned 1000
+    assert t._fit_budget(per_step=0.1, elapsed=10.0) == int((60 * 0.95 - 10.0) / 0.1) == t.total_steps
+    assert t._fit_budget(per_step=0.001, elapsed=0.0) == 1000 == t.total_steps
+    assert t.warmup == max(1, round(0.05 * 1000))
     # evaluations to come (every 10 steps and at the end, 2 s each) are paid for from the budget
     t = Trainer(config(tmp_path / "c", max_steps=1000, max_minutes=1.0, eval_every=10), loaded.model,
                 loaded.fingerprint, random_docs(24), progress=False)

@@ -175,6 +175,7 @@ class Trainer:
         limit = math.inf if cfg.max_steps is None else cfg.max_steps
         epochs = cfg.epochs if cfg.epochs is not None else (math.inf if cfg.max_steps else 1)
         self.total_steps = int(min(limit, epochs * self.steps_per_epoch))
+        self.planned_steps = self.total_steps  # before --max-minutes fits it
         self.warmup = cfg.warmup if cfg.warmup is not None else max(1, round(0.05 * self.total_steps))
         packed_bytes = self.train_data.tokens.tobytes() + self.train_data.doc.tobytes()
         self.data_hash = hashlib.sha256(packed_bytes).hexdigest()[:16]
@@ -199,13 +200,16 @@ class Trainer:
     # ---- schedule, data order --------------------------------------------------------------------
 
     def _fit_budget(self, per_step: float, elapsed: float, eval_seconds: float = 0.0) -> int:
-        """Cut ``total_steps`` to what ``max_minutes`` leaves at ``per_step`` seconds a step.
+        """Fit ``total_steps`` to what ``max_minutes`` leaves at ``per_step`` seconds a step (never
+        past the steps planned without a budget).
 
         The evaluations still to come (one every ``eval_every`` steps and one at the end) are
         counted at ``eval_seconds`` each (the first one's time); 5% of the budget is kept for
-        checkpoints. The warm-up (when it was 5% of the steps) shrinks with the horizon. Under DDP
-        rank 0 decides and the others follow, so that every rank stops at the same step. Returns
-        the new total.
+        checkpoints. The horizon moves both ways: a busy spell cuts it, and when steps get fast
+        again it grows back (the cosine schedule is re-aimed at the new last step each time), so a
+        transient slowdown does not cost the rest of the run. The warm-up (when it was 5% of the
+        steps) follows the horizon. Under DDP rank 0 decides and the others follow, so that every
+        rank stops at the same step. Returns the new total.
         """
         left = self.cfg.max_minutes * 60 * 0.95 - elapsed - eval_seconds
         per = per_step + (eval_seconds / self.cfg.eval_every if self.cfg.eval_every else 0.0)
@@ -214,9 +218,10 @@ class Trainer:
             t = torch.tensor([fit], dtype=torch.long, device=self.device)
             dist.broadcast(t, 0)
             fit = int(t.item())
-        if fit < self.total_steps:
-            log.info("--max-minutes %.1f: %.3f s a step, %d steps fit (of %d)", self.cfg.max_minutes, per_step,
-                     fit, self.total_steps)
+        fit = min(fit, self.planned_steps)
+        if fit != self.total_steps:
+            log.info("--max-minutes %.1f: %.3f s a step, %d steps fit (of %d planned)", self.cfg.max_minutes,
+                     per_step, fit, self.planned_steps)
             self.total_steps = fit
             if self.cfg.warmup is None:
                 self.warmup = max(1, round(0.05 * fit))
@@ -488,7 +493,8 @@ class Trainer:
         win_tokens, win_time = self.tokens, 0.0
         losses: list[float] = []
         last_eval = None
-        end = self.total_steps if stop_after is None else min(self.total_steps, self.step + stop_after)
+        cap = self.total_steps if stop_after is None else self.step + stop_after  # stop_after: this call only
+        end = min(self.total_steps, cap)
         budget_from = self.step + BUDGET_SKIP  # first steps compile kernels: not timed for the budget
         recent: collections.deque[float] = collections.deque(maxlen=50)  # step times, for the budget
         try:
@@ -502,11 +508,13 @@ class Trainer:
                 if (len(recent) >= BUDGET_PROBE and cfg.max_minutes is not None
                         and (len(recent) == BUDGET_PROBE or self.step % cfg.log_every == 0)):
                     # after the probe, again at every log step: a run that slows down (a busy
-                    # machine) still ends within --max-minutes (the schedule only shrinks). The
-                    # median of the recent steps: a pause (SIGSTOP for a benchmark) spends the
-                    # budget's wall clock but does not make the steps still to come look slower
+                    # machine) still ends within --max-minutes, and one that speeds up again gets
+                    # its steps back. The median of the recent steps: a pause (SIGSTOP for a
+                    # benchmark) spends the budget's wall clock but does not make the steps still
+                    # to come look slower
                     per_step = statistics.median(recent)
-                    end = min(end, self._fit_budget(per_step, time.perf_counter() - started, eval_seconds))
+                    fitted = self._fit_budget(per_step, time.perf_counter() - started, eval_seconds)
+                    end = fitted if stop_after is None else min(fitted, cap)
                 window.append(rec["loss"])
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
