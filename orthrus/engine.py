@@ -15,7 +15,8 @@ import torch
 
 from orthrus.adapter import DiffusionAdapter
 from orthrus.config import SELF_BLOCK_SIZE, SELF_DRAFTS, AdapterConfig, GenerationConfig
-from orthrus.decoding.generator import DEFAULT_MAX_DRAFT_ROWS, Decoder, Event, cache_room, pow2, uses_cuda_graphs
+from orthrus.decoding.generator import (DEFAULT_MAX_DIFFUSION_ROWS, DEFAULT_MAX_DRAFT_ROWS, Decoder, Event,
+                                        cache_room, pow2, uses_cuda_graphs)
 from orthrus.decoding.ngram import NGRAM_BLOCK_SIZE
 from orthrus.decoding.stats import DecodeStats
 from orthrus.errors import ContextLengthError, OrthrusError
@@ -75,7 +76,8 @@ class Orthrus:
         a CPU with fbgemm, and an adapter; not under ``compile``, which cannot trace fbgemm's
         packed weights). ``max_draft_rows``: cycles draft only while at most this many rows
         decode, else one token a pass (see ``Decoder``); None: always draft; ``auto``:
-        ``DEFAULT_MAX_DRAFT_ROWS`` on a CPU (measured), None on a GPU."""
+        ``DEFAULT_MAX_DRAFT_ROWS`` on a CPU (measured), and ``DEFAULT_MAX_DIFFUSION_ROWS`` for cycles
+        with adapter drafts; None on a GPU."""
         if draft_precision not in DRAFT_PRECISIONS:
             raise OrthrusError(f"draft precision must be one of {', '.join(DRAFT_PRECISIONS)}, got {draft_precision!r}")
         self.base = base
@@ -102,8 +104,11 @@ class Orthrus:
             adapter.prepare_inference(pack, int8=self.draft_int8)
         self.cuda_graphs = cuda_graphs
         self.compile = compile
+        self.max_diffusion_rows: int | None = None  # an explicit max_draft_rows caps every source alike
         if max_draft_rows == "auto":
-            max_draft_rows = DEFAULT_MAX_DRAFT_ROWS if self.model.device.type == "cpu" else None
+            cpu = self.model.device.type == "cpu"
+            max_draft_rows = DEFAULT_MAX_DRAFT_ROWS if cpu else None
+            self.max_diffusion_rows = DEFAULT_MAX_DIFFUSION_ROWS if cpu else None
         if max_draft_rows is not None and (not isinstance(max_draft_rows, int) or max_draft_rows < 0):
             raise OrthrusError(f"max draft rows must be an integer >= 0, 'auto' or None, got {max_draft_rows!r}")
         self.max_draft_rows = max_draft_rows
@@ -202,7 +207,8 @@ class Orthrus:
 
     def new_decoder(self, max_batch: int, capacity: int) -> Decoder:
         return Decoder(self.model, self.adapter, self.base.eos_ids, self.decode, max_batch, capacity,
-                       cuda_graphs=self.cuda_graphs, compile=self.compile, max_draft_rows=self.max_draft_rows)
+                       cuda_graphs=self.cuda_graphs, compile=self.compile, max_draft_rows=self.max_draft_rows,
+                       max_diffusion_rows=self.max_diffusion_rows)
 
     def release_decoders(self) -> None:
         """Drop the idle decoders kept between calls (their caches and CUDA graphs)."""

@@ -50,7 +50,7 @@ def tiny_engine(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-llama")
     hf.save_pretrained(folder)
     base = LoadedModel(model, CharTokenizer(), (2,), TINY_FP, "tiny-llama", folder)
-    return Orthrus(base, tiny_adapter(model, "full", block_size=8))
+    return Orthrus(base, tiny_adapter(model, "full", block_size=8), max_draft_rows=None)  # batches draft too
 
 
 PROMPTS = ["def add(a, b):", "Tell me about the sea.", "x = [1, 2, 3]", "Hello there"]

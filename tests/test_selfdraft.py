@@ -102,6 +102,43 @@ def test_cli_draft_self_needs_no_adapter(tmp_path, capsys):
         assert sum(r["stats"]["verify_passes"] for r in rows) < 2 * 20
 
 
+def test_adapter_drafts_have_their_own_tighter_row_cap() -> None:
+    """``max_diffusion_rows``: with more rows than it, a cycle with adapter drafts decodes one
+    token a pass (exact either way), while self-drafted rows keep drafting up to ``max_draft_rows``."""
+    model = tiny_base("llama", seed=13)[1]
+    model.prepare_inference()
+    adapter = tiny_adapter(model, "full", block_size=4)
+    prompts = random_prompts([5, 8, 3], model.config.vocab_size, seed=14)
+    lengths = [6, 8, 30]
+    ar = toks(run_decoder(model, None, prompts, [GenerationConfig(max_new_tokens=n) for n in lengths])[0])
+    capped = lambda *a, **k: Decoder(*a, **k, max_draft_rows=4, max_diffusion_rows=2)  # noqa: E731
+    rows, dec = run_decoder(model, adapter, prompts, [gen(n, "diffusion") for n in lengths], block_size=4,
+                            capacity=64, decoder_cls=capped)
+    assert dec.max_diffusion_rows == 2 and toks(rows) == ar
+    assert rows[0].stats.draft_passes == 0  # it only ever decoded beside two others
+    assert rows[2].stats.draft_passes > 0  # fewer rows later: the adapter drafts again
+    rows, _ = run_decoder(model, adapter, prompts, [gen(n, "self") for n in lengths], block_size=4,
+                          capacity=64, decoder_cls=capped)
+    assert toks(rows) == ar and all(r.stats.draft_passes > 0 for r in rows)  # 3 <= 4 rows: self drafts
+    plain = Decoder(model, adapter, (), str, 3, 64, max_draft_rows=4)
+    assert plain.max_diffusion_rows == 4  # unset: the general cap
+
+
+def test_row_caps_leave_sampled_cycles_drafting_so_a_seed_reproduces_in_any_batch() -> None:
+    model = tiny_base("llama", seed=15)[1]
+    model.prepare_inference()
+    adapter = tiny_adapter(model, "full", block_size=4)
+    prompts = random_prompts([5, 8, 3], model.config.vocab_size, seed=16)
+    gens = [gen(12, "diffusion", temperature=0.9, seed=40 + i) for i in range(3)]
+    capped = lambda *a, **k: Decoder(*a, **k, max_draft_rows=1, max_diffusion_rows=1)  # noqa: E731
+    rows, _ = run_decoder(model, adapter, prompts, gens, block_size=4, capacity=64, decoder_cls=capped)
+    assert all(r.stats.draft_passes > 0 for r in rows)  # 3 rows > the caps, but sampled: drafted
+    for i in range(3):
+        alone, _ = run_decoder(model, adapter, prompts[i:i + 1], gens[i:i + 1], block_size=4, capacity=64,
+                               decoder_cls=capped)
+        assert alone[0].tokens == rows[i].tokens
+
+
 def test_max_draft_rows_decodes_one_token_a_pass_beyond_it_and_stays_exact() -> None:
     """With more rows decoding than ``max_draft_rows``, cycles verify one token per row and draft
     nothing; once rows finish and few are left, drafting resumes. The output is AR's either way."""

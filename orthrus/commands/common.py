@@ -24,7 +24,7 @@ from typing import Any
 from orthrus.adapter import WEIGHTS
 from orthrus.config import DRAFTS, DTYPES, SCHEDULES, SELF_BLOCK_SIZE, SELF_DRAFTS, AdapterConfig, GenerationConfig
 from orthrus.decoding.ngram import NGRAM_BLOCK_SIZE
-from orthrus.decoding.generator import DEFAULT_MAX_DRAFT_ROWS
+from orthrus.decoding.generator import DEFAULT_MAX_DIFFUSION_ROWS, DEFAULT_MAX_DRAFT_ROWS
 from orthrus.engine import DEFAULT_ADAPTERS, DRAFT_PRECISIONS, Orthrus
 from orthrus.errors import OrthrusError
 from orthrus.jsonl import iter_jsonl
@@ -58,8 +58,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-draft-rows", type=max_draft_rows_arg, default="auto", metavar="N|all|auto",
                    help="parallel mode: cycles draft only while at most N rows are decoding, beyond that "
                         "every row decodes one token a pass (the output is the same either way); all: "
-                        f"always draft; auto (default): {DEFAULT_MAX_DRAFT_ROWS} on a CPU, where drafting "
-                        "loses to plain decoding past a few rows (measured: bench/README.md), all on a GPU")
+                        f"always draft; auto (default): {DEFAULT_MAX_DRAFT_ROWS} on a CPU, and "
+                        f"{DEFAULT_MAX_DIFFUSION_ROWS} for cycles with adapter drafts, where drafting loses "
+                        "to plain decoding past a few rows (measured: bench/README.md), all on a GPU")
     g.add_argument("--draft-precision", default="auto", choices=DRAFT_PRECISIONS,
                    help="weights of the adapter's draft pass: int8 (draft-only int8 copies: a cheaper "
                         "draft, the same exact output; +1/4 of the model's memory), float32 (the "

@@ -60,6 +60,9 @@ STATIC_MIN_KV = 256  # static mode: kv_len is a power of two, at least this (or 
 # self-drafting was 1.58x / 1.09x / 0.88x our AR at batch 2 / 4 / 8, hybrid-self 1.65x / 1.08x, and
 # adapter hybrid drafts 1.25x / 0.75x at batch 2 / 4 (bench/results/cpu_*_humaneval16_batch*)
 DEFAULT_MAX_DRAFT_ROWS = 4
+# and adapter drafts (a draft pass of K tokens per row, not a 1-token step) only while at most this
+# many rows decode: hybrid with the adapter was 1.25x our AR at batch 2 and 0.75x at batch 4
+DEFAULT_MAX_DIFFUSION_ROWS = 2
 ONEPASS_SCRATCH = 64  # cache slots above the live ones for the one-pass candidate blocks' K/V
 DEFAULT_CANDIDATES = 2  # one-pass candidate blocks per cycle when a request does not say
 # hybrid drafts: a row drafts by n-gram in a cycle when its latest tokens match an earlier n-gram of
@@ -199,21 +202,29 @@ class Decoder:
         compile: ``torch.compile`` the cycle (fused kernels; compiling takes a while per shape).
         static_shapes: round rows and kv_len up to powers of two (None: when ``cuda_graphs``).
             Graphs need it; on its own (CPU) it exercises the graph-mode shapes eagerly.
-        max_draft_rows: cycles draft only while at most this many rows are decoding; with more,
-            every row decodes one token a pass (None: always draft). Any draft is exact, so
+        max_draft_rows: greedy cycles draft only while at most this many rows are decoding; with
+            more, every row decodes one token a pass (None: always draft). Cycles with a sampled
+            row always draft: a drafted cycle samples other tokens than a 1-token one (from the
+            same distribution), and a seeded row must give the same tokens alone or in any batch. Any draft is exact, so
             this changes the speed only: on a CPU a pass over many rows is bound by arithmetic,
             and drafting loses to plain decoding past a few rows (``DEFAULT_MAX_DRAFT_ROWS``).
+        max_diffusion_rows: a tighter cap for cycles in which some row drafts with the adapter
+            (its draft pass costs more than n-gram or self drafts; ``DEFAULT_MAX_DIFFUSION_ROWS``
+            on a CPU); None: ``max_draft_rows``.
     """
 
     def __init__(self, model: Transformer, adapter: DiffusionAdapter | None, eos_ids: tuple[int, ...],
                  decode: Callable[[list[int]], str], max_batch: int, capacity: int,
                  cuda_graphs: bool | None = None, static_shapes: bool | None = None,
-                 compile: bool = False, max_draft_rows: int | None = None) -> None:
+                 compile: bool = False, max_draft_rows: int | None = None,
+                 max_diffusion_rows: int | None = None) -> None:
         self.model, self.adapter, self.eos_ids, self.decode = model, adapter, set(eos_ids), decode
         self.capacity = capacity
-        if max_draft_rows is not None and max_draft_rows < 0:
-            raise ValueError(f"max_draft_rows must be >= 0 or None, got {max_draft_rows}")
+        for name, v in (("max_draft_rows", max_draft_rows), ("max_diffusion_rows", max_diffusion_rows)):
+            if v is not None and v < 0:
+                raise ValueError(f"{name} must be >= 0 or None, got {v}")
         self.max_draft_rows = max_draft_rows
+        self.max_diffusion_rows = max_draft_rows if max_diffusion_rows is None else max_diffusion_rows
         dev = model.device
         self.cuda_graphs = uses_cuda_graphs(dev, cuda_graphs)
         self.static_shapes = self.cuda_graphs if static_shapes is None else static_shapes
@@ -652,7 +663,11 @@ class Decoder:
         if not live:
             return []
         rows = [self.rows[i] for i in live]
-        if self.max_draft_rows is not None and len(live) > self.max_draft_rows:
+        # the row caps are for greedy cycles only: a drafted cycle samples other tokens than a
+        # 1-token one (the same distribution), and a seeded row must give the same tokens alone or
+        # in any batch
+        capped = all(r.gen.temperature == 0 for r in rows)
+        if capped and self.max_draft_rows is not None and len(live) > self.max_draft_rows:
             ngram, k = [False] * len(rows), 1  # too many rows for drafting to pay: one token a pass
         else:
             ngram = [self._uses_ngram(r) or (r.ngram_block > 0 and self._ngram_matches(i)) for i, r in zip(live, rows)]
@@ -662,6 +677,9 @@ class Decoder:
                 ngram = [ng and r.gen.draft != "hybrid-self" for r, ng in zip(rows, ngram)]
             # a hybrid row that drafts by n-gram this cycle runs at its n-gram block size
             k = max(r.ngram_block if ng and r.ngram_block else r.block_size for r, ng in zip(rows, ngram))
+            if (capped and self.max_diffusion_rows is not None and len(live) > self.max_diffusion_rows
+                    and any(r.block_size > 1 and not ng and not self._uses_self(r) for r, ng in zip(rows, ngram))):
+                ngram, k = [False] * len(rows), 1  # adapter drafts for this many rows lose: one token a pass
         hi, kv_len = self.cycle_shape(live[-1] + 1, max(self.lengths_host[i] for i in live) + k)
         greedy = all(r.gen.temperature == 0 for r in rows)
         filters = any(r.gen.top_k or r.gen.top_p < 1 for r in rows)
