@@ -416,7 +416,7 @@ class Decoder:
             they were drawn from ``[hi, K-1, V]`` when ``sampled`` (None when greedy).
         """
         assert self.adapter is not None
-        model, dev = self.model, self.model.device
+        model = self.model
         cache = self.cache.rows(0, hi)
         # the block's K/V goes to slots t..t+K-1, which this cycle's verify pass overwrites
         hidden = self.adapter.draft(model, self.x_t[:hi], positions, cache, kv_len)  # [B, K, C]
