@@ -38,6 +38,15 @@ def loaded(folder):
     return load_base(str(folder))
 
 
+def free_port() -> int:
+    """A TCP port free right now (a fixed one can still be held by a previous run's socket)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def random_docs(n: int, seed: int = 0, lo: int = 10, hi: int = 30) -> list[Document]:
     g = torch.Generator().manual_seed(seed)
     docs = []
@@ -170,8 +179,8 @@ def test_two_process_ddp_gloo_matches_gradient_accumulation(folder, loaded, tmp_
               "--eval-rows", "0", "--save-every", "2", "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", "29517", "-m", "orthrus.cli", "train", "--out", str(tmp_path / "ddp"),
-                           *common], capture_output=True, text=True, env=env, timeout=240)
+                           "--master-port", str(free_port()), "-m", "orthrus.cli", "train",
+                           "--out", str(tmp_path / "ddp"), *common], capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     assert summary["world_size"] == 2 and summary["steps"] == 3
@@ -190,8 +199,8 @@ def test_two_process_ddp_gloo_matches_gradient_accumulation(folder, loaded, tmp_
     # a time budget under DDP: rank 0 decides the step count, both ranks stop there (no hang)
     budget = [a if a != "3" else "100000" for a in common] + ["--max-minutes", "0.05"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", "29518", "-m", "orthrus.cli", "train", "--out", str(tmp_path / "budget"),
-                           *budget], capture_output=True, text=True, env=env, timeout=240)
+                           "--master-port", str(free_port()), "-m", "orthrus.cli", "train",
+                           "--out", str(tmp_path / "budget"), *budget], capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     assert 13 <= summary["steps"] < 100000 and len(set(summary["rank_weight_digests"])) == 1
@@ -339,6 +348,33 @@ def test_step_loss_is_the_mean_over_every_slot_of_its_micro_batches(loaded, tmp_
     torch.testing.assert_close(grads[0], torch.full_like(p, 11.0 / 4.0 / p.numel()))
     assert abs(out["loss"] - before * 11.0 / 4.0) < 1e-6
     assert tr.step == 1
+
+
+def test_step0_evaluation_is_reused_for_the_same_adapter_and_rows(loaded, tmp_path, monkeypatch):
+    """A run that starts from an adapter already evaluated on the same held-out rows (the same
+    way) takes that evaluation from $ORTHRUS_CACHE instead of running it again; anything that
+    changes the figures (other weights, other rows) evaluates afresh."""
+    monkeypatch.setenv("ORTHRUS_CACHE", str(tmp_path / "cache"))
+    base, docs = loaded.model, random_docs(30, seed=7, lo=24, hi=40)
+    first = Trainer(config(tmp_path / "a", adapter_kind="lora:4", max_steps=2, eval_rows=4), base,
+                    loaded.fingerprint, docs, progress=False)
+    start = DiffusionAdapter.init(base, loaded.fingerprint, kind="lora", block_size=K, lora_rank=4)
+    start.load_state_dict(first.adapter.state_dict())
+    before = first.train()["eval_before"]
+    assert "cached" not in before
+
+    def again(out, adapter, rows=docs):
+        return Trainer(config(tmp_path / out, max_steps=1, eval_rows=4), base, loaded.fingerprint, rows,
+                       adapter=adapter, progress=False)
+    t = again("b", start)
+    monkeypatch.setattr(t, "evaluate", lambda: pytest.fail("evaluated again"))
+    cached = t._first_evaluation()
+    assert cached["cached"] and cached["eval_slot_accept"] == before["eval_slot_accept"]
+    assert cached["eval_loss"] == before["eval_loss"]
+    moved = DiffusionAdapter.load(tmp_path / "a", base, loaded.fingerprint)  # trained 2 steps: other weights
+    assert "cached" not in again("c", moved)._first_evaluation()
+    other_rows = random_docs(30, seed=8, lo=24, hi=40)
+    assert "cached" not in again("d", start, other_rows)._first_evaluation()
 
 
 def test_evaluation_takes_loss_and_greedy_tokens_from_one_head_pass():

@@ -68,6 +68,7 @@ from orthrus.train.config import LOG, RESUME_KEYS, STATE, TRAIN_CONFIG, TrainCon
 log = logging.getLogger(__name__)
 
 BUDGET_SKIP, BUDGET_PROBE = 3, 10  # --max-minutes: steps not timed, then steps timed
+EVAL_CACHE = "evals.json"  # step-0 evaluations, under $ORTHRUS_CACHE
 
 
 # ---- distributed -----------------------------------------------------------------------------------
@@ -368,6 +369,50 @@ class Trainer:
                 "eval_slot_accept": [round(r, 5) for r in rates],
                 "eval_acceptance_length": 1.0 + sum(rates), "eval_blocks": int(blocks.item())}
 
+    def _eval_key(self) -> str:
+        """What a held-out evaluation depends on: the adapter's weights, the held-out rows, the
+        block size and kinds, the sampling of blocks, the loss, the evaluating model and torch."""
+        h = hashlib.sha256()
+        for k, v in sorted(self.adapter.trainable_state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().float().cpu().numpy().tobytes())
+        ev = self.eval_data
+        h.update(ev.tokens.tobytes() + ev.doc.tobytes())
+        h.update(json.dumps([self.block_size, list(self.block_kinds), self.eval_stride, self.cfg.anchors_per_seq,
+                             self.cfg.batch_size, self.cfg.loss, self.adapter.config.base_fingerprint,
+                             str(self.eval_base.dtype), torch.__version__]).encode())
+        return h.hexdigest()
+
+    def _first_evaluation(self) -> dict[str, Any] | None:
+        """The step-0 evaluation, reused from ``$ORTHRUS_CACHE/evals.json`` when the same adapter
+        was already evaluated on the same held-out rows the same way (a warm start from a shipped
+        or earlier adapter evaluates what the run before it ended on)."""
+        if self.eval_data is None:
+            return None
+        from orthrus.models.loading import cache_root
+
+        path = cache_root() / EVAL_CACHE
+        key = self._eval_key()
+        try:
+            entries = json.loads(path.read_text())
+            entries = entries if isinstance(entries, dict) else {}
+        except (OSError, ValueError):
+            entries = {}
+        if isinstance(entries.get(key), dict):
+            log.info("step-0 evaluation: the same adapter and held-out rows were evaluated before (%s)", path)
+            return {**entries[key], "step": self.step, "cached": True}
+        ev = self.evaluate()
+        if ev is not None:
+            entries[key] = ev
+            try:  # atomic: a crash never leaves a half-written cache
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(entries))
+                os.replace(tmp, path)
+            except OSError as e:
+                log.warning("could not cache the step-0 evaluation in %s: %s", path, e)
+        return ev
+
     # ---- checkpoints -------------------------------------------------------------------------------
 
     def save(self) -> None:
@@ -482,7 +527,7 @@ class Trainer:
         summary: dict[str, Any] = {"out": str(self.out), "start_step": self.step, "total_steps": self.total_steps}
         eval_seconds = 0.0
         if self.step == 0 and self.rank == 0:
-            ev = self.evaluate()
+            ev = self._first_evaluation()
             eval_seconds = time.perf_counter() - started
             if ev is not None:
                 self._log(ev)
