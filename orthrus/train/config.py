@@ -78,18 +78,18 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check(self.block_kind in TRAIN_BLOCK_KINDS,
-               f"--block-kind must be one of {', '.join(TRAIN_BLOCK_KINDS)}, got {self.block_kind!r}")
+              f"--block-kind must be one of {', '.join(TRAIN_BLOCK_KINDS)}, got {self.block_kind!r}")
         if self.adapter_kind is not None:
             AdapterConfig.parse_kind(self.adapter_kind)
         check(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}")
         check(self.epochs is None or self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         check(self.max_minutes is None or (math.isfinite(self.max_minutes) and self.max_minutes > 0),
-               f"--max-minutes must be a positive number, got {self.max_minutes}")
+              f"--max-minutes must be a positive number, got {self.max_minutes}")
         check(self.block_size is None or self.block_size >= 2,
-               f"--block-size must be >= 2 (a block drafts K-1 tokens), got {self.block_size}")
+              f"--block-size must be >= 2 (a block drafts K-1 tokens), got {self.block_size}")
         check(self.seq_len >= 3, f"--seq-len must be >= 3, got {self.seq_len}")
         check(self.block_size is None or self.block_size < self.seq_len,
-               f"--block-size ({self.block_size}) must be smaller than --seq-len ({self.seq_len})")
+              f"--block-size ({self.block_size}) must be smaller than --seq-len ({self.seq_len})")
         for name in ("anchors_per_seq", "batch_size", "grad_accum", "log_every"):
             check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("eval_every", "save_every"):

@@ -135,11 +135,11 @@ class Trainer:
                                    f"kind ({have[0]}{':' + str(have[1]) if have[1] else ''}): leave it out")
         self.block_size = cfg.block_size or (adapter.config.block_size if adapter is not None else 16)
         check(self.block_size < cfg.seq_len,
-               f"--block-size ({self.block_size}) must be smaller than --seq-len ({cfg.seq_len})")
+              f"--block-size ({self.block_size}) must be smaller than --seq-len ({cfg.seq_len})")
         # the model is never used past its context (for a sliding-window model: its window), so
         # neither are the training rows; the masks need no window then
         check(cfg.seq_len <= base.config.max_context,
-               f"--seq-len ({cfg.seq_len}) exceeds the model's context of {base.config.max_context} tokens")
+              f"--seq-len ({cfg.seq_len}) exceeds the model's context of {base.config.max_context} tokens")
         torch.manual_seed(cfg.seed)  # lora init; DDP broadcasts rank 0's weights anyway
         if adapter is None:
             adapter = DiffusionAdapter.init(base, fingerprint, kind=kind, block_size=self.block_size, lora_rank=rank)
@@ -151,7 +151,7 @@ class Trainer:
         base.requires_grad_(False)
         self.use_flex = cfg.use_flex if cfg.use_flex is not None else self.device.type == "cuda"
         check(not self.use_flex or self.device.type == "cuda",
-               "--flex needs a CUDA device (on the CPU flex attention has no exact backward pass): use --no-flex")
+              "--flex needs a CUDA device (on the CPU flex attention has no exact backward pass): use --no-flex")
 
         train_docs, eval_docs = split_eval(docs, cfg.eval_rows)
         check(bool(train_docs), "no training rows left after holding out --eval-rows")
@@ -171,8 +171,8 @@ class Trainer:
         per_step = cfg.batch_size * cfg.grad_accum * self.world
         self.steps_per_epoch = len(self.train_data) // per_step
         check(self.steps_per_epoch >= 1,
-               f"the data packs into {len(self.train_data)} rows of {cfg.seq_len} tokens, but one step needs "
-               f"{per_step} (--batch-size x --grad-accum x processes): add data or lower them")
+              f"the data packs into {len(self.train_data)} rows of {cfg.seq_len} tokens, but one step needs "
+              f"{per_step} (--batch-size x --grad-accum x processes): add data or lower them")
         limit = math.inf if cfg.max_steps is None else cfg.max_steps
         epochs = cfg.epochs if cfg.epochs is not None else (math.inf if cfg.max_steps else 1)
         self.total_steps = int(min(limit, epochs * self.steps_per_epoch))
