@@ -205,9 +205,10 @@ class Decoder:
         max_draft_rows: greedy cycles draft only while at most this many rows are decoding; with
             more, every row decodes one token a pass (None: always draft). Cycles with a sampled
             row always draft: a drafted cycle samples other tokens than a 1-token one (from the
-            same distribution), and a seeded row must give the same tokens alone or in any batch. Any draft is exact, so
-            this changes the speed only: on a CPU a pass over many rows is bound by arithmetic,
-            and drafting loses to plain decoding past a few rows (``DEFAULT_MAX_DRAFT_ROWS``).
+            same distribution), and a seeded row must give the same tokens alone or in any batch.
+            Any draft is exact, so this changes the speed only: on a CPU a pass over many rows is
+            bound by arithmetic, and drafting loses to plain decoding past a few rows
+            (``DEFAULT_MAX_DRAFT_ROWS``).
         max_diffusion_rows: a tighter cap for cycles in which some row drafts with the adapter
             (its draft pass costs more than n-gram or self drafts; ``DEFAULT_MAX_DIFFUSION_ROWS``
             on a CPU); None: ``max_draft_rows``.
@@ -666,8 +667,8 @@ class Decoder:
         # the row caps are for greedy cycles only: a drafted cycle samples other tokens than a
         # 1-token one (the same distribution), and a seeded row must give the same tokens alone or
         # in any batch
-        capped = all(r.gen.temperature == 0 for r in rows)
-        if capped and self.max_draft_rows is not None and len(live) > self.max_draft_rows:
+        greedy = all(r.gen.temperature == 0 for r in rows)
+        if greedy and self.max_draft_rows is not None and len(live) > self.max_draft_rows:
             ngram, k = [False] * len(rows), 1  # too many rows for drafting to pay: one token a pass
         else:
             ngram = [self._uses_ngram(r) or (r.ngram_block > 0 and self._ngram_matches(i)) for i, r in zip(live, rows)]
@@ -677,11 +678,10 @@ class Decoder:
                 ngram = [ng and r.gen.draft != "hybrid-self" for r, ng in zip(rows, ngram)]
             # a hybrid row that drafts by n-gram this cycle runs at its n-gram block size
             k = max(r.ngram_block if ng and r.ngram_block else r.block_size for r, ng in zip(rows, ngram))
-            if (capped and self.max_diffusion_rows is not None and len(live) > self.max_diffusion_rows
+            if (greedy and self.max_diffusion_rows is not None and len(live) > self.max_diffusion_rows
                     and any(r.block_size > 1 and not ng and not self._uses_self(r) for r, ng in zip(rows, ngram))):
                 ngram, k = [False] * len(rows), 1  # adapter drafts for this many rows lose: one token a pass
         hi, kv_len = self.cycle_shape(live[-1] + 1, max(self.lengths_host[i] for i in live) + k)
-        greedy = all(r.gen.temperature == 0 for r in rows)
         filters = any(r.gen.top_k or r.gen.top_p < 1 for r in rows)
         if any(r.ngram_block for r in rows):  # hybrid rows: this cycle's source per row (one upload)
             flags = [False] * hi
