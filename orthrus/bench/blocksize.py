@@ -34,7 +34,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -321,16 +320,11 @@ def cached_block_size(engine: "Orthrus", batch_size: int = 1, path: str | Path |
     """
     if engine.adapter is None:
         return BlockSizeChoice(1, reason="AR: no adapter")
-    from orthrus.models.loading import cache_root
+    from orthrus.models.loading import cache_root, read_cache_entries, write_cache_entries
 
     path = Path(path) if path is not None else cache_root() / CACHE_FILE
     key = _choice_key(engine, batch_size, candidates)
-    try:
-        entries = json.loads(path.read_text())
-        if not isinstance(entries, dict):
-            entries = {}
-    except (OSError, ValueError):
-        entries = {}
+    entries = read_cache_entries(path)
     hit = entries.get(key)
     if isinstance(hit, dict) and isinstance(hit.get("block_size"), int) and hit["block_size"] >= 1:
         log.info("block size: %s (measured %s; cached in %s)", hit.get("reason", ""), hit.get("date", "?"), path)
@@ -341,11 +335,5 @@ def cached_block_size(engine: "Orthrus", batch_size: int = 1, path: str | Path |
                                reason=f"{hit.get('reason', '')} (cached)")
     choice = choose_block_size(engine, batch_size=batch_size, candidates=candidates)
     entries[key] = {**choice.to_dict(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    try:  # atomic: a crash never leaves a half-written cache
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(entries, indent=1))
-        os.replace(tmp, path)
-    except OSError as e:
-        log.warning("could not cache the block size choice in %s: %s", path, e)
+    write_cache_entries(path, entries, "the block size choice")
     return choice

@@ -41,6 +41,27 @@ def cache_root() -> Path:
     return Path(os.environ.get("ORTHRUS_CACHE") or Path.home() / ".cache" / "orthrus")
 
 
+def read_cache_entries(path: Path) -> dict:
+    """The entries of a JSON cache file (a dict); an empty one when it is missing or unreadable."""
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def write_cache_entries(path: Path, entries: dict, what: str) -> None:
+    """Write a JSON cache file atomically (a crash never leaves half a file); a failure is a
+    warning about ``what`` was not cached, never an error."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entries, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("could not cache %s in %s: %s", what, path, e)
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """Where a base model comes from. ``kind``: ``hf`` (a folder) or ``gguf`` (a file)."""

@@ -389,28 +389,18 @@ class Trainer:
         or earlier adapter evaluates what the run before it ended on)."""
         if self.eval_data is None:
             return None
-        from orthrus.models.loading import cache_root
+        from orthrus.models.loading import cache_root, read_cache_entries, write_cache_entries
 
         path = cache_root() / EVAL_CACHE
         key = self._eval_key()
-        try:
-            entries = json.loads(path.read_text())
-            entries = entries if isinstance(entries, dict) else {}
-        except (OSError, ValueError):
-            entries = {}
+        entries = read_cache_entries(path)
         if isinstance(entries.get(key), dict):
             log.info("step-0 evaluation: the same adapter and held-out rows were evaluated before (%s)", path)
             return {**entries[key], "step": self.step, "cached": True}
         ev = self.evaluate()
         if ev is not None:
             entries[key] = ev
-            try:  # atomic: a crash never leaves a half-written cache
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(entries))
-                os.replace(tmp, path)
-            except OSError as e:
-                log.warning("could not cache the step-0 evaluation in %s: %s", path, e)
+            write_cache_entries(path, entries, "the step-0 evaluation")
         return ev
 
     # ---- checkpoints -------------------------------------------------------------------------------
