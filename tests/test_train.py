@@ -19,7 +19,7 @@ from orthrus.errors import OrthrusError
 from orthrus.models.loading import load_base
 from orthrus.train import trainer as trainer_mod
 from orthrus.train.data import Document, iter_json_array, read_documents, sharegpt_prompts
-from orthrus.train.loss import distill_loss
+from orthrus.train.loss import distill_loss, slot_weights
 from orthrus.train.config import LOG, STATE, TrainConfig
 from orthrus.train.trainer import BUDGET_PROBE, BUDGET_SKIP, Trainer
 from tiny import make_tiny_folder
@@ -319,6 +319,27 @@ def test_chunked_loss_equals_one_pass():
         torch.testing.assert_close(ga, gb)
     kl, _ = distill_loss(head, t, t, y, valid, "kl")  # KL of a distribution to itself
     assert abs(kl.item()) < 1e-5
+
+
+def test_slot_decay_weighs_each_slot_loss():
+    """--slot-decay D: slot i's loss counts exp(-i/D), in the sum and in the count, chunked or not."""
+    g = torch.Generator().manual_seed(1)
+    head = torch.nn.Linear(8, 50, bias=False)
+    s = torch.randn(3, 2, 5, 8, generator=g)
+    t = torch.randn(3, 2, 5, 8, generator=g)
+    y = torch.randint(0, 50, (3, 2, 5), generator=g)
+    valid = torch.rand(3, 2, 5, generator=g) > 0.3
+    w = slot_weights(5, 2.0)
+    torch.testing.assert_close(w, torch.tensor([1.0, 0.60653, 0.36788, 0.22313, 0.13534]), atol=1e-5, rtol=0)
+    assert slot_weights(5, None) is None
+    per_slot = [distill_loss(head, s[..., i, :], t[..., i, :], y[..., i], valid[..., i])[0] for i in range(5)]
+    want = sum(w[i] * per_slot[i] for i in range(5))
+    for chunk in (None, 4):
+        total, count = distill_loss(head, s, t, y, valid, "kl", chunk, w)
+        torch.testing.assert_close(total, want)
+        torch.testing.assert_close(count, (valid.float() * w).sum())
+    with pytest.raises(OrthrusError, match="--slot-decay must be a positive number"):
+        TrainConfig(data="x", out="y", slot_decay=0.0)
 
 
 def test_step_loss_is_the_mean_over_every_slot_of_its_micro_batches(loaded, tmp_path, monkeypatch):

@@ -50,6 +50,9 @@ def register(subparsers: Any) -> None:
     g.add_argument("--weight-decay", type=float, default=C.weight_decay, help="AdamW (default: 0)")
     g.add_argument("--loss", choices=("kl", "ce"), default=C.loss,
                    help="kl: forward KL to the frozen model (default); ce: cross-entropy on the tokens")
+    g.add_argument("--slot-decay", type=float, default=None, metavar="D",
+                   help="weigh block slot i's loss by exp(-i/D): later slots count only once the earlier "
+                        "ones are accepted (default: uniform)")
     g.add_argument("--seed", type=int, default=C.seed, help="data order, anchors, init (default: 0)")
     g = p.add_argument_group("batches")
     g.add_argument("--block-size", type=int, default=None, metavar="K",
@@ -95,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, loss=args.loss, device=args.device,
         dtype=args.dtype, resume=args.resume, seed=args.seed, log_every=args.log_every,
         eval_every=args.eval_every, save_every=args.save_every, eval_rows=args.eval_rows, eval_blocks=args.eval_blocks,
-        use_flex=args.use_flex, block_kind=args.block_kind)
+        use_flex=args.use_flex, block_kind=args.block_kind, slot_decay=args.slot_decay)
     summary = run_training(cfg, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         ev0, ev1 = summary.get("eval_before"), summary.get("eval_after")

@@ -17,7 +17,7 @@ LOG = "log.jsonl"
 TRAIN_CONFIG = "train_config.json"
 # options that fix the data order and the meaning of a step: a resumed run must keep them
 RESUME_KEYS = ("seq_len", "batch_size", "grad_accum", "anchors_per_seq", "block_size", "seed",
-               "eval_rows", "adapter_kind", "loss", "block_kind")
+               "eval_rows", "adapter_kind", "loss", "block_kind", "slot_decay")
 TRAIN_BLOCK_KINDS = BLOCK_KINDS + ("mix",)  # --block-kind; mix: alternate anchors of a row
 
 
@@ -38,7 +38,7 @@ class TrainConfig:
     ``adapter_kind`` and ``block_size`` None: the continued adapter's, else ``full`` and 16.
     ``warmup`` None: 5% of the steps. ``block_kind``: which blocks to train (``BLOCK_KINDS``, or
     ``mix``: every other anchor of a row is a ``masked`` block, so one adapter drafts for both
-    schedules).
+    schedules). ``slot_decay``: weigh slot ``i``'s loss by ``exp(-i / slot_decay)`` (None: uniform).
     ``eval_rows`` None: the last 2% of documents (none under 20). ``dtype`` None: float32 on CPU,
     bfloat16 on CUDA (then bf16 autocast, fp32 adapter weights). ``bfloat16`` on a CPU trains the
     same way on a bf16 copy of the float32 model (2x faster on CPUs with AMX) and evaluates with
@@ -75,6 +75,7 @@ class TrainConfig:
     eval_blocks: int | None = None
     use_flex: bool | None = None
     block_kind: str = "anchor"
+    slot_decay: float | None = None
 
     def __post_init__(self) -> None:
         check(self.block_kind in TRAIN_BLOCK_KINDS,
@@ -102,6 +103,8 @@ class TrainConfig:
         check(self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         check(self.dtype is None or self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}")
         check(self.eval_rows is None or self.eval_rows >= 0, f"--eval-rows must be >= 0, got {self.eval_rows}")
+        check(self.slot_decay is None or (math.isfinite(self.slot_decay) and self.slot_decay > 0),
+              f"--slot-decay must be a positive number, got {self.slot_decay}")
         check(self.eval_blocks is None or self.eval_blocks >= 1, f"--eval-blocks must be >= 1, got {self.eval_blocks}")
 
     def to_dict(self) -> dict[str, Any]:

@@ -6,7 +6,9 @@ frozen model's next-token distribution at position ``s+i``, i.e. ``p_AR(. | x_<=
 * ``kl``: forward KL ``KL(p_teacher || p_student)`` per slot (the paper's choice);
 * ``ce``: cross-entropy on the actual next token (for comparison).
 
-Both are averaged over the valid slots. The vocabulary is large (49k-152k) and the number of slots
+Both are averaged over the valid slots, uniformly or with slot ``i`` weighted ``exp(-i / decay)``
+(:func:`slot_weights`): a block's slot ``i`` only counts once slots ``0..i-1`` are accepted, so
+the later slots matter less to the acceptance length. The vocabulary is large (49k-152k) and the number of slots
 per batch can reach tens of thousands on a GPU, so logits are computed a chunk of slots at a time;
 with more than one chunk each chunk is checkpointed (its logits are recomputed in the backward pass
 instead of being kept), which bounds memory by one chunk.
@@ -36,9 +38,17 @@ def _slot_losses(head: Callable[[Tensor], Tensor], student: Tensor, teacher: Ten
     return F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
 
 
+def slot_weights(k_minus_1: int, decay: float | None, device: torch.device | str = "cpu") -> Tensor | None:
+    """Per-slot loss weights ``[K-1]``: ``exp(-i / decay)`` for slot ``i``; None (uniform) for no decay."""
+    if decay is None:
+        return None
+    return torch.exp(-torch.arange(k_minus_1, dtype=torch.float32, device=device) / decay)
+
+
 def distill_loss(head: Callable[[Tensor], Tensor], student: Tensor, teacher: Tensor, target: Tensor,
-                 valid: Tensor, kind: str = "kl", chunk: int | None = None) -> tuple[Tensor, Tensor]:
-    """Sum of per-slot losses over the valid slots, and their number.
+                 valid: Tensor, kind: str = "kl", chunk: int | None = None,
+                 weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Sum of per-slot losses over the valid slots, and their number (both weighted by ``weight``).
 
     Args:
         head: hidden ``[M, C]`` -> float32 logits ``[M, V]`` (the frozen LM head).
@@ -48,6 +58,8 @@ def distill_loss(head: Callable[[Tensor], Tensor], student: Tensor, teacher: Ten
         valid: ``[...]`` bool.
         kind: ``kl`` or ``ce``.
         chunk: slots per chunk (see :func:`chunk_slots`); None: all at once.
+        weight: ``[K-1]`` per-slot weights for the last dim of ``valid`` (:func:`slot_weights`);
+            None: 1 each.
     Returns:
         ``(loss_sum, count)``: 0-dim float32 tensors; the mean loss is their ratio.
     """
@@ -56,16 +68,21 @@ def distill_loss(head: Callable[[Tensor], Tensor], student: Tensor, teacher: Ten
     c = student.shape[-1]
     idx = valid.reshape(-1).nonzero()[:, 0]  # training step, not a decode hot path: a sync is fine
     s, t, y = student.reshape(-1, c)[idx], teacher.reshape(-1, c)[idx], target.reshape(-1)[idx]
-    count = torch.tensor(float(idx.numel()), device=student.device)
+    w = None if weight is None else weight.to(torch.float32).expand(valid.shape).reshape(-1)[idx]  # [M]
+    count = torch.tensor(float(idx.numel()), device=student.device) if w is None else w.sum()
     if idx.numel() == 0:
         return student.sum() * 0.0, count
+
+    def weighted_sum(loss: Tensor, a: int = 0) -> Tensor:
+        return loss.sum() if w is None else (loss * w[a: a + loss.shape[0]]).sum()
+
     if chunk is None or s.shape[0] <= chunk:
-        return _slot_losses(head, s, t, y, kind).sum(), count
+        return weighted_sum(_slot_losses(head, s, t, y, kind)), count
     total = student.new_zeros((), dtype=torch.float32)
     for a in range(0, s.shape[0], chunk):
         part = checkpoint(_slot_losses, head, s[a: a + chunk], t[a: a + chunk], y[a: a + chunk], kind,
                           use_reentrant=False)
-        total = total + part.sum()
+        total = total + weighted_sum(part, a)
     return total, count
 
 

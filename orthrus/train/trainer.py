@@ -60,7 +60,7 @@ from orthrus.config import BLOCK_KINDS, AdapterConfig
 from orthrus.errors import OrthrusError
 from orthrus.models.llama import Transformer
 from orthrus.train.data import Document, make_batch, pack, split_eval
-from orthrus.train.loss import accepted_prefix, chunk_slots, distill_loss, evaluate_slots
+from orthrus.train.loss import accepted_prefix, chunk_slots, distill_loss, evaluate_slots, slot_weights
 from orthrus.train.blocks import (BlockDrafter, anchor_candidates, draft_blocks, eval_anchor_chunks,
                                   masked_blocks, teacher_forward, train_anchors)
 from orthrus.train.config import LOG, RESUME_KEYS, STATE, TRAIN_CONFIG, TrainConfig, check
@@ -192,6 +192,7 @@ class Trainer:
         self.eval_cache = self.cache if self.eval_base is base else self.eval_base.new_cache(cfg.batch_size,
                                                                                              cfg.seq_len)
         self.chunk = chunk_slots(base.config.vocab_size)
+        self.slot_weight = slot_weights(self.block_size - 1, cfg.slot_decay, self.device)  # [K-1] or None
         self.step = 0
         self.tokens = 0
         self._orders: dict[int, np.ndarray] = {}
@@ -267,7 +268,7 @@ class Trainer:
             out = draft_blocks(self.drafter, self.base, batch, self.cache, th, anchors, valid,
                                self.block_size, self.use_flex, masked_blocks(self.cfg.block_kind, anchors))
             loss_sum, count = distill_loss(self.base.logits, out.student, out.teacher, out.target, out.valid,
-                                           self.cfg.loss, self.chunk)
+                                           self.cfg.loss, self.chunk, self.slot_weight)
         return loss_sum, count, self.train_data.real_tokens(rows)
 
     def _train_step(self) -> dict[str, float]:
