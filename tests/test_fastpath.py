@@ -62,9 +62,10 @@ def test_passes_below_min_rows_take_the_plain_kernel() -> None:
 
 
 @needs_packing
-def test_auto_prepare_measures_the_crossover_and_explicit_packing_keeps_the_default() -> None:
+def test_auto_prepare_measures_the_crossover_and_explicit_packing_keeps_the_default(tmp_path, monkeypatch) -> None:
     from orthrus.models.llama import CROSSOVER_ROWS, PACKED_MIN_ROWS
 
+    monkeypatch.setenv("ORTHRUS_CACHE", str(tmp_path))  # measured here, not read from a cache
     base = ours_from_hf(hf_model("llama", 0))
     base.prepare_inference()
     assert base.packed_min_rows in CROSSOVER_ROWS + (NEVER_PACKED,)
@@ -75,6 +76,38 @@ def test_auto_prepare_measures_the_crossover_and_explicit_packing_keeps_the_defa
     assert base.packed_min_rows == 8
     base.prepare_inference(pack=False)
     assert base.packed_min_rows is None
+
+
+@needs_packing
+def test_the_measured_crossover_is_kept_per_cpu_threads_and_model(tmp_path, monkeypatch) -> None:
+    """A start reads the crossover an earlier one measured on the same CPU, thread count and model
+    shape, and measures again for another thread count, or when the cache file is unreadable."""
+    from orthrus.models.llama import CROSSOVER_CACHE
+
+    monkeypatch.setenv("ORTHRUS_CACHE", str(tmp_path))
+    calls: list[int] = []
+
+    def fake_measure(rounds: int = 3) -> int:
+        calls.append(torch.get_num_threads())
+        return 4
+
+    def prepared() -> int | None:
+        base = ours_from_hf(hf_model("llama", 0))
+        monkeypatch.setattr(base, "measure_packed_min_rows", fake_measure)
+        base.prepare_inference()
+        return base.packed_min_rows
+
+    assert prepared() == 4 and len(calls) == 1
+    assert prepared() == 4 and len(calls) == 1  # a new process (a new model object) reads the cache
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert prepared() == 4 and len(calls) == 2
+    finally:
+        torch.set_num_threads(threads)
+    (tmp_path / CROSSOVER_CACHE).write_text("{not json")
+    assert prepared() == 4 and len(calls) == 3
+    assert prepared() == 4 and len(calls) == 3  # rewritten whole
 
 
 @needs_packing

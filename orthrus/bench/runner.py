@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import resource
 import time
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from orthrus.config import SELF_BLOCK_SIZE, GenerationConfig
 from orthrus.decoding.ngram import NGRAM_BLOCK_SIZE
 from orthrus.decoding.stats import DecodeStats
 from orthrus.errors import OrthrusError
+from orthrus.models.quant import cpu_name
 
 if TYPE_CHECKING:
     from orthrus.engine import Orthrus
@@ -189,14 +189,7 @@ def peak_rss_bytes() -> int:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_name()
 
 
 @dataclass(frozen=True)

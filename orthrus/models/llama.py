@@ -88,6 +88,7 @@ def apply_rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tenso
 PACKED_MIN_ROWS = 1
 NEVER_PACKED = 1 << 30  # a min_rows that no pass reaches
 CROSSOVER_ROWS = (1, 2, 4, 8)  # the row counts a measured crossover tries
+CROSSOVER_CACHE = "crossover.json"  # measured crossovers, under $ORTHRUS_CACHE
 
 
 def packed_crossover(seconds: dict[int, tuple[float, float]]) -> int:
@@ -448,8 +449,9 @@ class Transformer(nn.Module):
             pack: prepack (None: when the model is fp32 on a CPU and oneDNN packing exists). Without
                 packing the projections stay separate GEMMs (no second copy of the weights).
             min_rows: passes of fewer rows keep the plain kernel. None: ``PACKED_MIN_ROWS`` when
-                ``pack`` is given, else measured here (:meth:`measure_packed_min_rows`, ~1 s for
-                the default model): which kernel wins for few rows depends on the CPU.
+                ``pack`` is given, else measured (:meth:`cached_packed_min_rows`: once per CPU,
+                thread count and model shape, 1-4 s for the default model): which kernel wins for
+                few rows depends on the CPU.
         """
         auto = pack is None
         if pack is None:
@@ -460,7 +462,7 @@ class Transformer(nn.Module):
         self.head = inference_linear([self.lm_head], pack)
         if pack:
             self._set_packed_min_rows(min_rows if min_rows is not None else
-                                      self.measure_packed_min_rows() if auto else PACKED_MIN_ROWS)
+                                      self.cached_packed_min_rows() if auto else PACKED_MIN_ROWS)
 
     def _inference_linears(self) -> list[InferenceLinear]:
         out = [self.head] if self.head is not None else []
@@ -478,6 +480,31 @@ class Transformer(nn.Module):
         """Passes of at least this many rows use the prepacked kernel (None: not prepacked)."""
         lins = self._inference_linears()
         return lins[0].min_rows if lins and lins[0].packed is not None else None
+
+    def cached_packed_min_rows(self, path: str | None = None) -> int:
+        """:meth:`measure_packed_min_rows`, kept on disk (``$ORTHRUS_CACHE/crossover.json``, or
+        ``path``) under this CPU's name and instruction set, the thread count, the torch version,
+        the dtype and the model's shape: each later start of the same setup reads it instead of
+        spending seconds timing passes. Delete the file (or an entry) to measure again."""
+        from pathlib import Path
+
+        from orthrus.models.loading import cache_root, read_cache_entries, write_cache_entries
+        from orthrus.models.quant import cpu_name
+
+        c = self.config
+        key = "|".join(str(x) for x in (
+            cpu_name(), torch.backends.cpu.get_cpu_capability(), f"threads={torch.get_num_threads()}",
+            f"torch={torch.__version__}", self.dtype, c.hidden_size, c.intermediate_size, c.num_layers,
+            c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size))
+        file = Path(path) if path is not None else cache_root() / CROSSOVER_CACHE
+        entries = read_cache_entries(file)
+        hit = entries.get(key)
+        if isinstance(hit, dict) and isinstance(hit.get("min_rows"), int) and hit["min_rows"] >= 1:
+            return hit["min_rows"]
+        n = self.measure_packed_min_rows()
+        entries[key] = {"min_rows": n, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        write_cache_entries(file, entries, "the measured GEMM crossover")
+        return n
 
     @torch.inference_mode()
     def measure_packed_min_rows(self, rounds: int = 3) -> int:

@@ -28,15 +28,27 @@ from torch import Tensor
 PAD = 8
 
 
-def _cpu_flags() -> set[str]:
+def _cpuinfo(field: str) -> str | None:
+    """The first ``field`` line's value in ``/proc/cpuinfo`` (None where there is none: not Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith(field):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def _cpu_flags() -> set[str]:
+    return set((_cpuinfo("flags") or "").split())
+
+
+def cpu_name() -> str:
+    """This CPU's model name (``/proc/cpuinfo``; elsewhere the platform's processor string)."""
+    import platform
+
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 # fbgemm's u8 x s8 products are summed in pairs into int16 on AVX2 (vpmaddubsw), which can saturate
