@@ -199,3 +199,17 @@ def test_real_model_greedy_equals_hf_generate(real_engine, real_hf):
     assert [c.text for c in par] == [c.text for c in ar]
     for c in par:
         assert c.stats.verify_passes <= len(c.token_ids) - 1 and c.stats.draft_passes == c.stats.verify_passes
+
+
+def test_float32_rms_norm_is_the_upcast_formula_bit_for_bit():
+    """RMSNorm's float32 path (one fused op) gives the same bits as the reference formula that the
+    other dtypes use (float32 upcast, x * rsqrt(mean(x^2) + eps), times the weight)."""
+    from orthrus.models.llama import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(576, 1e-5)
+    norm.weight.data = torch.randn(576, generator=g)
+    for shape in ((1, 1, 576), (3, 8, 576), (2, 37, 576)):
+        x = torch.randn(shape, generator=g) * 3
+        want = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps))
+        assert torch.equal(norm(x), want), shape
