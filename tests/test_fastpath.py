@@ -2,8 +2,8 @@
 cached attention as AR): same results as the plain kernels, measured on the real model.
 
 Different kernels round differently, so "exact" is checked, not assumed: greedy decoding of real
-prompts with the shipped adapter, batch 1 and 3, K = 1 (AR), 4, 8, 16, prepacked and plain, must give
-token-identical outputs.
+prompts with the shipped adapter, K = 1 (AR), 4, 8, 16 in a batch of 3 and K = 8 alone, prepacked
+and plain, must give token-identical outputs.
 """
 
 from __future__ import annotations
@@ -156,8 +156,8 @@ def test_prepared_forward_and_draft_match_the_plain_ones(arch: str, kind: str) -
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHIPPED / "adapter.safetensors").is_file(), reason="no shipped adapter")
 def test_real_model_fast_path_is_exact() -> None:
-    """Greedy, fp32, the shipped adapter: prepared AR == plain AR, and parallel at K = 4, 8, 16 with
-    batch 1 and 3 == AR, token for token, on prompts of uneven length (~100 new tokens each); the
+    """Greedy, fp32, the shipped adapter: prepared AR == plain AR, and parallel at K = 4, 8, 16 in
+    a batch of 3 (and K = 8 alone) == AR, token for token, on prompts of uneven length (~100 new tokens each); the
     drafts come from the draft-only int8 weights (the default on a CPU)."""
     from orthrus.engine import Orthrus
 
@@ -172,10 +172,11 @@ def test_real_model_fast_path_is_exact() -> None:
                "def fib(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\""]
     n = 96
     ar = [c.token_ids for c in engine.generate(prompts, mode="ar", max_new_tokens=n, batch_size=3)]
-    for k in (4, 8, 16):
-        for batch in (1, 3):
-            par = engine.generate(prompts, mode="parallel", block_size=k, max_new_tokens=n, batch_size=batch)
-            assert [c.token_ids for c in par] == ar, f"K = {k}, batch {batch}"
+    # each K in a batch of 3 (rows of uneven length side by side), K = 8 alone too: six runs took
+    # ~6 of CI's minutes on a memory-bound CPU
+    for k, batch in ((4, 3), (8, 1), (8, 3), (16, 3)):
+        par = engine.generate(prompts, mode="parallel", block_size=k, max_new_tokens=n, batch_size=batch)
+        assert [c.token_ids for c in par] == ar, f"K = {k}, batch {batch}"
     engine.model.release_inference()
     try:
         plain = [c.token_ids for c in engine.generate(prompts, mode="ar", max_new_tokens=n, batch_size=1)]
