@@ -8,6 +8,7 @@ and plain, must give token-identical outputs.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,7 @@ def test_the_measured_crossover_is_kept_per_cpu_threads_and_model(tmp_path, monk
     from orthrus.models.llama import CROSSOVER_CACHE
 
     monkeypatch.setenv("ORTHRUS_CACHE", str(tmp_path))
+    monkeypatch.setattr("orthrus.models.llama.busy_cores", lambda threads: 0.0)  # an idle CPU
     calls: list[int] = []
 
     def fake_measure(rounds: int = 3) -> int:
@@ -108,6 +110,51 @@ def test_the_measured_crossover_is_kept_per_cpu_threads_and_model(tmp_path, monk
     (tmp_path / CROSSOVER_CACHE).write_text("{not json")
     assert prepared() == 4 and len(calls) == 3
     assert prepared() == 4 and len(calls) == 3  # rewritten whole
+
+
+@needs_packing
+def test_a_crossover_timed_on_a_busy_cpu_is_used_but_not_kept(tmp_path, monkeypatch) -> None:
+    """Timed while other work held the cores, the crossover serves the process that measured it,
+    but the next start measures again (on an idle CPU), and only that answer is kept."""
+    from orthrus.models.llama import BUSY_CORES, CROSSOVER_CACHE
+
+    monkeypatch.setenv("ORTHRUS_CACHE", str(tmp_path))
+    load = [BUSY_CORES + 0.5]
+    monkeypatch.setattr("orthrus.models.llama.busy_cores", lambda threads: load[0])
+    answers = iter([1, 4, 8])
+
+    def prepared() -> int | None:
+        base = ours_from_hf(hf_model("llama", 0))
+        monkeypatch.setattr(base, "measure_packed_min_rows", lambda rounds=3: next(answers))
+        base.prepare_inference()
+        return base.packed_min_rows
+
+    assert prepared() == 1  # busy: measured, used
+    assert not (tmp_path / CROSSOVER_CACHE).exists()
+    load[0] = 0.0
+    assert prepared() == 4  # idle: measured again, kept
+    assert prepared() == 4  # read back, not measured a third time
+    entries = json.loads((tmp_path / CROSSOVER_CACHE).read_text())
+    assert [e["min_rows"] for e in entries.values()] == [4]
+
+
+def test_busy_cores_counts_the_load_beyond_the_cores_left_free(monkeypatch) -> None:
+    import os
+
+    from orthrus.models.quant import busy_cores
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "getloadavg", lambda: (7.0, 0.0, 0.0))
+    assert busy_cores(2) == pytest.approx(1.0)  # 6 cores free for the load, 1 more busy
+    assert busy_cores(8) == pytest.approx(7.0)
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 0.0, 0.0))
+    assert busy_cores(2) == 0.0
+
+    def no_load() -> tuple[float, float, float]:
+        raise OSError("no load average here")
+
+    monkeypatch.setattr(os, "getloadavg", no_load)
+    assert busy_cores(2) == 0.0
 
 
 @needs_packing

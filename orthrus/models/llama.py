@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from orthrus.cache import KVCache
 from orthrus.config import ModelConfig, RopeConfig
-from orthrus.models.quant import Int8Linear, fp16_available, fp16_linear, int8_available, int8_linear
+from orthrus.models.quant import Int8Linear, busy_cores, fp16_available, fp16_linear, int8_available, int8_linear
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ PACKED_MIN_ROWS = 1
 NEVER_PACKED = 1 << 30  # a min_rows that no pass reaches
 CROSSOVER_ROWS = (1, 2, 4, 8)  # the row counts a measured crossover tries
 CROSSOVER_CACHE = "crossover.json"  # measured crossovers, under $ORTHRUS_CACHE
+BUSY_CORES = 0.75  # a crossover timed with more of its cores busy elsewhere is not kept (see busy_cores)
 
 
 def packed_crossover(seconds: dict[int, tuple[float, float]]) -> int:
@@ -489,7 +490,11 @@ class Transformer(nn.Module):
         """:meth:`measure_packed_min_rows`, kept on disk (``$ORTHRUS_CACHE/crossover.json``, or
         ``path``) under this CPU's name and instruction set, the thread count, the torch version,
         the dtype and the model's shape: each later start of the same setup reads it instead of
-        spending seconds timing passes. Delete the file (or an entry) to measure again."""
+        spending seconds timing passes. Delete the file (or an entry) to measure again.
+
+        A crossover timed while other work kept more than ``BUSY_CORES`` of the cores it runs on
+        busy (the 1-minute load average, :func:`busy_cores`) serves this process only and is not
+        kept: it measured the other work, and a cached answer would outlive it."""
         from pathlib import Path
 
         from orthrus.models.loading import cache_root, read_cache_entries, write_cache_entries
@@ -506,7 +511,12 @@ class Transformer(nn.Module):
         if isinstance(hit, dict) and isinstance(hit.get("min_rows"), int) and hit["min_rows"] >= 1:
             return hit["min_rows"]
         n = self.measure_packed_min_rows()
-        entries[key] = {"min_rows": n, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        busy = busy_cores(torch.get_num_threads())
+        if busy > BUSY_CORES:
+            log.info("the CPU was busy while timing (%.1f of %d cores, 1-minute load average): this "
+                     "crossover serves this process only and is not cached", busy, torch.get_num_threads())
+            return n
+        entries[key] = {"min_rows": n, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "busy_cores": round(busy, 2)}
         write_cache_entries(file, entries, "the measured GEMM crossover")
         return n
 

@@ -51,6 +51,19 @@ def cpu_name() -> str:
     return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
+def busy_cores(threads: int) -> float:
+    """How many of the ``threads`` cores a timing would run on were busy with other work over the
+    last minute: the 1-minute load average beyond the cores the timing leaves free (0.0 where the
+    OS does not say). A kernel choice timed on busy cores measures the other work, not the kernels."""
+    import os
+
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return 0.0
+    return max(0.0, load - max(0, (os.cpu_count() or 1) - threads))
+
+
 # fbgemm's u8 x s8 products are summed in pairs into int16 on AVX2 (vpmaddubsw), which can saturate
 # with 8-bit activations, so there they keep 7 bits (``reduce_range``); AVX-512 VNNI accumulates in
 # int32, and 8 bits are safe and closer. Measured on an AVX-512 VNNI Xeon (shipped adapter, K = 4,
