@@ -16,11 +16,14 @@ import torch
 
 from orthrus.adapter import DiffusionAdapter
 from orthrus.cache import KVCache
-from orthrus.models.llama import NEVER_PACKED, InferenceLinear, packed_crossover, packing_available
+from orthrus.models.llama import (NEVER_PACKED, InferenceLinear, mkl_packing_available, packed_crossover,
+                                  packing_available)
 from tiny import hf_model, ours_from_hf
 
 SHIPPED = Path(__file__).resolve().parents[1] / "orthrus" / "adapters" / "smollm2-135m"
 needs_packing = pytest.mark.skipif(not packing_available(), reason="this torch has no oneDNN packed linear")
+needs_mkl = pytest.mark.skipif(not (packing_available() and mkl_packing_available()),
+                               reason="this torch has no oneDNN or no MKL packed linear")
 
 
 @needs_packing
@@ -38,6 +41,33 @@ def test_packed_linear_rows_do_not_depend_on_the_row_count() -> None:
         assert all(torch.equal(p, f[:1, :rows]) for p, f in zip(part, full))
     ref = (torch.nn.functional.linear(x, ws[0], bs[0]), torch.nn.functional.linear(x, ws[1]))
     assert all((a - b).abs().max() < 1e-4 for a, b in zip(full, ref))
+
+
+@needs_mkl
+def test_an_mkl_pack_serves_its_row_count_alone() -> None:
+    """With an MKL pack for 8 rows, passes of 8 rows (in any [B, T] shape) go through it, close to
+    the plain kernel, fused weights with and without bias; every other row count gives the bits it
+    gave without the pack; a pack for 0 rows drops it."""
+    torch.manual_seed(0)
+    ws, bs = [torch.randn(40, 24), torch.randn(8, 24)], [torch.randn(40), None]
+    lin = InferenceLinear(ws, bs, pack=True, min_rows=4)
+    before = InferenceLinear(ws, bs, pack=True, min_rows=4)
+    lin.pack_mkl(8)
+    assert lin.mkl_rows == 8
+    for shape in ((1, 8, 24), (2, 4, 24), (8, 24)):
+        x = torch.randn(*shape)
+        ref = (torch.nn.functional.linear(x, ws[0], bs[0]), torch.nn.functional.linear(x, ws[1]))
+        got = lin(x)
+        assert [g.shape for g in got] == [r.shape for r in ref]
+        assert all((a - b).abs().max() < 1e-4 for a, b in zip(got, ref))
+        assert torch.equal(lin.fused(x), torch.cat(got, -1))
+    for rows in (1, 3, 4, 7, 16):
+        x = torch.randn(1, rows, 24)
+        assert all(torch.equal(a, b) for a, b in zip(lin(x), before(x))), rows
+    lin.pack_mkl(0)
+    assert lin.mkl is None and lin.mkl_rows == 0
+    x = torch.randn(1, 8, 24)
+    assert all(torch.equal(a, b) for a, b in zip(lin(x), before(x)))
 
 
 def test_packed_crossover_is_the_smallest_row_count_from_which_packing_wins() -> None:
@@ -64,15 +94,20 @@ def test_passes_below_min_rows_take_the_plain_kernel() -> None:
 
 @needs_packing
 def test_auto_prepare_measures_the_crossover_and_explicit_packing_keeps_the_default(tmp_path, monkeypatch) -> None:
-    from orthrus.models.llama import CROSSOVER_ROWS, PACKED_MIN_ROWS
+    from orthrus.models.llama import CROSSOVER_ROWS, MKL_ROWS, PACKED_MIN_ROWS
 
     monkeypatch.setenv("ORTHRUS_CACHE", str(tmp_path))  # measured here, not read from a cache
     base = ours_from_hf(hf_model("llama", 0))
     base.prepare_inference()
     assert base.packed_min_rows in CROSSOVER_ROWS + (NEVER_PACKED,)
     assert {lin.min_rows for lin in base._inference_linears()} == {base.packed_min_rows}
+    assert base.mkl_rows in ((0, MKL_ROWS) if mkl_packing_available() else (0,))
+    assert base.head.mkl is None  # the LM head is never MKL-packed
     base.prepare_inference(pack=True)
-    assert base.packed_min_rows == PACKED_MIN_ROWS
+    assert base.packed_min_rows == PACKED_MIN_ROWS and base.mkl_rows == 0
+    if mkl_packing_available():
+        base.prepare_inference(pack=True, mkl_rows=4)
+        assert base.mkl_rows == 4
     base.prepare_inference(pack=True, min_rows=8)
     assert base.packed_min_rows == 8
     base.prepare_inference(pack=False)
@@ -96,7 +131,9 @@ def test_the_measured_crossover_is_kept_per_cpu_threads_and_model(tmp_path, monk
     def prepared() -> int | None:
         base = ours_from_hf(hf_model("llama", 0))
         monkeypatch.setattr(base, "measure_packed_min_rows", fake_measure)
+        monkeypatch.setattr(base, "measure_mkl", lambda rows, rounds=3: False)
         base.prepare_inference()
+        assert base.mkl_rows == 0
         return base.packed_min_rows
 
     assert prepared() == 4 and len(calls) == 1
@@ -126,6 +163,7 @@ def test_a_crossover_timed_on_a_busy_cpu_is_used_but_not_kept(tmp_path, monkeypa
     def prepared() -> int | None:
         base = ours_from_hf(hf_model("llama", 0))
         monkeypatch.setattr(base, "measure_packed_min_rows", lambda rounds=3: next(answers))
+        monkeypatch.setattr(base, "measure_mkl", lambda rows, rounds=3: False)
         base.prepare_inference()
         return base.packed_min_rows
 
@@ -135,7 +173,7 @@ def test_a_crossover_timed_on_a_busy_cpu_is_used_but_not_kept(tmp_path, monkeypa
     assert prepared() == 4  # idle: measured again, kept
     assert prepared() == 4  # read back, not measured a third time
     entries = json.loads((tmp_path / CROSSOVER_CACHE).read_text())
-    assert [e["min_rows"] for e in entries.values()] == [4]
+    assert [(e["min_rows"], e["mkl_rows"]) for e in entries.values()] == [(4, 0)]
 
 
 def test_busy_cores_counts_the_load_beyond_the_cores_left_free(monkeypatch) -> None:
@@ -205,7 +243,8 @@ def test_prepared_forward_and_draft_match_the_plain_ones(arch: str, kind: str) -
 def test_real_model_fast_path_is_exact() -> None:
     """Greedy, fp32, the shipped adapter: prepared AR == plain AR, and parallel at K = 4, 8, 16 in
     a batch of 3 (and K = 8 alone) == AR, token for token, on prompts of uneven length (~100 new tokens each); the
-    drafts come from the draft-only int8 weights (the default on a CPU)."""
+    drafts come from the draft-only int8 weights (the default on a CPU). K = 8 alone runs through
+    MKL's packs too, where this CPU's kernel choice did not already take them."""
     from orthrus.engine import Orthrus
 
     from orthrus.models.quant import int8_available
@@ -224,6 +263,13 @@ def test_real_model_fast_path_is_exact() -> None:
     for k, batch in ((4, 3), (8, 1), (8, 3), (16, 3)):
         par = engine.generate(prompts, mode="parallel", block_size=k, max_new_tokens=n, batch_size=batch)
         assert [c.token_ids for c in par] == ar, f"K = {k}, batch {batch}"
+    if mkl_packing_available() and engine.model.mkl_rows != 8:  # the MKL kernel, where this CPU did not pick it
+        engine.model.pack_mkl(8)
+        try:
+            par = engine.generate(prompts, mode="parallel", block_size=8, max_new_tokens=n, batch_size=1)
+        finally:
+            engine.model.pack_mkl(0)
+        assert [c.token_ids for c in par] == ar, "K = 8, MKL packs"
     engine.model.release_inference()
     try:
         plain = [c.token_ids for c in engine.generate(prompts, mode="ar", max_new_tokens=n, batch_size=1)]

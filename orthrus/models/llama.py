@@ -93,6 +93,8 @@ PACKED_MIN_ROWS = 1
 NEVER_PACKED = 1 << 30  # a min_rows that no pass reaches
 CROSSOVER_ROWS = (1, 2, 4, 8)  # the row counts a measured crossover tries
 CROSSOVER_CACHE = "crossover.json"  # measured crossovers, under $ORTHRUS_CACHE
+MKL_ROWS = 8  # the row count an MKL pack is tried for: a batch-1 verify pass at the CPU default K = 8
+MKL_MARGIN = 0.05  # ... and kept when passes of that many rows run at least this much faster with it
 BUSY_CORES = 0.75  # a crossover timed with more of its cores busy elsewhere is not kept (see busy_cores)
 
 
@@ -111,6 +113,11 @@ def packed_crossover(seconds: dict[int, tuple[float, float]]) -> int:
 def packing_available() -> bool:
     """Whether this torch has oneDNN's prepacked fp32 linear (``torch.ops.mkldnn``; CPU only)."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def mkl_packing_available() -> bool:
+    """Whether this torch has MKL's prepacked fp32 GEMM (``torch.ops.mkl``; x86 CPU builds)."""
+    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
 
 
 class InferenceLinear:
@@ -135,24 +142,61 @@ class InferenceLinear:
         self.sizes = [w.shape[0] for w in weights]
         self.packed: Tensor | None = None
         self.bias: Tensor | None = None
+        # MKL's pack, for passes of exactly ``mkl_rows`` rows (see :meth:`pack_mkl`)
+        self.mkl: Tensor | None = None
+        self.mkl_rows = 0
+        self.mkl_weight: Tensor | None = None
         if pack:
-            w = torch.cat(self.weights) if len(weights) > 1 else self.weights[0]
+            w = self._joined()
             self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous())
-            if any(b is not None for b in self.biases):
-                self.bias = torch.cat([b if b is not None else w.new_zeros(n)
-                                       for b, n in zip(self.biases, self.sizes)])
+            self.bias = self._joined_bias()
+
+    def _joined(self) -> Tensor:
+        return torch.cat(self.weights) if len(self.weights) > 1 else self.weights[0]
+
+    def _joined_bias(self) -> Tensor | None:
+        if all(b is None for b in self.biases):
+            return None
+        return torch.cat([b if b is not None else self.weights[0].new_zeros(n) for b, n in zip(self.biases, self.sizes)])
+
+    def pack_mkl(self, rows: int) -> None:
+        """Also pack the weights for MKL's GEMM, which then serves every pass of exactly ``rows``
+        rows (a pack is made for one row count; 0 drops it). On some CPUs it beats both other
+        kernels for a verify pass (measured by ``scripts/gemmcosts.py``; the model decides per CPU,
+        see :meth:`Transformer.measure_mkl`). Memory: as much as the weights (resident)."""
+        self.mkl, self.mkl_rows, self.mkl_weight = None, 0, None
+        if rows > 0:
+            w = self._joined()
+            self.mkl = torch.ops.mkl._mkl_reorder_linear_weight(w.contiguous(), rows)
+            # MKL's linear wants the dense weight only for other row counts, which never come here:
+            # its shape, not a copy
+            self.mkl_weight = w.new_zeros(()).expand(w.shape)
+            self.mkl_rows = rows
+            if self.bias is None:
+                self.bias = self._joined_bias()
+
+    def _packed(self, x: Tensor) -> Tensor | None:
+        """``x [..., C]`` -> all outputs side by side through a packed kernel, or None where this
+        pass's row count takes the plain one (static shapes: no sync)."""
+        rows = x.numel() // x.shape[-1]
+        if self.mkl is not None and rows == self.mkl_rows:
+            return torch.ops.mkl._mkl_linear(x, self.mkl, self.mkl_weight, self.bias, rows)
+        if self.packed is not None and rows >= self.min_rows:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return None
 
     def __call__(self, x: Tensor) -> tuple[Tensor, ...]:
         """``x [..., C]`` -> one ``[..., N_i]`` per weight."""
-        if self.packed is not None and x.numel() // x.shape[-1] >= self.min_rows:  # static shapes: no sync
-            y = self.fused(x)
+        y = self._packed(x)
+        if y is not None:
             return y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (y,)
         return tuple(F.linear(x, w, b) for w, b in zip(self.weights, self.biases))
 
     def fused(self, x: Tensor) -> Tensor:
         """``x [..., C]`` -> all outputs side by side ``[..., sum N_i]`` (one GEMM when packed)."""
-        if self.packed is not None and x.numel() // x.shape[-1] >= self.min_rows:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        y = self._packed(x)
+        if y is not None:
+            return y
         return torch.cat(self(x), dim=-1) if len(self.sizes) > 1 else self(x)[0]
 
 
@@ -445,7 +489,8 @@ class Transformer(nn.Module):
         return KVCache.empty(c.num_layers, batch_size, c.num_kv_heads, max_len, c.head_dim,
                              dtype=self.dtype, device=self.device)
 
-    def prepare_inference(self, pack: bool | None = None, min_rows: int | None = None) -> None:
+    def prepare_inference(self, pack: bool | None = None, min_rows: int | None = None,
+                          mkl_rows: int | None = None) -> None:
         """Prepacked weights for decoding (fp32 on a CPU; see :class:`InferenceLinear`): q/k/v and
         gate/up as one GEMM each, the LM head packed. The parameters keep their Hugging Face names for parity and saving;
         training never calls this (no gradient flows through a packed GEMM).
@@ -454,9 +499,12 @@ class Transformer(nn.Module):
             pack: prepack (None: when the model is fp32 on a CPU and oneDNN packing exists). Without
                 packing the projections stay separate GEMMs (no second copy of the weights).
             min_rows: passes of fewer rows keep the plain kernel. None: ``PACKED_MIN_ROWS`` when
-                ``pack`` is given, else measured (:meth:`cached_packed_min_rows`: once per CPU,
+                ``pack`` is given, else measured (:meth:`cached_kernel_choice`: once per CPU,
                 thread count and model shape, 1-4 s for the default model): which kernel wins for
                 few rows depends on the CPU.
+            mkl_rows: also pack the layers for MKL's GEMM for passes of exactly this many rows (see
+                :meth:`pack_mkl`; 0: no). None: 0 when ``pack`` is given, else measured with the
+                crossover (``MKL_ROWS`` rows, kept where it wins by ``MKL_MARGIN``).
         """
         auto = pack is None
         if pack is None:
@@ -465,9 +513,14 @@ class Transformer(nn.Module):
             layer.self_attn.prepare_inference(pack)
             layer.mlp.prepare_inference(pack)
         self.head = inference_linear([self.lm_head], pack)
-        if pack:
-            self._set_packed_min_rows(min_rows if min_rows is not None else
-                                      self.cached_packed_min_rows() if auto else PACKED_MIN_ROWS)
+        if not pack:
+            return
+        if auto and (min_rows is None or mkl_rows is None):
+            measured, mkl = self.cached_kernel_choice()
+            min_rows = measured if min_rows is None else min_rows
+            mkl_rows = mkl if mkl_rows is None else mkl_rows
+        self._set_packed_min_rows(min_rows if min_rows is not None else PACKED_MIN_ROWS)
+        self.pack_mkl(mkl_rows or 0)
 
     def _inference_linears(self) -> list[InferenceLinear]:
         out = [self.head] if self.head is not None else []
@@ -475,6 +528,22 @@ class Transformer(nn.Module):
             out += [x for x in (layer.self_attn.qkv, layer.self_attn.o, layer.mlp.gate_up, layer.mlp.down)
                     if x is not None]
         return out
+
+    def pack_mkl(self, rows: int) -> None:
+        """MKL packs of the layers' GEMMs (not the LM head, which it did not speed up) for passes
+        of exactly ``rows`` rows (0: none); see :meth:`InferenceLinear.pack_mkl`. After
+        :meth:`prepare_inference` with packing."""
+        if rows and not mkl_packing_available():
+            raise ValueError("MKL packing needs a torch built with MKL (an x86 CPU build)")
+        for lin in self._inference_linears():
+            if lin is not self.head:
+                lin.pack_mkl(rows)
+
+    @property
+    def mkl_rows(self) -> int:
+        """The row count the layers' MKL packs serve (0: none)."""
+        lins = [lin for lin in self._inference_linears() if lin is not self.head]
+        return lins[0].mkl_rows if lins else 0
 
     def _set_packed_min_rows(self, n: int) -> None:
         for lin in self._inference_linears():
@@ -486,13 +555,14 @@ class Transformer(nn.Module):
         lins = self._inference_linears()
         return lins[0].min_rows if lins and lins[0].packed is not None else None
 
-    def cached_packed_min_rows(self, path: str | None = None) -> int:
-        """:meth:`measure_packed_min_rows`, kept on disk (``$ORTHRUS_CACHE/crossover.json``, or
-        ``path``) under this CPU's name and instruction set, the thread count, the torch version,
-        the dtype and the model's shape: each later start of the same setup reads it instead of
-        spending seconds timing passes. Delete the file (or an entry) to measure again.
+    def cached_kernel_choice(self, path: str | None = None) -> tuple[int, int]:
+        """``(min_rows, mkl_rows)``: :meth:`measure_packed_min_rows`, then :meth:`measure_mkl` for
+        ``MKL_ROWS`` rows, kept on disk (``$ORTHRUS_CACHE/crossover.json``, or ``path``) under this
+        CPU's name and instruction set, the thread count, the torch version, the dtype and the
+        model's shape: each later start of the same setup reads it instead of spending seconds
+        timing passes. Delete the file (or an entry) to measure again.
 
-        A crossover timed while other work kept more than ``BUSY_CORES`` of the cores it runs on
+        A choice timed while other work kept more than ``BUSY_CORES`` of the cores it runs on
         busy (the 1-minute load average, :func:`busy_cores`) serves this process only and is not
         kept: it measured the other work, and a cached answer would outlive it."""
         from pathlib import Path
@@ -508,17 +578,48 @@ class Transformer(nn.Module):
         file = Path(path) if path is not None else cache_root() / CROSSOVER_CACHE
         entries = read_cache_entries(file)
         hit = entries.get(key)
-        if isinstance(hit, dict) and isinstance(hit.get("min_rows"), int) and hit["min_rows"] >= 1:
-            return hit["min_rows"]
+        if (isinstance(hit, dict) and isinstance(hit.get("min_rows"), int) and hit["min_rows"] >= 1
+                and isinstance(hit.get("mkl_rows"), int) and hit["mkl_rows"] >= 0):
+            return hit["min_rows"], hit["mkl_rows"]
         n = self.measure_packed_min_rows()
+        self._set_packed_min_rows(n)
+        mkl = MKL_ROWS if mkl_packing_available() and self.measure_mkl(MKL_ROWS) else 0
         busy = busy_cores(torch.get_num_threads())
         if busy > BUSY_CORES:
             log.info("the CPU was busy while timing (%.1f of %d cores, 1-minute load average): this "
-                     "crossover serves this process only and is not cached", busy, torch.get_num_threads())
-            return n
-        entries[key] = {"min_rows": n, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "busy_cores": round(busy, 2)}
-        write_cache_entries(file, entries, "the measured GEMM crossover")
-        return n
+                     "kernel choice serves this process only and is not cached", busy, torch.get_num_threads())
+            return n, mkl
+        entries[key] = {"min_rows": n, "mkl_rows": mkl, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                        "busy_cores": round(busy, 2)}
+        write_cache_entries(file, entries, "the measured GEMM kernel choice")
+        return n, mkl
+
+    @torch.inference_mode()
+    def measure_mkl(self, rows: int, rounds: int = 3) -> bool:
+        """Whether MKL packs of the layers (:meth:`pack_mkl`) make whole AR passes of ``rows`` rows
+        with the LM head (64-token context) at least ``MKL_MARGIN`` faster than the kernels the
+        crossover chose, both interleaved, median of ``rounds`` after a warm-up. The packs are
+        made once and dropped again here; needs :meth:`prepare_inference` with packing."""
+        cache = self.new_cache(1, 64 + rows)
+        tokens = torch.zeros(1, rows, dtype=torch.long, device=self.device)
+        positions = (64 + torch.arange(rows, device=self.device))[None]
+        self.pack_mkl(rows)
+        layer_linears = [lin for lin in self._inference_linears() if lin is not self.head]
+        seconds: dict[int, list[float]] = {}
+        for r in range(rounds + 1):
+            for mkl in ((rows, 0) if r % 2 else (0, rows)):
+                for lin in layer_linears:  # 0: no pass has 0 rows, so the packs sit unused
+                    lin.mkl_rows = mkl
+                t = time.perf_counter()
+                self.logits(self(tokens, positions, cache, kv_len=64 + rows))
+                if r:  # round 0 warms up
+                    seconds.setdefault(mkl, []).append(time.perf_counter() - t)
+        self.pack_mkl(0)
+        med = {k: sorted(v)[len(v) // 2] for k, v in seconds.items()}
+        wins = med[rows] <= (1 - MKL_MARGIN) * med[0]
+        log.info("MKL packs for %d-row passes: %.1f ms, other kernels %.1f ms: %s", rows, 1000 * med[rows],
+                 1000 * med[0], "kept" if wins else "not kept")
+        return wins
 
     @torch.inference_mode()
     def measure_packed_min_rows(self, rounds: int = 3) -> int:
