@@ -3,7 +3,9 @@
     python3 scripts/ship_adapter.py RUN_DIR [RUN_DIR ...] [--data FILE.jsonl] [--dry-run]
 
 The RUN_DIRs are the chain of ``orthrus train`` runs that made the adapter, oldest first (each later
-one warm-started from the one before it, ``--adapter``); the last one's adapter is shipped. This
+one warm-started from the one before it, ``--adapter``); the last one's adapter is shipped (a last
+RUN_DIR of ``RUN/best`` ships the adapter of that run's best held-out evaluation, which
+``orthrus train`` keeps there). This
 
 * saves its weights in float16 into ``orthrus/adapters/smollm2-135m/`` (drafts only: the verify pass
   stays the exact fp32 model, so rounding the adapter cannot change an output), refusing more than
@@ -34,6 +36,12 @@ ADAPTER_DIR = REPO / "orthrus" / "adapters" / "smollm2-135m"
 MAX_ADAPTER_BYTES = 16 * 1024 * 1024
 # train_config.json keys that are not command-line options (or are recorded for information only)
 NOT_OPTIONS = {"total_steps", "world_size", "min_lr_ratio", "clip", "use_flex", "resume"}
+
+
+def run_name(run: Path) -> str:
+    """A run's name in the record: ``RUN/best`` (``orthrus train`` keeps its best-evaluated adapter
+    there, shaped as a run folder whose log ends at that evaluation) keeps its run's name."""
+    return f"{run.parent.name}/best" if run.name == "best" and (run / "best.json").is_file() else run.name
 
 
 def _log(run: Path) -> list[dict]:
@@ -89,7 +97,7 @@ def curve(runs: list[Path], offset_hours: float = 0.0) -> list[dict]:
                 continue
             before = [s for s in elapsed if s <= r["step"]]
             t = elapsed[max(before)] if before else 0.0
-            point = {"run": run.name, "step": r["step"], "cpu_hours": (offset + t) / 3600,
+            point = {"run": run_name(run), "step": r["step"], "cpu_hours": (offset + t) / 3600,
                      "acceptance_length": r["eval_acceptance_length"],
                      "slot_accept": r["eval_slot_accept"], "eval_loss": r["eval_loss"]}
             if "eval_acceptance_length_masked" in r:
@@ -162,8 +170,10 @@ def training_md(runs: list[Path], data: Path, points: list[dict], nbytes: int, p
         done = max((r["step"] for r in _log(run) if "elapsed_s" in r), default=0)
         planned = cfg.get("total_steps")
         note = "" if done == planned else f" (stopped at step {done} of the {planned} planned; the adapter is that step's checkpoint)"
-        lines += [f"`{run.name}`: {done} steps{note}", "```", f"OMP_NUM_THREADS=1 {command(cfg)}", "```"]
-    lines += ["", "then `python3 scripts/ship_adapter.py " + " ".join(f"runs/{r.name}" for r in runs)
+        if run_name(run) != run.name:
+            note = f" (the adapter of its best held-out evaluation, at step {done} of the {planned} planned)"
+        lines += [f"`{run_name(run)}`: {done} steps{note}", "```", f"OMP_NUM_THREADS=1 {command(cfg)}", "```"]
+    lines += ["", "then `python3 scripts/ship_adapter.py " + " ".join(f"runs/{run_name(r)}" for r in runs)
               + f" --data {data}`.", "",
               "## Held-out evaluations (expected acceptance length at K = 8; per-slot acceptance)", "",
               "![learning curve](learning_curve.png)", "",
@@ -227,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         adapter.save(ADAPTER_DIR, dtype=torch.float16)
     (ADAPTER_DIR / "TRAINING.md").write_text(md)
     runs = (prior or {}).get("runs", []) + [
-        {"name": r.name, "steps": f"{max((x['step'] for x in _log(r) if 'elapsed_s' in x), default=0)} steps",
+        {"name": run_name(r), "steps": f"{max((x['step'] for x in _log(r) if 'elapsed_s' in x), default=0)} steps",
          "command": "OMP_NUM_THREADS=1 " + command(json.loads((r / "train_config.json").read_text()))}
         for r in args.runs]
     (ADAPTER_DIR / HISTORY).write_text(json.dumps({"points": points, "runs": runs,

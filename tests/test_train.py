@@ -125,6 +125,34 @@ def test_frozen_base_bit_identical_and_resume_equals_straight_run(loaded, tmp_pa
         assert torch.equal(v, resumed.adapter.trainable_state_dict()[k])
 
 
+def test_the_best_evaluated_adapter_is_kept_as_a_run_folder(loaded, tmp_path, monkeypatch):
+    """OUT/best holds the adapter of the best held-out evaluation (not the last one), with the run's
+    config and its log up to that evaluation, loadable like a run."""
+    base = loaded.model
+    tr = Trainer(config(tmp_path, max_steps=8, eval_every=2), base, loaded.fingerprint, random_docs(12),
+                 progress=False)
+    accs = iter([2.0, 2.5, 2.2, 2.5, 2.3])  # steps 0, 2, 4, 6, 8: step 2 stays best (6 only ties it)
+    snaps: dict[int, dict] = {}
+
+    def fake_evaluate() -> dict:
+        snaps[tr.step] = {k: v.detach().clone() for k, v in tr.adapter.trainable_state_dict().items()}
+        return {"step": tr.step, "eval_acceptance_length": next(accs)}
+
+    monkeypatch.setattr(tr, "evaluate", fake_evaluate)
+    monkeypatch.setattr(tr, "_first_evaluation", fake_evaluate)
+    tr.train()
+    assert sorted(snaps) == [0, 2, 4, 6, 8]
+    best = tmp_path / "best"
+    assert json.loads((best / "best.json").read_text()) == {"step": 2, "eval_acceptance_length": 2.5}
+    kept = DiffusionAdapter.load(best, base, loaded.fingerprint).trainable_state_dict()
+    assert all(torch.equal(kept[k], snaps[2][k].to(kept[k].dtype)) for k in kept)
+    assert not all(torch.equal(kept[k], snaps[8][k].to(kept[k].dtype)) for k in kept)
+    log = read_log(best)
+    assert log[-1] == {"step": 2, "eval_acceptance_length": 2.5} and max(r["step"] for r in log) == 2
+    assert (best / "train_config.json").read_text() == (tmp_path / "train_config.json").read_text()
+    assert not (tmp_path / ".best.tmp").exists()
+
+
 @pytest.mark.parametrize("kind", ["full", "lora:4"])
 def test_adapter_learns_and_still_decodes_exactly_ar(loaded, tmp_path, kind):
     base = loaded.model

@@ -15,6 +15,7 @@ from orthrus.train.loss import LOSSES
 STATE = "trainer_state.pt"
 LOG = "log.jsonl"
 TRAIN_CONFIG = "train_config.json"
+BEST = "best"  # sub-folder: the adapter of the run's best held-out evaluation, shaped as a run folder
 # options that fix the data order and the meaning of a step: a resumed run must keep them
 RESUME_KEYS = ("seq_len", "batch_size", "grad_accum", "anchors_per_seq", "block_size", "seed",
                "eval_rows", "adapter_kind", "loss", "block_kind", "slot_decay")

@@ -43,6 +43,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -63,7 +64,7 @@ from orthrus.train.data import Document, make_batch, pack, split_eval
 from orthrus.train.loss import accepted_prefix, chunk_slots, distill_loss, evaluate_slots, slot_weights
 from orthrus.train.blocks import (BlockDrafter, anchor_candidates, draft_blocks, eval_anchor_chunks,
                                   masked_blocks, teacher_forward, train_anchors)
-from orthrus.train.config import LOG, RESUME_KEYS, STATE, TRAIN_CONFIG, TrainConfig, check
+from orthrus.train.config import BEST, LOG, RESUME_KEYS, STATE, TRAIN_CONFIG, TrainConfig, check
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,7 @@ class Trainer:
         self.tokens = 0
         self._orders: dict[int, np.ndarray] = {}
         self.last_saved: int | None = None
+        self.best: float | None = None  # the best held-out acceptance so far (its adapter is in OUT/best)
         self.rank_digests: list[str | None] = []
 
     # ---- schedule, data order --------------------------------------------------------------------
@@ -471,6 +473,9 @@ class Trainer:
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.step, self.tokens, self.last_saved = state["step"], state["tokens"], state["step"]
+        best = self.out / BEST / "best.json"
+        if best.is_file():  # a best kept after the checkpoint still counts: it was evaluated
+            self.best = json.loads(best.read_text()).get("eval_acceptance_length")
         log.info("resumed %s at step %d", self.out, self.step)
 
     def _prepare_out(self) -> None:
@@ -503,6 +508,32 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
             f.flush()
 
+    def _evaluated(self, ev: dict[str, Any]) -> None:
+        """Log an evaluation; when its held-out acceptance (the first block kind's) beats every
+        earlier one of this run, keep this adapter in ``OUT/best``, shaped as a run folder (the
+        adapter, ``train_config.json``, the log up to this evaluation), so that it can be
+        evaluated, used or shipped (``scripts/ship_adapter.py OUT/best``) like the run itself
+        while training goes on: held-out acceptance is noisy and not monotone, and the last
+        checkpoint is not always the best."""
+        self._log(ev)
+        acc = ev.get("eval_acceptance_length")
+        if self.rank != 0 or acc is None or (self.best is not None and acc <= self.best):
+            return
+        self.best = acc
+        best = self.out / BEST
+        tmp = self.out / f".{BEST}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        self.adapter.save(tmp)
+        shutil.copy2(self.out / TRAIN_CONFIG, tmp / TRAIN_CONFIG)
+        shutil.copy2(self.out / LOG, tmp / LOG)
+        (tmp / "best.json").write_text(json.dumps({"step": self.step, "eval_acceptance_length": acc}))
+        if best.exists():
+            shutil.rmtree(best)
+        os.replace(tmp, best)
+        log.info("best held-out acceptance so far (%.3f at step %d): adapter kept in %s", acc, self.step, best)
+
     # ---- the loop ------------------------------------------------------------------------------------
 
     def train(self, stop_after: int | None = None) -> dict[str, Any]:
@@ -521,7 +552,7 @@ class Trainer:
             ev = self._first_evaluation()
             eval_seconds = time.perf_counter() - started
             if ev is not None:
-                self._log(ev)
+                self._evaluated(ev)
                 summary["eval_before"] = ev
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", file=sys.stderr, dynamic_ncols=True,
                    disable=not self.progress or self.rank != 0)
@@ -566,7 +597,7 @@ class Trainer:
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.rank == 0:
                     last_eval = self.evaluate()
                     if last_eval is not None:
-                        self._log(last_eval)
+                        self._evaluated(last_eval)
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     self.save()
         finally:
@@ -577,7 +608,7 @@ class Trainer:
         if self.rank == 0 and finished_now and (last_eval is None or last_eval["step"] != self.step):
             last_eval = self.evaluate()
             if last_eval is not None:
-                self._log(last_eval)
+                self._evaluated(last_eval)
         summary.update(steps=self.step, total_steps=self.total_steps, first_loss=losses[0] if losses else None,
                        last_loss=losses[-1] if losses else None, eval_after=last_eval,
                        world_size=self.world, rank_weight_digests=self.rank_digests,
