@@ -511,9 +511,14 @@ def test_sharegpt_stream_parser(tmp_path):
     assert all(isinstance(i, int) and p.strip() for i, p in first)
 
 
-def test_time_budget_cuts_the_steps_and_ends_the_schedule(loaded, tmp_path):
+def test_time_budget_cuts_the_steps_and_ends_the_schedule(loaded, tmp_path, monkeypatch):
     """--max-minutes: after timing a few steps, the run is cut to what fits, and the cosine
     schedule is re-aimed so that it still ends (lr/10) at the last step."""
+    import orthrus.train.trainer as trainer_module
+
+    # the trainer's clock advances 10 ms a reading, so that the same steps fit on any CPU, busy or not
+    clock = iter(0.01 * i for i in range(10**7))
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: next(clock))
     cfg = config(tmp_path, max_steps=100_000, max_minutes=0.05, log_every=1)
     trainer = Trainer(cfg, loaded.model, loaded.fingerprint, random_docs(24), progress=False)
     summary = trainer.train()
