@@ -140,7 +140,7 @@ def plot(points: list[dict], path: Path) -> None:
         if ms:
             ax.plot([p["cpu_hours"] for p in ms], [p["acceptance_length_masked"] for p in ms], "s--",
                     color=line.get_color(), label=f"{run}, masked blocks (one-pass)")
-    ax.set_xlabel("CPU-hours (1 thread of a 2-core AMD EPYC)")
+    ax.set_xlabel("CPU-hours (1 thread of a 2-core CPU; each run's machine in TRAINING.md)")
     ax.set_ylabel("held-out expected acceptance length (K = 8)")
     ax.grid(alpha=0.3)
     ax.legend()
