@@ -164,6 +164,8 @@ class InferenceLinear:
         rows (a pack is made for one row count; 0 drops it). On some CPUs it beats both other
         kernels for a verify pass (measured by ``scripts/gemmcosts.py``; the model decides per CPU,
         see :meth:`Transformer.measure_mkl`). Memory: as much as the weights (resident)."""
+        if rows > 0 and self.mkl is not None and rows == self.mkl_rows:
+            return  # packed for these rows already
         self.mkl, self.mkl_rows, self.mkl_weight = None, 0, None
         if rows > 0:
             w = self._joined()
@@ -535,14 +537,17 @@ class Transformer(nn.Module):
         :meth:`prepare_inference` with packing."""
         if rows and not mkl_packing_available():
             raise ValueError("MKL packing needs a torch built with MKL (an x86 CPU build)")
-        for lin in self._inference_linears():
-            if lin is not self.head:
-                lin.pack_mkl(rows)
+        for lin in self._layer_linears():
+            lin.pack_mkl(rows)
+
+    def _layer_linears(self) -> list[InferenceLinear]:
+        """:meth:`_inference_linears` without the LM head."""
+        return [lin for lin in self._inference_linears() if lin is not self.head]
 
     @property
     def mkl_rows(self) -> int:
         """The row count the layers' MKL packs serve (0: none)."""
-        lins = [lin for lin in self._inference_linears() if lin is not self.head]
+        lins = self._layer_linears()
         return lins[0].mkl_rows if lins else 0
 
     def _set_packed_min_rows(self, n: int) -> None:
@@ -599,12 +604,12 @@ class Transformer(nn.Module):
         """Whether MKL packs of the layers (:meth:`pack_mkl`) make whole AR passes of ``rows`` rows
         with the LM head (64-token context) at least ``MKL_MARGIN`` faster than the kernels the
         crossover chose, both interleaved, median of ``rounds`` after a warm-up. The packs are
-        made once and dropped again here; needs :meth:`prepare_inference` with packing."""
+        made once, and kept only where they win; needs :meth:`prepare_inference` with packing."""
         cache = self.new_cache(1, 64 + rows)
         tokens = torch.zeros(1, rows, dtype=torch.long, device=self.device)
         positions = (64 + torch.arange(rows, device=self.device))[None]
         self.pack_mkl(rows)
-        layer_linears = [lin for lin in self._inference_linears() if lin is not self.head]
+        layer_linears = self._layer_linears()
         seconds: dict[int, list[float]] = {}
         for r in range(rounds + 1):
             for mkl in ((rows, 0) if r % 2 else (0, rows)):
@@ -614,9 +619,11 @@ class Transformer(nn.Module):
                 self.logits(self(tokens, positions, cache, kv_len=64 + rows))
                 if r:  # round 0 warms up
                     seconds.setdefault(mkl, []).append(time.perf_counter() - t)
-        self.pack_mkl(0)
         med = {k: sorted(v)[len(v) // 2] for k, v in seconds.items()}
         wins = med[rows] <= (1 - MKL_MARGIN) * med[0]
+        for lin in layer_linears:
+            lin.mkl_rows = rows
+        self.pack_mkl(rows if wins else 0)  # kept packs are not made again by prepare_inference
         log.info("MKL packs for %d-row passes: %.1f ms, other kernels %.1f ms: %s", rows, 1000 * med[rows],
                  1000 * med[0], "kept" if wins else "not kept")
         return wins
