@@ -243,6 +243,9 @@ def test_auto_block_size_in_the_report(tiny_engine, monkeypatch):
     (["--modes", "ar", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["--modes", "ar,parallel", "--model", "/nowhere/model-without-adapter"], "mode 'parallel' needs an adapter"),
     (["--modes", "ar", "--device", "tpu"], "unknown device 'tpu'"),
+    (["--modes", "ar", "--journal", "/"], "--journal / is a directory"),
+    (["--modes", "ar", "--journal", "/nowhere/j.jsonl"], "its folder /nowhere does not exist"),
+    (["--modes", "ar", "--journal", "/etc/hostname"], "/etc/hostname is not a bench journal"),
 ])
 def test_cli_rejects_bad_input_before_loading(capsys, argv, message):
     assert cli.main(["bench", *argv]) == 2
@@ -308,3 +311,53 @@ def test_auto_block_size_is_measured_once_per_setup(tiny_engine, monkeypatch, tm
     assert blocksize.cached_block_size(tiny_engine, 2, path).block_size == 4 and calls == [2, 3, 2, 2]
     assert len(json.loads(path.read_text())) == 1
     assert blocksize.cached_block_size(Orthrus(tiny_engine.base, None), 2, path).block_size == 1
+
+
+def test_journal_resumes_a_killed_run_and_refuses_another_runs(tiny_engine, tmp_path, monkeypatch):
+    from orthrus.bench.runner import Bench
+
+    settings = BenchSettings(modes=("ar", "parallel", "hf"), max_new_tokens=6, warmup=1, block_size=4)
+    whole = run_bench(tiny_engine, PROMPTS, settings)
+    path = tmp_path / "j.jsonl"
+    real_round, calls = Bench._round, []
+
+    def dies_after_two(self, r, chunk):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process is killed in its third round
+        calls.append(r)
+        return real_round(self, r, chunk)
+
+    monkeypatch.setattr(Bench, "_round", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(tiny_engine, PROMPTS, settings, journal=path)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[0])["schema"] == "orthrus-bench-journal/1"
+    with open(path, "a") as f:  # a write torn by the kill
+        f.write('{"round": 2, "results": {"ar"')
+    calls.clear()
+    monkeypatch.setattr(Bench, "_round", lambda self, r, chunk: (calls.append(r), real_round(self, r, chunk))[1])
+    report = run_bench(tiny_engine, PROMPTS, settings, journal=path)
+    assert calls == [2, 3]  # only the rounds not journaled ran
+    assert report["journal"] == {"path": str(path), "rounds": 4, "resumed_rounds": 2, "processes": 2}
+    for mode, r in report["results"].items():
+        assert r["tokens"] == whole["results"][mode]["tokens"] and r["exact_match_vs_ar"] == 1.0, mode
+    assert [json.loads(x)["round"] for x in path.read_text().splitlines()[1:]] == [0, 1, 2, 3]
+
+    # everything journaled: nothing runs, not even the warm-up
+    ran = []
+    monkeypatch.setattr(Bench, "_run", lambda self, mode, chunk: ran.append(mode))
+    again = run_bench(tiny_engine, PROMPTS, settings, journal=path)
+    assert ran == [] and again["journal"]["resumed_rounds"] == 4
+    assert again["results"]["parallel"]["tokens"] == report["results"]["parallel"]["tokens"]
+
+    # another run's settings or prompts are refused by name, and the journal is left as it was
+    before = path.read_bytes()
+    other = BenchSettings(modes=("ar", "parallel", "hf"), max_new_tokens=7, warmup=1, block_size=4)
+    with pytest.raises(OrthrusError, match=r"settings\.max_new_tokens: journal 6 vs now 7"):
+        run_bench(tiny_engine, PROMPTS, other, journal=path)
+    with pytest.raises(OrthrusError, match=r"prompts\.ids_sha256.*prompts\.n: journal 4 vs now 3"):
+        run_bench(tiny_engine, PROMPTS[:3], settings, journal=path)
+    assert path.read_bytes() == before
+    (tmp_path / "notes.txt").write_text("hello\n")
+    with pytest.raises(OrthrusError, match="not a bench journal"):
+        run_bench(tiny_engine, PROMPTS, settings, journal=tmp_path / "notes.txt")

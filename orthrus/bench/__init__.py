@@ -26,8 +26,9 @@ from orthrus.bench.blocksize import (CALIBRATION_PROMPTS, DEFAULT_CANDIDATES, Bl
                                      acceptance_curve, choose_block_size, decide_block_size, expected_tokens,
                                      measure_pass_times)
 from orthrus.bench.report import SCHEMA, check_plotting, format_table, plot, summarize, write_json
-from orthrus.bench.runner import (ADAPTER_MODES, MODES, PLD_TOKENS, Bench, BenchSettings, ModeResult, device_name,
-                                  exact_match, parse_modes, peak_rss_bytes, rss_bytes)
+from orthrus.bench.journal import BenchJournal, ids_digest, tensors_digest
+from orthrus.bench.runner import (ADAPTER_MODES, MODES, PLD_TOKENS, Bench, BenchSettings, ModeResult, load_average,
+                                  device_name, exact_match, parse_modes, peak_rss_bytes, rss_bytes)
 from orthrus.decoding.ngram import NGRAM_BLOCK_SIZE
 
 if TYPE_CHECKING:
@@ -42,13 +43,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 AUTO_CALIBRATION_PROMPTS = 4  # --block-size auto calibrates acceptance on this many of the prompts
-
-
-def _load_avg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def _versions() -> dict[str, str]:
@@ -80,9 +74,25 @@ def _pass_costs(engine: "Orthrus", bench: Bench, settings: BenchSettings, ids: l
     return out
 
 
+def _journal_header(engine: "Orthrus", bench: Bench, ids: list[list[int]]) -> dict[str, Any]:
+    """What must match for journaled rounds to be reused (see :class:`BenchJournal`)."""
+    model = engine.model
+    return {
+        "machine": {"device_name": device_name(model.device), "cpu_count": os.cpu_count(),
+                    "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "model": engine.base.fingerprint, "adapter": tensors_digest(engine.adapter),
+        "settings": dataclasses.asdict(bench.settings) | {
+            "modes": list(bench.settings.modes), "block": bench.block, "ngram_block": bench.ngram_block,
+            "self_block": bench.self_block, "dtype": str(model.dtype), "cuda_graphs": engine.uses_cuda_graphs,
+            "compile": engine.compile, "draft_int8": engine.draft_int8},
+        "prompts": {"n": len(ids), "ids_sha256": ids_digest(ids)},
+    }
+
+
 def run_bench(engine: "Orthrus", prompts: list[str], settings: BenchSettings, out: str | Path | None = None,
               block_size_auto: bool = False, prompt_source: str = "", limit: int | None = None,
-              command: str = "", adapter_source: str | None = None, pass_costs: bool = False) -> dict[str, Any]:
+              command: str = "", adapter_source: str | None = None, pass_costs: bool = False,
+              journal: str | Path | None = None) -> dict[str, Any]:
     """Benchmark ``settings.modes`` on ``prompts``; print nothing, return (and write) the report.
 
     Args:
@@ -95,13 +105,16 @@ def run_bench(engine: "Orthrus", prompts: list[str], settings: BenchSettings, ou
         prompt_source, limit, command, adapter_source: recorded in the report as given.
         pass_costs: also time one decoding cycle of each schedule at the run's block size, batch
             and mean context (``measure_pass_times``, after the runs) into ``report["pass_costs"]``.
+        journal: a JSONL path: rounds already journaled there (by the same machine, model,
+            adapter, settings and prompts; checked) are not run again, and each new round is
+            appended as it finishes (:mod:`orthrus.bench.journal`).
     Returns:
         The report dict (schema :data:`orthrus.bench.report.SCHEMA`).
     """
     if out is not None:
         check_plotting()
     started = _dt.datetime.now(_dt.timezone.utc)
-    load_start = _load_avg()
+    load_start = load_average()
     ids = [engine.encode(p) for p in prompts]
     choice: BlockSizeChoice | None = None
     adapter_modes = [m for m in settings.modes if m in ADAPTER_MODES]
@@ -113,7 +126,8 @@ def run_bench(engine: "Orthrus", prompts: list[str], settings: BenchSettings, ou
         settings = dataclasses.replace(settings, block_size=choice.block_size,
                                        ngram_block_size=settings.ngram_block_size or NGRAM_BLOCK_SIZE)
     bench = Bench(engine, settings)
-    results = bench.run(ids)
+    book = None if journal is None else BenchJournal(journal, _journal_header(engine, bench, ids))
+    results = bench.run(ids, journal=book)
     summary = summarize(results)
     model = engine.model
     adapter = engine.adapter
@@ -125,7 +139,7 @@ def run_bench(engine: "Orthrus", prompts: list[str], settings: BenchSettings, ou
             "device": str(model.device), "device_name": device_name(model.device),
             "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "platform": platform.platform(), **_versions(),
-            "load_average_start": load_start, "load_average_end": _load_avg(),
+            "load_average_start": load_start, "load_average_end": load_average(),
             "process_rss_bytes": rss_bytes(), "process_peak_rss_bytes": peak_rss_bytes(),
             "process_memory_note": "whole process: our model and the transformers model are both loaded",
         },
@@ -147,6 +161,7 @@ def run_bench(engine: "Orthrus", prompts: list[str], settings: BenchSettings, ou
             "draft_int8": engine.draft_int8, "greedy": True, "pld_tokens": PLD_TOKENS if "hf-pld" in settings.modes else None,
             "timing": "interleaved rounds of batch_size prompts, mode order rotated; warm-up excluded",
         },
+        "journal": None if book is None else book.summary(),
         "block_size_choice": None if choice is None else choice.to_dict(),
         "pass_costs": _pass_costs(engine, bench, settings, ids) if pass_costs else None,
         "results": summary,

@@ -37,11 +37,13 @@ import torch
 
 from orthrus.config import SELF_BLOCK_SIZE, GenerationConfig
 from orthrus.decoding.ngram import NGRAM_BLOCK_SIZE
+from orthrus.bench.journal import RoundRecord
 from orthrus.decoding.stats import DecodeStats
 from orthrus.errors import OrthrusError
 from orthrus.models.quant import cpu_name
 
 if TYPE_CHECKING:
+    from orthrus.bench.journal import BenchJournal
     from orthrus.engine import Orthrus
 
 log = logging.getLogger(__name__)
@@ -155,6 +157,13 @@ class _HFRunner:
         eos = set(self.eos)
         # a finished row is padded on; keep each row up to and including its first EOS
         return [r[: next((j + 1 for j, x in enumerate(r) if x in eos), len(r))] for r in rows]
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _weights_bytes(module: torch.nn.Module | None) -> int:
@@ -276,8 +285,12 @@ class Bench:
         finish = ["stop" if r and r[-1] in eos else "length" for r in out]
         return out, finish, DecodeStats(tokens=sum(len(r) for r in out))
 
-    def run(self, prompt_ids: list[list[int]]) -> dict[str, ModeResult]:
-        """Warm up, then measure every mode on ``prompt_ids`` (chat-templated ids)."""
+    def run(self, prompt_ids: list[list[int]], journal: "BenchJournal | None" = None) -> dict[str, ModeResult]:
+        """Warm up, then measure every mode on ``prompt_ids`` (chat-templated ids).
+
+        ``journal``: rounds it holds are taken from it, not run again; each round run here is
+        appended to it as soon as every mode has run it (see :mod:`orthrus.bench.journal`).
+        """
         s, eng = self.settings, self.engine
         if not prompt_ids:
             raise OrthrusError("no prompts to benchmark")
@@ -287,7 +300,9 @@ class Bench:
                                    f"exceeds the model's context of {eng.max_context} tokens")
         b = s.batch_size
         rounds = [prompt_ids[i:i + b] for i in range(0, len(prompt_ids), b)]
-        warm = prompt_ids[: s.warmup]
+        done = journal.done if journal is not None else {}
+        todo = [r for r in range(len(rounds)) if r not in done]
+        warm = prompt_ids[: s.warmup] if todo else []
         for mode in s.modes if warm else ():
             t0 = time.perf_counter()
             for i in range(0, len(warm), b):
@@ -297,19 +312,21 @@ class Bench:
                                  block_size=self._block_of(m)) for m in s.modes}
         per_prompt: dict[str, list[tuple[list[int], str]]] = {m: [] for m in s.modes}
         for r, chunk in enumerate(rounds):
-            shift = r % len(s.modes)
-            for mode in s.modes[shift:] + s.modes[:shift]:  # rotate: no mode always runs first
-                res = results[mode]
-                calls0 = self.hf.calls if self.hf else 0
-                self._sync()
-                t0 = time.perf_counter()
-                ids, finish, stats = self._run(mode, chunk)
-                self._sync()
-                res.seconds += time.perf_counter() - t0
-                res.stats = res.stats.merge(stats)
-                res.forward_calls += (self.hf.calls - calls0) if self.hf else 0
-                per_prompt[mode] += list(zip(ids, finish))
-            log.info("round %d/%d done", r + 1, len(rounds))
+            got = done.get(r)
+            if got is None:
+                got = self._round(r, chunk)
+                if journal is not None:
+                    journal.record(r, got, load_average())
+            missing = [m for m in s.modes if m not in got]
+            if missing:  # a journal's header pins the modes, so only a hand-edited one gets here
+                raise OrthrusError(f"journal round {r} lacks mode(s) {', '.join(missing)}")
+            for mode in s.modes:
+                res, rec = results[mode], got[mode]
+                res.seconds += rec.seconds
+                res.stats = res.stats.merge(rec.stats)
+                res.forward_calls += rec.forward_calls
+                per_prompt[mode] += list(zip(rec.ids, rec.finish))
+            log.info("round %d/%d %s", r + 1, len(rounds), "done" if r in todo else "from the journal")
         if self.cuda:
             longest = max(rounds, key=lambda c: max(len(x) for x in c))
             for mode, res in results.items():
@@ -320,6 +337,21 @@ class Bench:
             res.stats.seconds = res.seconds
             res.memory = self._memory(res, prompt_ids)
         return results
+
+    def _round(self, r: int, chunk: list[list[int]]) -> dict[str, RoundRecord]:
+        """Every mode over one round of prompts, timed; the mode order rotates with ``r``."""
+        modes = self.settings.modes
+        shift = r % len(modes)
+        out: dict[str, RoundRecord] = {}
+        for mode in modes[shift:] + modes[:shift]:  # rotate: no mode always runs first
+            calls0 = self.hf.calls if self.hf else 0
+            self._sync()
+            t0 = time.perf_counter()
+            ids, finish, stats = self._run(mode, chunk)
+            self._sync()
+            out[mode] = RoundRecord(ids, finish, stats, time.perf_counter() - t0,
+                                    (self.hf.calls - calls0) if self.hf else 0)
+        return out
 
     def _probe_memory(self, mode: str, chunk: list[list[int]]) -> int:
         """CUDA bytes one run of ``mode`` over ``chunk`` needs beyond the weights, as if alone.

@@ -53,6 +53,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--pass-costs", action="store_true",
                    help="after the runs, time one decoding cycle of each schedule at the block size (AR, "
                         "two-pass, one-pass) and record them in the JSON and the table")
+    p.add_argument("--journal", default=None, metavar="FILE.jsonl",
+                   help="append each finished round to FILE and, when FILE exists, resume from it: its "
+                        "rounds are not run again (it must come from the same machine, model, adapter, "
+                        "settings and prompts; checked). For runs longer than a quiet stretch of the machine")
     p.add_argument("--out", default=None, metavar="PATH",
                    help="write PATH.json and PATH.png (e.g. bench/results/NAME); default: table only")
     p.set_defaults(func=run)
@@ -91,6 +95,8 @@ def _command(args: argparse.Namespace, block: int | str | None) -> str:
         parts += ["--threads", str(args.threads)]
     if args.pass_costs:
         parts.append("--pass-costs")
+    if args.journal:
+        parts += ["--journal", args.journal]
     if args.out:
         parts += ["--out", args.out]
     return shlex.join(parts)
@@ -98,6 +104,7 @@ def _command(args: argparse.Namespace, block: int | str | None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from orthrus.bench import ADAPTER_MODES, BenchSettings, format_table, parse_modes, run_bench
+    from orthrus.bench.journal import check_journal_path
     from orthrus.bench.report import check_plotting
     from orthrus.datasets import load_prompts
 
@@ -122,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
             raise OrthrusError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     args.block_size = block  # load_engine reads it (the block size of a fresh --adapter init)
     check_model_args(args)
+    if args.journal:
+        check_journal_path(args.journal)
     if args.out:
         check_plotting()
     prompts = load_prompts(args.prompts, limit=args.limit or None)
@@ -132,12 +141,16 @@ def run(args: argparse.Namespace) -> int:
     command = _command(args, block="auto" if auto else block)
     report = run_bench(engine, prompts, settings, out=args.out, block_size_auto=auto,
                        prompt_source=args.prompts, limit=args.limit or None, command=command,
-                       adapter_source=args.adapter, pass_costs=args.pass_costs)
+                       adapter_source=args.adapter, pass_costs=args.pass_costs, journal=args.journal)
     st, env = report["settings"], report["environment"]
     n = env["cpu_threads"]
     print(f"{report['model']['name']} {st['dtype']} on {env['device_name']} ({env['device']}, "
           f"{n} CPU thread{'s' * (n != 1)}) | {st['prompts']}: {st['n_prompts']} prompts, "
           f"{st['max_new_tokens']} new tokens, batch {st['batch_size']}, warm-up {st['warmup']}")
+    if report["journal"]:
+        j = report["journal"]
+        print(f"journal {j['path']}: {j['rounds']} rounds, {j['resumed_rounds']} of them from earlier runs "
+              f"({j['processes']} process{'es' * (j['processes'] != 1)} wrote it)")
     if report["block_size_choice"]:
         print(f"block size auto: {report['block_size_choice']['reason']}")
     print(format_table(report["results"]))
