@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -36,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 ADAPTER_DIR = REPO / "orthrus" / "adapters" / "smollm2-135m"
 MAX_ADAPTER_BYTES = 16 * 1024 * 1024
 # train_config.json keys that are not command-line options (or are recorded for information only)
-NOT_OPTIONS = {"total_steps", "world_size", "min_lr_ratio", "clip", "use_flex", "resume"}
+NOT_OPTIONS = {"total_steps", "world_size", "min_lr_ratio", "clip", "use_flex", "resume", "machine"}
 
 
 def run_name(run: Path) -> str:
@@ -49,11 +47,11 @@ EARLIER_MACHINE = "a 2-core AMD EPYC (AVX2), float32"  # the runs recorded befor
 
 
 def this_machine(cfg: dict) -> str:
-    """This CPU and a run's training dtype (the machine a run being shipped now trained on)."""
-    from orthrus.models.quant import cpu_name
+    """The machine a run trained on (``orthrus train`` records it in train_config.json; runs from
+    before it did: this machine) and its training dtype."""
+    from orthrus.models.quant import machine_name
 
-    return (f"a {os.cpu_count()}-core {cpu_name()} ({platform.machine()}), "
-            f"{cfg.get('dtype') or 'float32'}")
+    return f"{cfg.get('machine') or machine_name()}, {cfg.get('dtype') or 'float32'}"
 
 
 def run_machines(runs: list[Path], prior: dict | None) -> list[tuple[str, str]]:

@@ -246,6 +246,9 @@ def test_cli_train_outputs_and_eval(folder, tmp_path, capsys):
     assert rc == 0
     assert {"adapter.safetensors", "adapter_config.json", LOG, STATE, "train_config.json"} <= {
         p.name for p in out.iterdir()}
+    from orthrus.models.quant import cpu_name
+    cfg = json.loads((out / "train_config.json").read_text())
+    assert cpu_name() in cfg["machine"] and f"{os.cpu_count()}-core" in cfg["machine"]  # shipped records name it
     log = read_log(out)
     train = [r for r in log if "loss" in r]
     evals = [r for r in log if "eval_acceptance_length" in r]

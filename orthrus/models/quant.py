@@ -51,6 +51,17 @@ def cpu_name() -> str:
     return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
+def machine_name(device: torch.device | str = "cpu") -> str:
+    """The machine a job runs on, for records: ``a 2-core <CPU name> (x86_64)``, or the GPU's name."""
+    import os
+    import platform
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"a {os.cpu_count()}-core {cpu_name()} ({platform.machine()})"
+
+
 def busy_cores(threads: int) -> float:
     """How many of the ``threads`` cores a timing would run on were busy with other work over the
     last minute: the 1-minute load average beyond the cores the timing leaves free (0.0 where the

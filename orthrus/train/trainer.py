@@ -60,6 +60,7 @@ from orthrus.adapter import CONFIG, WEIGHTS, DiffusionAdapter
 from orthrus.config import BLOCK_KINDS, AdapterConfig
 from orthrus.errors import OrthrusError
 from orthrus.models.llama import Transformer
+from orthrus.models.quant import machine_name
 from orthrus.train.data import Document, make_batch, pack, split_eval
 from orthrus.train.loss import accepted_prefix, chunk_slots, distill_loss, evaluate_slots, slot_weights
 from orthrus.train.blocks import (BlockDrafter, anchor_candidates, draft_blocks, eval_anchor_chunks,
@@ -498,7 +499,7 @@ class Trainer:
                         break
             _atomic_json_lines(logp, kept)
             cfgd = dict(self.cfg.to_dict(), block_size=self.block_size, total_steps=self.total_steps,
-                        world_size=self.world)
+                        world_size=self.world, machine=machine_name(self.device))
             (self.out / TRAIN_CONFIG).write_text(json.dumps(cfgd, indent=1))
 
     def _log(self, record: dict[str, Any]) -> None:
