@@ -28,8 +28,9 @@ states; data order is a pure function of seed, epoch and batch index), multi-pro
 with a clear error on a non-finite loss, keeping the last good checkpoint.
 
 Files: ``config.py`` (:class:`TrainConfig`), ``blocks.py`` (the two passes and the anchors),
-``masks.py``, ``loss.py``, ``data.py`` (documents, packing); this one: the loop, the evaluation,
-checkpoints, the time budget and DDP.
+``masks.py``, ``loss.py``, ``data.py`` (documents, packing), ``evaluation.py`` (held-out
+acceptance), ``checkpoint.py`` (saving, resuming, the run folder); this one: the step, the loop,
+the time budget and DDP.
 """
 
 from __future__ import annotations
@@ -38,12 +39,9 @@ import collections
 import copy
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import os
-import random
-import shutil
 import statistics
 import sys
 import time
@@ -57,20 +55,20 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from orthrus.adapter import CONFIG, WEIGHTS, DiffusionAdapter
-from orthrus.config import BLOCK_KINDS, AdapterConfig
+from orthrus.config import AdapterConfig
 from orthrus.errors import OrthrusError
 from orthrus.models.llama import Transformer
-from orthrus.models.quant import machine_name
 from orthrus.train.data import Document, make_batch, pack, split_eval
-from orthrus.train.loss import accepted_prefix, chunk_slots, distill_loss, evaluate_slots, slot_weights
-from orthrus.train.blocks import (BlockDrafter, anchor_candidates, draft_blocks, eval_anchor_chunks,
-                                  masked_blocks, teacher_forward, train_anchors)
-from orthrus.train.config import BEST, LOG, RESUME_KEYS, STATE, TRAIN_CONFIG, TrainConfig, check
+from orthrus.train.loss import chunk_slots, distill_loss, slot_weights
+from orthrus.train.blocks import (BlockDrafter, anchor_candidates, draft_blocks, masked_blocks, teacher_forward,
+                                  train_anchors)
+from orthrus.train.checkpoint import Checkpoints
+from orthrus.train.config import STATE, TrainConfig, check
+from orthrus.train.evaluation import Evaluation
 
 log = logging.getLogger(__name__)
 
 BUDGET_SKIP, BUDGET_PROBE = 3, 10  # --max-minutes: steps not timed, then steps timed
-EVAL_CACHE = "evals.json"  # step-0 evaluations, under $ORTHRUS_CACHE
 
 
 # ---- distributed -----------------------------------------------------------------------------------
@@ -95,15 +93,9 @@ def _mix(*values: int) -> int:
     return int(np.random.SeedSequence([v & 0xFFFFFFFF for v in values]).generate_state(2, np.uint64)[0] >> 1)
 
 
-def _atomic_json_lines(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(lines))
-    os.replace(tmp, path)
-
-
 # ---- the trainer -------------------------------------------------------------------------------------
 
-class Trainer:
+class Trainer(Evaluation, Checkpoints):
     """Trains a :class:`DiffusionAdapter` on documents (see the module docstring).
 
     Args:
@@ -311,229 +303,6 @@ class Trainer:
         self.step += 1
         self.tokens += int(tokens_v)
         return {"loss": loss_v, "grad_norm": norm_v, "lr": lr}
-
-    # ---- evaluation ----------------------------------------------------------------------------
-
-    @property
-    def block_kinds(self) -> tuple[str, ...]:
-        """The block kinds this run trains (and evaluates)."""
-        return BLOCK_KINDS if self.cfg.block_kind == "mix" else (self.cfg.block_kind,)
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, Any] | None:
-        """Held-out KL / CE and expected acceptance (every anchor whose block lies in a response, or
-        every ``eval_stride``-th of them: at most about ``--eval-blocks`` blocks), for each block
-        kind the run trains: the ``anchor`` kind's keys have no suffix, the ``masked`` kind's end
-        in ``_masked``.
-
-        ``eval_slot_accept[i]``: fraction of blocks whose drafts 1..i+1 all equal the teacher's
-        argmax (greedy verification accepts them); ``eval_acceptance_length``: 1 + their sum, the
-        expected tokens per verify pass.
-        """
-        if self.eval_data is None:
-            return None
-        record: dict[str, Any] = {"step": self.step}
-        for kind in self.block_kinds:
-            ev = self._evaluate_kind(kind == "masked")
-            suffix = "_masked" if kind == "masked" else ""
-            record.update({f"{key}{suffix}": v for key, v in ev.items()})
-        return record
-
-    def _evaluate_kind(self, masked: bool) -> dict[str, Any]:
-        k, n = self.block_size, self.cfg.anchors_per_seq
-        loss_sum = torch.zeros((), device=self.device)
-        slots = torch.zeros(k - 1, device=self.device)
-        blocks = torch.zeros((), device=self.device)
-        count = torch.zeros((), device=self.device)
-        self.adapter.eval()
-        base = self.eval_base
-        drafter = BlockDrafter(self.adapter if base is self.base else self.adapter.bound_to(base).eval())
-        for a in range(0, len(self.eval_data), self.cfg.batch_size):
-            rows = np.arange(a, min(a + self.cfg.batch_size, len(self.eval_data)))
-            cpu = make_batch(self.eval_data, rows, "cpu")
-            batch = cpu.to(self.device)
-            cache = self.eval_cache.rows(0, len(rows))
-            with self._autocast(self.eval_base):
-                th = teacher_forward(base, batch, cache)
-                for anchors, valid in eval_anchor_chunks(cpu, n, k, self.eval_stride):
-                    anchors, valid = anchors.to(self.device), valid.to(self.device)
-                    out = draft_blocks(drafter, base, batch, cache, th, anchors, valid, k, self.use_flex,
-                                       valid if masked else None)
-                    ls, c, sa, ta = evaluate_slots(base.logits, out.student, out.teacher, out.target, out.valid,
-                                                   self.cfg.loss, self.chunk)  # sa, ta: [B, N, K-1]
-                    loss_sum += ls
-                    count += c
-                    acc = accepted_prefix(sa, ta) * valid[:, :, None]
-                    slots += acc.sum((0, 1))
-                    blocks += valid.sum()
-        self.adapter.train()
-        nb = max(1.0, blocks.item())
-        rates = (slots / nb).tolist()
-        return {"eval_loss": (loss_sum / count.clamp(min=1)).item(),
-                "eval_slot_accept": [round(r, 5) for r in rates],
-                "eval_acceptance_length": 1.0 + sum(rates), "eval_blocks": int(blocks.item())}
-
-    def _eval_key(self) -> str:
-        """What a held-out evaluation depends on: the adapter's weights, the held-out rows, the
-        block size and kinds, the sampling of blocks, the loss, the evaluating model and torch."""
-        h = hashlib.sha256()
-        for k, v in sorted(self.adapter.trainable_state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().float().cpu().numpy().tobytes())
-        ev = self.eval_data
-        h.update(ev.tokens.tobytes() + ev.doc.tobytes())
-        h.update(json.dumps([self.block_size, list(self.block_kinds), self.eval_stride, self.cfg.anchors_per_seq,
-                             self.cfg.batch_size, self.cfg.loss, self.adapter.config.base_fingerprint,
-                             str(self.eval_base.dtype), torch.__version__]).encode())
-        return h.hexdigest()
-
-    def _first_evaluation(self) -> dict[str, Any] | None:
-        """The step-0 evaluation, reused from ``$ORTHRUS_CACHE/evals.json`` when the same adapter
-        was already evaluated on the same held-out rows the same way (a warm start from a shipped
-        or earlier adapter evaluates what the run before it ended on)."""
-        if self.eval_data is None:
-            return None
-        from orthrus.models.loading import cache_root, read_cache_entries, write_cache_entries
-
-        path = cache_root() / EVAL_CACHE
-        key = self._eval_key()
-        entries = read_cache_entries(path)
-        if isinstance(entries.get(key), dict):
-            log.info("step-0 evaluation: the same adapter and held-out rows were evaluated before (%s)", path)
-            return {**entries[key], "step": self.step, "cached": True}
-        ev = self.evaluate()
-        if ev is not None:
-            entries[key] = ev
-            write_cache_entries(path, entries, "the step-0 evaluation")
-        return ev
-
-    # ---- checkpoints -------------------------------------------------------------------------------
-
-    def save(self) -> None:
-        """Adapter (``adapter.safetensors``) then ``trainer_state.pt``, each written atomically.
-
-        The state holds its own copy of the weights, so a crash between the two files still
-        resumes consistently (from the state). Under DDP every rank calls this: the ranks compare
-        a hash of their weights first (they must be identical; a mismatch is a bug, not bad input).
-        """
-        weights = {k: v.detach().cpu().clone() for k, v in self.adapter.trainable_state_dict().items()}
-        digest = hashlib.sha256(b"".join(weights[k].numpy().tobytes() for k in sorted(weights))).hexdigest()
-        self.rank_digests = [digest]
-        if self.world > 1:
-            self.rank_digests = [None] * self.world
-            dist.all_gather_object(self.rank_digests, digest)
-            if len(set(self.rank_digests)) != 1:
-                raise RuntimeError(f"DDP ranks hold different adapter weights at step {self.step}: {self.rank_digests}")
-        self.last_saved = self.step
-        if self.rank != 0:
-            return
-        self.adapter.save(self.out)
-        state = {
-            "version": 1, "step": self.step, "tokens": self.tokens, "config": self.cfg.to_dict(),
-            "block_size": self.block_size, "world_size": self.world, "data_hash": self.data_hash,
-            "total_steps": self.total_steps,
-            "adapter": weights,
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        }
-        tmp = self.out / f".{STATE}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.out / STATE)
-
-    def _resume(self) -> None:
-        path = self.out / STATE
-        if not path.is_file():
-            raise OrthrusError(f"--resume: '{self.out}' has no {STATE} to continue from")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise OrthrusError(f"--resume: '{path}' is unreadable: {e}") from e
-        old = state["config"]
-        old = dict(old, block_kind=old.get("block_kind", "anchor"))  # runs from before --block-kind
-        changed = [k for k in RESUME_KEYS if old.get(k) != getattr(self.cfg, k)
-                   and not (k == "block_size" and self.cfg.block_size is None)]
-        if state.get("world_size") != self.world:
-            changed.append(f"processes ({state.get('world_size')} -> {self.world})")
-        if state.get("data_hash") != self.data_hash:
-            changed.append("the data (its packed rows differ)")
-        if changed:
-            raise OrthrusError(f"--resume: the run in '{self.out}' was made with different settings: "
-                               f"{', '.join(changed)}; keep them or start a new --out")
-        if state.get("total_steps") != self.total_steps:
-            log.warning("resuming with %d total steps instead of %d: the lr schedule changes from here",
-                        self.total_steps, state.get("total_steps"))
-        own = dict(self.adapter.named_parameters())
-        with torch.no_grad():
-            for k, v in state["adapter"].items():
-                own[k].copy_(v)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        self.step, self.tokens, self.last_saved = state["step"], state["tokens"], state["step"]
-        best = self.out / BEST / "best.json"
-        if best.is_file():  # a best kept after the checkpoint still counts: it was evaluated
-            self.best = json.loads(best.read_text()).get("eval_acceptance_length")
-        log.info("resumed %s at step %d", self.out, self.step)
-
-    def _prepare_out(self) -> None:
-        """Resume, or refuse to overwrite a run or an adapter without --resume."""
-        if self.cfg.resume:
-            self._resume()
-        elif (self.out / STATE).exists() or (self.out / WEIGHTS).exists():
-            raise OrthrusError(f"'{self.out}' already holds a training run or an adapter: pass --resume to "
-                               "continue it, or choose another --out")
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            logp = self.out / LOG
-            kept = []
-            if self.cfg.resume and logp.exists():  # drop records past the checkpoint (they are redone)
-                for line in logp.read_text().splitlines(keepends=True):
-                    try:
-                        if json.loads(line).get("step", 0) <= self.step:
-                            kept.append(line if line.endswith("\n") else line + "\n")
-                    except json.JSONDecodeError:
-                        break
-            _atomic_json_lines(logp, kept)
-            cfgd = dict(self.cfg.to_dict(), block_size=self.block_size, total_steps=self.total_steps,
-                        world_size=self.world, machine=machine_name(self.device))
-            (self.out / TRAIN_CONFIG).write_text(json.dumps(cfgd, indent=1))
-
-    def _log(self, record: dict[str, Any]) -> None:
-        if self.rank != 0:
-            return
-        with open(self.out / LOG, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-
-    def _evaluated(self, ev: dict[str, Any]) -> None:
-        """Log an evaluation; when its held-out acceptance (the first block kind's) beats every
-        earlier one of this run, keep this adapter in ``OUT/best``, shaped as a run folder (the
-        adapter, ``train_config.json``, the log up to this evaluation), so that it can be
-        evaluated, used or shipped (``scripts/ship_adapter.py OUT/best``) like the run itself
-        while training goes on: held-out acceptance is noisy and not monotone, and the last
-        checkpoint is not always the best."""
-        self._log(ev)
-        acc = ev.get("eval_acceptance_length")
-        if self.rank != 0 or acc is None or (self.best is not None and acc <= self.best):
-            return
-        self.best = acc
-        best = self.out / BEST
-        tmp = self.out / f".{BEST}.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        self.adapter.save(tmp)
-        shutil.copy2(self.out / TRAIN_CONFIG, tmp / TRAIN_CONFIG)
-        shutil.copy2(self.out / LOG, tmp / LOG)
-        (tmp / "best.json").write_text(json.dumps({"step": self.step, "eval_acceptance_length": acc}))
-        if best.exists():
-            shutil.rmtree(best)
-        os.replace(tmp, best)
-        log.info("best held-out acceptance so far (%.3f at step %d): adapter kept in %s", acc, self.step, best)
 
     # ---- the loop ------------------------------------------------------------------------------------
 

@@ -1,0 +1,123 @@
+"""Held-out evaluation of a training run: expected acceptance length and loss per block kind.
+
+:class:`Evaluation` is a part of :class:`orthrus.train.trainer.Trainer` (a mixin): it reads the
+trainer's adapter, held-out rows (``eval_data``), block size, stride, caches and config. The
+step-0 evaluation is cached per adapter and held-out set (``$ORTHRUS_CACHE/evals.json``), so a
+warm start does not evaluate again what the run before it ended on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from orthrus.config import BLOCK_KINDS
+from orthrus.train.blocks import BlockDrafter, draft_blocks, eval_anchor_chunks, teacher_forward
+from orthrus.train.data import make_batch
+from orthrus.train.loss import accepted_prefix, evaluate_slots
+
+log = logging.getLogger(__name__)
+
+EVAL_CACHE = "evals.json"  # step-0 evaluations, under $ORTHRUS_CACHE
+
+
+class Evaluation:
+    """Held-out evaluation (a part of the trainer; see the module docstring)."""
+
+    @property
+    def block_kinds(self) -> tuple[str, ...]:
+        """The block kinds this run trains (and evaluates)."""
+        return BLOCK_KINDS if self.cfg.block_kind == "mix" else (self.cfg.block_kind,)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any] | None:
+        """Held-out KL / CE and expected acceptance (every anchor whose block lies in a response, or
+        every ``eval_stride``-th of them: at most about ``--eval-blocks`` blocks), for each block
+        kind the run trains: the ``anchor`` kind's keys have no suffix, the ``masked`` kind's end
+        in ``_masked``.
+
+        ``eval_slot_accept[i]``: fraction of blocks whose drafts 1..i+1 all equal the teacher's
+        argmax (greedy verification accepts them); ``eval_acceptance_length``: 1 + their sum, the
+        expected tokens per verify pass.
+        """
+        if self.eval_data is None:
+            return None
+        record: dict[str, Any] = {"step": self.step}
+        for kind in self.block_kinds:
+            ev = self._evaluate_kind(kind == "masked")
+            suffix = "_masked" if kind == "masked" else ""
+            record.update({f"{key}{suffix}": v for key, v in ev.items()})
+        return record
+
+    def _evaluate_kind(self, masked: bool) -> dict[str, Any]:
+        k, n = self.block_size, self.cfg.anchors_per_seq
+        loss_sum = torch.zeros((), device=self.device)
+        slots = torch.zeros(k - 1, device=self.device)
+        blocks = torch.zeros((), device=self.device)
+        count = torch.zeros((), device=self.device)
+        self.adapter.eval()
+        base = self.eval_base
+        drafter = BlockDrafter(self.adapter if base is self.base else self.adapter.bound_to(base).eval())
+        for a in range(0, len(self.eval_data), self.cfg.batch_size):
+            rows = np.arange(a, min(a + self.cfg.batch_size, len(self.eval_data)))
+            cpu = make_batch(self.eval_data, rows, "cpu")
+            batch = cpu.to(self.device)
+            cache = self.eval_cache.rows(0, len(rows))
+            with self._autocast(self.eval_base):
+                th = teacher_forward(base, batch, cache)
+                for anchors, valid in eval_anchor_chunks(cpu, n, k, self.eval_stride):
+                    anchors, valid = anchors.to(self.device), valid.to(self.device)
+                    out = draft_blocks(drafter, base, batch, cache, th, anchors, valid, k, self.use_flex,
+                                       valid if masked else None)
+                    ls, c, sa, ta = evaluate_slots(base.logits, out.student, out.teacher, out.target, out.valid,
+                                                   self.cfg.loss, self.chunk)  # sa, ta: [B, N, K-1]
+                    loss_sum += ls
+                    count += c
+                    acc = accepted_prefix(sa, ta) * valid[:, :, None]
+                    slots += acc.sum((0, 1))
+                    blocks += valid.sum()
+        self.adapter.train()
+        nb = max(1.0, blocks.item())
+        rates = (slots / nb).tolist()
+        return {"eval_loss": (loss_sum / count.clamp(min=1)).item(),
+                "eval_slot_accept": [round(r, 5) for r in rates],
+                "eval_acceptance_length": 1.0 + sum(rates), "eval_blocks": int(blocks.item())}
+
+    def _eval_key(self) -> str:
+        """What a held-out evaluation depends on: the adapter's weights, the held-out rows, the
+        block size and kinds, the sampling of blocks, the loss, the evaluating model and torch."""
+        h = hashlib.sha256()
+        for k, v in sorted(self.adapter.trainable_state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().float().cpu().numpy().tobytes())
+        ev = self.eval_data
+        h.update(ev.tokens.tobytes() + ev.doc.tobytes())
+        h.update(json.dumps([self.block_size, list(self.block_kinds), self.eval_stride, self.cfg.anchors_per_seq,
+                             self.cfg.batch_size, self.cfg.loss, self.adapter.config.base_fingerprint,
+                             str(self.eval_base.dtype), torch.__version__]).encode())
+        return h.hexdigest()
+
+    def _first_evaluation(self) -> dict[str, Any] | None:
+        """The step-0 evaluation, reused from ``$ORTHRUS_CACHE/evals.json`` when the same adapter
+        was already evaluated on the same held-out rows the same way (a warm start from a shipped
+        or earlier adapter evaluates what the run before it ended on)."""
+        if self.eval_data is None:
+            return None
+        from orthrus.models.loading import cache_root, read_cache_entries, write_cache_entries
+
+        path = cache_root() / EVAL_CACHE
+        key = self._eval_key()
+        entries = read_cache_entries(path)
+        if isinstance(entries.get(key), dict):
+            log.info("step-0 evaluation: the same adapter and held-out rows were evaluated before (%s)", path)
+            return {**entries[key], "step": self.step, "cached": True}
+        ev = self.evaluate()
+        if ev is not None:
+            entries[key] = ev
+            write_cache_entries(path, entries, "the step-0 evaluation")
+        return ev
