@@ -243,6 +243,8 @@ def test_auto_block_size_in_the_report(tiny_engine, monkeypatch):
     (["--modes", "ar", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["--modes", "ar,parallel", "--model", "/nowhere/model-without-adapter"], "mode 'parallel' needs an adapter"),
     (["--modes", "ar", "--device", "tpu"], "unknown device 'tpu'"),
+    (["--modes", "ar", "--max-minutes", "0"], "--max-minutes must be a positive number, got 0.0"),
+    (["--modes", "ar", "--max-minutes", "nan"], "--max-minutes must be a positive number, got nan"),
     (["--modes", "ar", "--journal", "/"], "--journal / is a directory"),
     (["--modes", "ar", "--journal", "/nowhere/j.jsonl"], "its folder /nowhere does not exist"),
     (["--modes", "ar", "--journal", "/etc/hostname"], "/etc/hostname is not a bench journal"),
@@ -361,3 +363,22 @@ def test_journal_resumes_a_killed_run_and_refuses_another_runs(tiny_engine, tmp_
     (tmp_path / "notes.txt").write_text("hello\n")
     with pytest.raises(OrthrusError, match="not a bench journal"):
         run_bench(tiny_engine, PROMPTS, settings, journal=tmp_path / "notes.txt")
+
+
+def test_time_budget_reports_the_rounds_done_and_a_journal_goes_on(tiny_engine, tmp_path, monkeypatch):
+    import orthrus.bench.runner as runner
+
+    settings = BenchSettings(modes=("ar", "parallel"), max_new_tokens=5, warmup=0, block_size=4)
+    clock = iter(range(0, 10_000, 60))  # each reading a minute later: the budget ends after 2 rounds
+    monkeypatch.setattr(runner, "now", lambda: next(clock))
+    path = tmp_path / "j.jsonl"
+    part = run_bench(tiny_engine, PROMPTS, settings, journal=path, max_minutes=2.5)
+    st = part["settings"]
+    assert (st["n_prompts"], st["n_prompts_planned"], st["complete"]) == (2, 4, False)
+    assert [r["prompts"] for r in part["results"].values()] == [2, 2] and len(part["per_prompt"]) == 2
+    assert part["journal"]["rounds"] == 2
+    monkeypatch.setattr(runner, "now", lambda: 0)  # a later call with time to spare
+    whole = run_bench(tiny_engine, PROMPTS, settings, journal=path, max_minutes=2.5)
+    assert whole["settings"]["complete"] and whole["journal"]["resumed_rounds"] == 2
+    assert [r["prompts"] for r in whole["results"].values()] == [4, 4]
+    assert whole["results"]["parallel"]["exact_match_vs_ar"] == 1.0

@@ -92,7 +92,7 @@ def _journal_header(engine: "Orthrus", bench: Bench, ids: list[list[int]]) -> di
 def run_bench(engine: "Orthrus", prompts: list[str], settings: BenchSettings, out: str | Path | None = None,
               block_size_auto: bool = False, prompt_source: str = "", limit: int | None = None,
               command: str = "", adapter_source: str | None = None, pass_costs: bool = False,
-              journal: str | Path | None = None) -> dict[str, Any]:
+              journal: str | Path | None = None, max_minutes: float | None = None) -> dict[str, Any]:
     """Benchmark ``settings.modes`` on ``prompts``; print nothing, return (and write) the report.
 
     Args:
@@ -108,6 +108,11 @@ def run_bench(engine: "Orthrus", prompts: list[str], settings: BenchSettings, ou
         journal: a JSONL path: rounds already journaled there (by the same machine, model,
             adapter, settings and prompts; checked) are not run again, and each new round is
             appended as it finishes (:mod:`orthrus.bench.journal`).
+        max_minutes: no round starts once this many minutes have passed since the runs began
+            (warm-up included; a ``block_size_auto`` calibration before them is not counted); the
+            report then covers the prompts of the rounds done (``settings.complete`` False,
+            ``settings.n_prompts`` of ``settings.n_prompts_planned``). With a journal, the same
+            call later goes on from there.
     Returns:
         The report dict (schema :data:`orthrus.bench.report.SCHEMA`).
     """
@@ -127,7 +132,10 @@ def run_bench(engine: "Orthrus", prompts: list[str], settings: BenchSettings, ou
                                        ngram_block_size=settings.ngram_block_size or NGRAM_BLOCK_SIZE)
     bench = Bench(engine, settings)
     book = None if journal is None else BenchJournal(journal, _journal_header(engine, bench, ids))
-    results = bench.run(ids, journal=book)
+    results = bench.run(ids, journal=book, max_seconds=None if max_minutes is None else 60 * max_minutes)
+    planned = len(prompts)
+    n = len(next(iter(results.values())).token_ids)
+    prompts, ids = prompts[:n], ids[:n]
     summary = summarize(results)
     model = engine.model
     adapter = engine.adapter
@@ -152,6 +160,7 @@ def run_bench(engine: "Orthrus", prompts: list[str], settings: BenchSettings, ou
             "parameters": sum(p.numel() for p in adapter.parameters())},
         "settings": {
             "prompts": prompt_source, "n_prompts": len(prompts), "limit": limit,
+            "n_prompts_planned": planned, "complete": len(prompts) == planned, "max_minutes": max_minutes,
             "prompt_tokens_mean": round(sum(len(x) for x in ids) / len(ids), 1),
             "max_new_tokens": settings.max_new_tokens, "batch_size": settings.batch_size,
             "warmup": settings.warmup, "modes": list(settings.modes),

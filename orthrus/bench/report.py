@@ -168,7 +168,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     n = env["cpu_threads"]
     where = env["device_name"] + (f" ({n} thread{'s' * (n != 1)})" if env["device"] == "cpu" else "")
     fig.suptitle(f"{report['model']['name']} ({st['dtype']}) on {where} | {st['prompts']} x"
-                 f"{st['n_prompts']}, {st['max_new_tokens']} new tokens, batch {st['batch_size']}", fontsize=9)
+                 f"{st['n_prompts']}" + ("" if st.get("complete", True) else f" (INCOMPLETE: of {st['n_prompts_planned']})")
+                 + f", {st['max_new_tokens']} new tokens, batch {st['batch_size']}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

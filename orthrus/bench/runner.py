@@ -159,6 +159,11 @@ class _HFRunner:
         return [r[: next((j + 1 for j, x in enumerate(r) if x in eos), len(r))] for r in rows]
 
 
+def now() -> float:
+    """The clock of the time budget (``time.monotonic``; a function, so that tests can replace it)."""
+    return time.monotonic()
+
+
 def load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -285,12 +290,17 @@ class Bench:
         finish = ["stop" if r and r[-1] in eos else "length" for r in out]
         return out, finish, DecodeStats(tokens=sum(len(r) for r in out))
 
-    def run(self, prompt_ids: list[list[int]], journal: "BenchJournal | None" = None) -> dict[str, ModeResult]:
+    def run(self, prompt_ids: list[list[int]], journal: "BenchJournal | None" = None,
+            max_seconds: float | None = None) -> dict[str, ModeResult]:
         """Warm up, then measure every mode on ``prompt_ids`` (chat-templated ids).
 
         ``journal``: rounds it holds are taken from it, not run again; each round run here is
         appended to it as soon as every mode has run it (see :mod:`orthrus.bench.journal`).
+        ``max_seconds``: no round starts once this much time has passed since the call (warm-up
+        included); the results then cover the rounds done (``self.rounds_done`` of
+        ``self.rounds_total``), and the prompts of later rounds are left out.
         """
+        deadline = None if max_seconds is None else now() + max_seconds
         s, eng = self.settings, self.engine
         if not prompt_ids:
             raise OrthrusError("no prompts to benchmark")
@@ -311,8 +321,13 @@ class Bench:
         results = {m: ModeResult(m, batch_size=1 if m == "hf-pld" else b,
                                  block_size=self._block_of(m)) for m in s.modes}
         per_prompt: dict[str, list[tuple[list[int], str]]] = {m: [] for m in s.modes}
+        self.rounds_total, self.rounds_done = len(rounds), 0
         for r, chunk in enumerate(rounds):
             got = done.get(r)
+            if got is None and deadline is not None and now() >= deadline:
+                log.info("time budget spent: %d of %d rounds done%s", r, len(rounds),
+                         " (the journal keeps them: rerun to go on)" if journal is not None else "")
+                break
             if got is None:
                 got = self._round(r, chunk)
                 if journal is not None:
@@ -326,7 +341,12 @@ class Bench:
                 res.stats = res.stats.merge(rec.stats)
                 res.forward_calls += rec.forward_calls
                 per_prompt[mode] += list(zip(rec.ids, rec.finish))
+            self.rounds_done = r + 1
             log.info("round %d/%d %s", r + 1, len(rounds), "done" if r in todo else "from the journal")
+        if not self.rounds_done:
+            raise OrthrusError("the time budget ended before the first round: nothing was measured")
+        rounds = rounds[: self.rounds_done]
+        measured = [x for c in rounds for x in c]
         if self.cuda:
             longest = max(rounds, key=lambda c: max(len(x) for x in c))
             for mode, res in results.items():
@@ -335,7 +355,7 @@ class Bench:
             res.token_ids = [x for x, _ in per_prompt[mode]]
             res.finish_reasons = [f for _, f in per_prompt[mode]]
             res.stats.seconds = res.seconds
-            res.memory = self._memory(res, prompt_ids)
+            res.memory = self._memory(res, measured)
         return results
 
     def _round(self, r: int, chunk: list[list[int]]) -> dict[str, RoundRecord]:

@@ -9,6 +9,7 @@ prints one fixed table and writes ``NAME.json`` and ``NAME.png`` (see ``bench/RE
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 from typing import Any
 
@@ -57,6 +58,9 @@ def register(subparsers: Any) -> None:
                    help="append each finished round to FILE and, when FILE exists, resume from it: its "
                         "rounds are not run again (it must come from the same machine, model, adapter, "
                         "settings and prompts; checked). For runs longer than a quiet stretch of the machine")
+    p.add_argument("--max-minutes", type=float, default=None, metavar="M",
+                   help="start no round after M minutes; the report covers the rounds done (marked "
+                        "incomplete). With --journal, rerun the same command to go on")
     p.add_argument("--out", default=None, metavar="PATH",
                    help="write PATH.json and PATH.png (e.g. bench/results/NAME); default: table only")
     p.set_defaults(func=run)
@@ -97,6 +101,8 @@ def _command(args: argparse.Namespace, block: int | str | None) -> str:
         parts.append("--pass-costs")
     if args.journal:
         parts += ["--journal", args.journal]
+    if args.max_minutes is not None:
+        parts += ["--max-minutes", str(args.max_minutes)]
     if args.out:
         parts += ["--out", args.out]
     return shlex.join(parts)
@@ -116,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
             raise OrthrusError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.limit < 0 or args.warmup < 0:
         raise OrthrusError("--limit and --warmup must be >= 0")
+    if args.max_minutes is not None and not (math.isfinite(args.max_minutes) and args.max_minutes > 0):
+        raise OrthrusError(f"--max-minutes must be a positive number, got {args.max_minutes}")
     if args.threads is not None:
         if args.threads < 1:
             raise OrthrusError(f"--threads must be >= 1, got {args.threads}")
@@ -141,12 +149,16 @@ def run(args: argparse.Namespace) -> int:
     command = _command(args, block="auto" if auto else block)
     report = run_bench(engine, prompts, settings, out=args.out, block_size_auto=auto,
                        prompt_source=args.prompts, limit=args.limit or None, command=command,
-                       adapter_source=args.adapter, pass_costs=args.pass_costs, journal=args.journal)
+                       adapter_source=args.adapter, pass_costs=args.pass_costs, journal=args.journal,
+                       max_minutes=args.max_minutes)
     st, env = report["settings"], report["environment"]
     n = env["cpu_threads"]
     print(f"{report['model']['name']} {st['dtype']} on {env['device_name']} ({env['device']}, "
           f"{n} CPU thread{'s' * (n != 1)}) | {st['prompts']}: {st['n_prompts']} prompts, "
           f"{st['max_new_tokens']} new tokens, batch {st['batch_size']}, warm-up {st['warmup']}")
+    if not st["complete"]:
+        print(f"INCOMPLETE: the time budget ({args.max_minutes} min) covered {st['n_prompts']} of "
+              f"{st['n_prompts_planned']} prompts" + ("; rerun the same command to go on" if args.journal else ""))
     if report["journal"]:
         j = report["journal"]
         print(f"journal {j['path']}: {j['rounds']} rounds, {j['resumed_rounds']} of them from earlier runs "
