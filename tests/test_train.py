@@ -582,3 +582,33 @@ def test_bf16_training_on_cpu_evaluates_with_the_float32_model(loaded, tmp_path)
     tr2 = Trainer(config(tmp_path / "again", max_steps=1, anchors_per_seq=16, eval_rows=4, dtype="bfloat16"),
                   base, loaded.fingerprint, docs, adapter=saved, progress=False)
     assert all(torch.equal(v, saved.state_dict()[k]) for k, v in tr2.adapter.state_dict().items())
+
+
+def test_cli_eval_only_evaluates_the_adapter_and_writes_nothing(folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ORTHRUS_CACHE", str(tmp_path / "cache"))  # no step-0 evaluation cached before
+    data = tmp_path / "text.jsonl"
+    with open(data, "w") as f:
+        for d in random_docs(30, seed=4):
+            f.write(json.dumps({"prompt": " ".join(f"w{t}" for t in d.ids[: d.n_prompt]),
+                                "response": " ".join(f"w{t}" for t in d.ids[d.n_prompt:])}) + "\n")
+    common = ["--model", str(folder), "--data", str(data), "--block-size", "4", "--seq-len", "64",
+              "--eval-rows", "6", "--no-progress"]
+    out = tmp_path / "run"
+    assert cli.main(["train", *common, "--out", str(out), "--max-steps", "2", "--eval-every", "0"]) == 0
+    before = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval_before"]
+    files = lambda: sorted(str(p) for p in tmp_path.rglob("*") if "cache" not in p.relative_to(tmp_path).parts)  # noqa: E731
+    listing = files()
+    assert cli.main(["train", *common, "--eval-only", "--adapter", str(out)]) == 0  # the run's adapter
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ev["eval_only"] and ev["eval_rows"] == 6 and ev["block_size"] == 4
+    after = read_log(out)[-1]  # the run's last evaluation, of the adapter just evaluated
+    assert ev["eval"]["eval_acceptance_length"] == pytest.approx(after["eval_acceptance_length"], abs=1e-6)
+    assert ev["eval"]["eval_blocks"] == before["eval_blocks"] > 0
+    assert files() == listing  # nothing written (the step-0 evaluation cache aside)
+    # every row held out is fine when nothing trains; --out is then not needed, --resume refused
+    assert cli.main(["train", *common[:-3], "--eval-rows", "30", "--no-progress", "--eval-only"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval_rows"] == 30
+    assert cli.main(["train", *common, "--eval-only", "--resume"]) == 2
+    assert "--eval-only evaluates an adapter; --resume continues a run" in capsys.readouterr().err
+    assert cli.main(["train", *common]) == 2
+    assert "--out DIR is required" in capsys.readouterr().err

@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 from orthrus.config import DTYPES
+from orthrus.errors import OrthrusError
 from orthrus.models.loading import DEFAULT_MODEL
 
 
@@ -28,7 +29,11 @@ def register(subparsers: Any) -> None:
         description="Train the diffusion view of a frozen model on JSON Lines data from orthrus distill "
                     "(prompt_ids/response_ids) or prompt/response text. Runs under torchrun for DDP.")
     p.add_argument("--data", required=True, metavar="FILE.jsonl", help="training data")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (adapter, log, state)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (adapter, log, state); required "
+                   "unless --eval-only")
+    p.add_argument("--eval-only", action="store_true",
+                   help="evaluate --adapter (else a fresh one) on the held-out rows (--eval-rows, "
+                        "--eval-blocks, --block-size) and print the result as JSON; trains and writes nothing")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL, help=f"frozen base model (default: {DEFAULT_MODEL})")
     g.add_argument("--adapter", default=None, metavar="DIR", help="continue from this adapter (default: fresh)")
@@ -91,8 +96,10 @@ def run(args: argparse.Namespace) -> int:
     from orthrus.train.config import TrainConfig
     from orthrus.train.trainer import run_training
 
+    if args.out is None and not args.eval_only:
+        raise OrthrusError("--out DIR is required (the folder for the adapter, log and state), unless --eval-only")
     cfg = TrainConfig(
-        data=args.data, out=args.out, model=args.model, adapter=args.adapter, adapter_kind=args.adapter_kind,
+        data=args.data, out=args.out or "", eval_only=args.eval_only, model=args.model, adapter=args.adapter, adapter_kind=args.adapter_kind,
         max_steps=args.max_steps, epochs=args.epochs, max_minutes=args.max_minutes, block_size=args.block_size, seq_len=args.seq_len,
         anchors_per_seq=args.anchors_per_seq, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, loss=args.loss, device=args.device,
@@ -100,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
         eval_every=args.eval_every, save_every=args.save_every, eval_rows=args.eval_rows, eval_blocks=args.eval_blocks,
         use_flex=args.use_flex, block_kind=args.block_kind, slot_decay=args.slot_decay)
     summary = run_training(cfg, progress=not args.no_progress)
+    if args.eval_only:
+        print(json.dumps(summary))
+        return 0
     if int(os.environ.get("RANK", "0")) == 0:
         ev0, ev1 = summary.get("eval_before"), summary.get("eval_after")
         acc = "".join(f", eval acceptance length{sfx.replace('_', ' ')} {ev0[key]:.3f} -> {ev1[key]:.3f}"

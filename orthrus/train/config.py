@@ -40,7 +40,8 @@ class TrainConfig:
     ``warmup`` None: 5% of the steps. ``block_kind``: which blocks to train (``BLOCK_KINDS``, or
     ``mix``: every other anchor of a row is a ``masked`` block, so one adapter drafts for both
     schedules). ``slot_decay``: weigh slot ``i``'s loss by ``exp(-i / slot_decay)`` (None: uniform).
-    ``eval_rows`` None: the last 2% of documents (none under 20). ``dtype`` None: float32 on CPU,
+    ``eval_only``: evaluate the adapter on the held-out rows and stop (nothing trained, nothing
+    written; ``out`` unused). ``eval_rows`` None: the last 2% of documents (none under 20). ``dtype`` None: float32 on CPU,
     bfloat16 on CUDA (then bf16 autocast, fp32 adapter weights). ``bfloat16`` on a CPU trains the
     same way on a bf16 copy of the float32 model (2x faster on CPUs with AMX) and evaluates with
     the float32 model, which is what decodes on a CPU. ``use_flex`` None: on CUDA.
@@ -77,6 +78,7 @@ class TrainConfig:
     use_flex: bool | None = None
     block_kind: str = "anchor"
     slot_decay: float | None = None
+    eval_only: bool = False
 
     def __post_init__(self) -> None:
         check(self.block_kind in TRAIN_BLOCK_KINDS,

@@ -263,13 +263,16 @@ def pack(docs: list[Document], seq_len: int, min_response: int = 2) -> Packed:
     return Packed(tokens, doc, response)
 
 
-def split_eval(docs: list[Document], eval_rows: int | None) -> tuple[list[Document], list[Document]]:
+def split_eval(docs: list[Document], eval_rows: int | None,
+               all_rows: bool = False) -> tuple[list[Document], list[Document]]:
     """``(train, eval)``: the last ``eval_rows`` documents are held out (default: 2%, at least one,
-    when there are 20 or more; none below that)."""
+    when there are 20 or more; none below that). ``all_rows``: every row may be held out (an
+    evaluation that trains nothing)."""
     n = len(docs)
     k = (max(1, n // 50) if n >= 20 else 0) if eval_rows is None else eval_rows
-    if k < 0 or k >= n:
-        raise OrthrusError(f"--eval-rows must be in [0, {n - 1}] for {n} rows of data, got {k}")
+    top = n if all_rows else n - 1
+    if k < 0 or k > top:
+        raise OrthrusError(f"--eval-rows must be in [0, {top}] for {n} rows of data, got {k}")
     return docs[: n - k], docs[n - k:]
 
 

@@ -147,7 +147,10 @@ class Trainer(Evaluation, Checkpoints):
         check(not self.use_flex or self.device.type == "cuda",
               "--flex needs a CUDA device (on the CPU flex attention has no exact backward pass): use --no-flex")
 
-        train_docs, eval_docs = split_eval(docs, cfg.eval_rows)
+        train_docs, eval_docs = split_eval(docs, cfg.eval_rows, all_rows=cfg.eval_only)
+        if cfg.eval_only:  # every row may be held out: nothing trains
+            check(bool(eval_docs), "--eval-only: no held-out rows (--eval-rows N holds out the last N rows)")
+            train_docs = train_docs or eval_docs
         check(bool(train_docs), "no training rows left after holding out --eval-rows")
         self.train_data = pack(train_docs, cfg.seq_len)
         self.eval_data = None
@@ -164,7 +167,7 @@ class Trainer(Evaluation, Checkpoints):
             self.eval_stride = max(1, -(-total // cfg.eval_block_budget))
         per_step = cfg.batch_size * cfg.grad_accum * self.world
         self.steps_per_epoch = len(self.train_data) // per_step
-        check(self.steps_per_epoch >= 1,
+        check(self.steps_per_epoch >= 1 or cfg.eval_only,
               f"the data packs into {len(self.train_data)} rows of {cfg.seq_len} tokens, but one step needs "
               f"{per_step} (--batch-size x --grad-accum x processes): add data or lower them")
         limit = math.inf if cfg.max_steps is None else cfg.max_steps
@@ -394,7 +397,9 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     parse_device(cfg.device)
     parse_dtype(cfg.base_dtype)
     out = Path(cfg.out).expanduser()
-    if not cfg.resume and ((out / STATE).exists() or (out / WEIGHTS).exists()):
+    if cfg.eval_only:
+        check(not cfg.resume, "--eval-only evaluates an adapter; --resume continues a run: pass one of them")
+    elif not cfg.resume and ((out / STATE).exists() or (out / WEIGHTS).exists()):
         raise OrthrusError(f"'{out}' already holds a training run or an adapter: pass --resume to continue "
                            "it, or choose another --out")
     if cfg.resume and not (out / STATE).is_file():
@@ -412,6 +417,11 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if cfg.adapter is not None:
         adapter = DiffusionAdapter.load(cfg.adapter, loaded.model, loaded.fingerprint)
     trainer = Trainer(cfg, loaded.model, loaded.fingerprint, docs, adapter, progress=progress)
+    if cfg.eval_only:
+        check(trainer.eval_data is not None, "--eval-only: no held-out row keeps a response within --seq-len")
+        return {"eval_only": True, "adapter": cfg.adapter, "data": cfg.data,
+                "eval_rows": len(split_eval(docs, cfg.eval_rows, all_rows=True)[1]),
+                "block_size": trainer.block_size, "eval": trainer._first_evaluation()}
     try:
         return trainer.train()
     finally:
