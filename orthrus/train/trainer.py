@@ -150,15 +150,16 @@ class Trainer(Evaluation, Checkpoints):
         train_docs, eval_docs = split_eval(docs, cfg.eval_rows, all_rows=cfg.eval_only)
         if cfg.eval_only:  # every row may be held out: nothing trains
             check(bool(eval_docs), "--eval-only: no held-out rows (--eval-rows N holds out the last N rows)")
-            train_docs = train_docs or eval_docs
-        check(bool(train_docs), "no training rows left after holding out --eval-rows")
-        self.train_data = pack(train_docs, cfg.seq_len)
+        else:
+            check(bool(train_docs), "no training rows left after holding out --eval-rows")
         self.eval_data = None
         if eval_docs:
             try:
                 self.eval_data = pack(eval_docs, cfg.seq_len)
             except OrthrusError:
+                check(not cfg.eval_only, "--eval-only: no held-out row keeps a response within --seq-len")
                 log.warning("no held-out row keeps a response within --seq-len: no evaluation")
+        self.train_data = self.eval_data if cfg.eval_only else pack(train_docs, cfg.seq_len)
         # evaluate every anchor, or every eval_stride-th one when there are more than --eval-blocks
         self.eval_stride = 1
         if self.eval_data is not None:
@@ -418,7 +419,6 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         adapter = DiffusionAdapter.load(cfg.adapter, loaded.model, loaded.fingerprint)
     trainer = Trainer(cfg, loaded.model, loaded.fingerprint, docs, adapter, progress=progress)
     if cfg.eval_only:
-        check(trainer.eval_data is not None, "--eval-only: no held-out row keeps a response within --seq-len")
         return {"eval_only": True, "adapter": cfg.adapter, "data": cfg.data,
                 "eval_rows": len(split_eval(docs, cfg.eval_rows, all_rows=True)[1]),
                 "block_size": trainer.block_size, "eval": trainer._first_evaluation()}
