@@ -30,6 +30,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from orthrus.jsonl import iter_jsonl
+
 REPO = Path(__file__).resolve().parents[1]
 ADAPTER_DIR = REPO / "orthrus" / "adapters" / "smollm2-135m"
 MAX_ADAPTER_BYTES = 16 * 1024 * 1024
@@ -61,7 +63,7 @@ def run_machines(runs: list[Path], prior: dict | None) -> list[tuple[str, str]]:
 
 
 def _log(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
+    return [row for _, row in iter_jsonl(run / "log.jsonl", "training log")]
 
 
 def command(cfg: dict) -> str:
@@ -156,7 +158,8 @@ DEFAULT_DATA_NOTE = (
 
 def training_md(runs: list[Path], data: Path, points: list[dict], nbytes: int, prior: dict | None = None,
                 data_note: str = DEFAULT_DATA_NOTE) -> str:
-    rows = [json.loads(x) for x in data.read_text().splitlines() if x.strip()]
+    # split on "\n" only (iter_jsonl): distilled responses may hold U+2028, which str.splitlines() splits on
+    rows = [row for _, row in iter_jsonl(data, "training data")]
     ids = sorted(int(r["id"]) for r in rows)
     digest = hashlib.sha256(data.read_bytes()).hexdigest()
     cfgs = [json.loads((r / "train_config.json").read_text()) for r in runs]
