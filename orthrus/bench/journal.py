@@ -114,7 +114,8 @@ class BenchJournal:
         self.resumed = len(self.done)
 
     def _read(self) -> None:
-        lines = self.path.read_text().split("\n")
+        # bytes, so that the offsets below are file offsets whatever the lines hold
+        lines = self.path.read_bytes().split(b"\n")
         found = json.loads(lines[0])  # check_journal_path read it
         diff = _differences(found, self.header)
         if diff:
@@ -125,11 +126,12 @@ class BenchJournal:
         good = len(lines[0]) + 1
         for line in lines[1:]:
             if not line.strip():
+                good += len(line) + 1
                 continue
             try:
                 rec = json.loads(line)
                 results = {m: RoundRecord.from_dict(d) for m, d in rec["results"].items()}
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
                 break  # a torn last line: the round it held is run again
             self.done[int(rec["round"])] = results
             self.writers.add(str(rec.get("writer")))
