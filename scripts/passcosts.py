@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from orthrus.adapter import DiffusionAdapter
-from orthrus.bench.runner import device_name
+from orthrus.models.quant import device_name
 from orthrus.engine import DEFAULT_ADAPTERS, DEFAULT_MODEL
 from orthrus.models.loading import load_base
 

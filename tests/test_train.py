@@ -577,6 +577,11 @@ def test_bf16_training_on_cpu_evaluates_with_the_float32_model(loaded, tmp_path)
                   base, loaded.fingerprint, docs, adapter=saved, progress=False).evaluate()
     got = tr.evaluate()
     assert got["eval_slot_accept"] == ref["eval_slot_accept"]
+    # an evaluation alone (--eval-only) makes no bf16 copy and no optimizer, and judges the same
+    only = Trainer(config(tmp_path / "only", eval_only=True, anchors_per_seq=16, eval_rows=4, dtype="bfloat16"),
+                   base, loaded.fingerprint, docs, adapter=saved, progress=False)
+    assert only.base is base and only.eval_base is base and not hasattr(only, "optimizer")
+    assert only.evaluate()["eval_slot_accept"] == ref["eval_slot_accept"]
     assert abs(got["eval_loss"] - ref["eval_loss"]) < 1e-6
     # warm-starting a bf16 run from that adapter starts from the same weights
     tr2 = Trainer(config(tmp_path / "again", max_steps=1, anchors_per_seq=16, eval_rows=4, dtype="bfloat16"),

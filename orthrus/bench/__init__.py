@@ -28,8 +28,9 @@ from orthrus.bench.blocksize import (CALIBRATION_PROMPTS, DEFAULT_CANDIDATES, Bl
 from orthrus.bench.report import SCHEMA, check_plotting, format_table, plot, summarize, write_json
 from orthrus.bench.journal import BenchJournal, ids_digest, tensors_digest
 from orthrus.bench.runner import (ADAPTER_MODES, MODES, PLD_TOKENS, Bench, BenchSettings, ModeResult, load_average,
-                                  device_name, exact_match, parse_modes, peak_rss_bytes, rss_bytes)
+                                  exact_match, parse_modes, peak_rss_bytes, rss_bytes)
 from orthrus.decoding.ngram import NGRAM_BLOCK_SIZE
+from orthrus.models.quant import device_name
 
 if TYPE_CHECKING:
     from orthrus.engine import Orthrus

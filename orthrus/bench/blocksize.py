@@ -293,7 +293,7 @@ CACHE_FILE = "blocksize.json"
 
 def _choice_key(engine: "Orthrus", batch_size: int, candidates: Sequence[int] = DEFAULT_CANDIDATES) -> str:
     """What a measured choice depends on: model, adapter weights, device, dtype, threads, batch."""
-    from orthrus.bench.runner import device_name
+    from orthrus.models.quant import device_name
 
     h = hashlib.sha256()
     assert engine.adapter is not None

@@ -40,7 +40,7 @@ from orthrus.decoding.ngram import NGRAM_BLOCK_SIZE
 from orthrus.bench.journal import RoundRecord
 from orthrus.decoding.stats import DecodeStats
 from orthrus.errors import OrthrusError
-from orthrus.models.quant import cpu_name
+from orthrus.models.quant import device_name
 
 if TYPE_CHECKING:
     from orthrus.bench.journal import BenchJournal
@@ -198,12 +198,6 @@ def rss_bytes() -> int:
 def peak_rss_bytes() -> int:
     """Peak resident memory of the whole process so far (``ru_maxrss``, KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return cpu_name()
 
 
 @dataclass(frozen=True)

@@ -51,14 +51,21 @@ def cpu_name() -> str:
     return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
+def device_name(device: torch.device | str = "cpu") -> str:
+    """The name of the chip ``device`` runs on: the GPU's name, or this CPU's model name."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
+
+
 def machine_name(device: torch.device | str = "cpu") -> str:
     """The machine a job runs on, for records: ``a 2-core <CPU name> (x86_64)``, or the GPU's name."""
     import os
     import platform
 
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+    if torch.device(device).type == "cuda":
+        return device_name(device)
     return f"a {os.cpu_count()}-core {cpu_name()} ({platform.machine()})"
 
 

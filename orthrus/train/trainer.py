@@ -114,7 +114,8 @@ class Trainer(Evaluation, Checkpoints):
         # on CPUs with AMX) trains a bf16 copy of the float32 model it is given and is judged by the
         # float32 model, which verifies there
         self.eval_base = base
-        if base.device.type == "cpu" and base.dtype == torch.float32 and cfg.base_dtype != "float32":
+        if (base.device.type == "cpu" and base.dtype == torch.float32 and cfg.base_dtype != "float32"
+                and not cfg.eval_only):
             base = copy.deepcopy(base).to(getattr(torch, cfg.base_dtype))
             adapter = adapter.bound_to(base) if adapter is not None else None
         self.base = base
@@ -179,13 +180,15 @@ class Trainer(Evaluation, Checkpoints):
         packed_bytes = self.train_data.tokens.tobytes() + self.train_data.doc.tobytes()
         self.data_hash = hashlib.sha256(packed_bytes).hexdigest()[:16]
 
-        params = [p for p in self.adapter.parameters() if p.requires_grad]
         assert not any(p.requires_grad for p in base.parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.drafter: nn.Module = BlockDrafter(self.adapter)
-        if self.world > 1:
-            self.drafter = nn.parallel.DistributedDataParallel(self.drafter, device_ids=None)
+        if not cfg.eval_only:  # an evaluation needs no optimizer state (two fp32 copies of the adapter)
+            params = [p for p in self.adapter.parameters() if p.requires_grad]
+            self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95),
+                                               weight_decay=cfg.weight_decay)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+            self.drafter: nn.Module = BlockDrafter(self.adapter)
+            if self.world > 1:
+                self.drafter = nn.parallel.DistributedDataParallel(self.drafter, device_ids=None)
         self.cache = base.new_cache(cfg.batch_size, cfg.seq_len)
         self.eval_cache = self.cache if self.eval_base is base else self.eval_base.new_cache(cfg.batch_size,
                                                                                              cfg.seq_len)

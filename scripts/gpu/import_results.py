@@ -33,7 +33,7 @@ def _last_json(path: Path) -> dict | None:
     """The last line of a log that is a JSON object (our commands print their summary so)."""
     if not path.is_file():
         return None
-    for line in reversed(path.read_text(errors="replace").splitlines()):
+    for line in reversed(path.read_text(errors="replace").split("\n")):  # not splitlines(): U+2028 is text
         if line.startswith("{"):
             try:
                 return json.loads(line)
@@ -45,8 +45,9 @@ def _last_json(path: Path) -> dict | None:
 def _evals(log_jsonl: Path) -> list[dict]:
     if not log_jsonl.is_file():
         return []
-    rows = [json.loads(line) for line in log_jsonl.read_text().splitlines() if line.strip()]
-    return [r for r in rows if "eval_acceptance_length" in r]
+    from orthrus.jsonl import iter_jsonl
+
+    return [r for _, r in iter_jsonl(log_jsonl, "training log") if "eval_acceptance_length" in r]
 
 
 def headline(results: dict[str, dict]) -> str:
