@@ -14,6 +14,7 @@ from orthrus import cli
 from orthrus.bench import (BenchSettings, BlockSizeChoice, PassTimes, acceptance_curve, blocksize, choose_block_size,
                            decide_block_size, exact_match, expected_tokens, measure_pass_times, parse_modes,
                            run_bench)
+from orthrus.bench.report import markdown_table
 from orthrus.decoding.stats import DecodeStats
 from orthrus.engine import Orthrus
 from orthrus.errors import OrthrusError
@@ -382,3 +383,13 @@ def test_time_budget_reports_the_rounds_done_and_a_journal_goes_on(tiny_engine, 
     assert whole["settings"]["complete"] and whole["journal"]["resumed_rounds"] == 2
     assert [r["prompts"] for r in whole["results"].values()] == [4, 4]
     assert whole["results"]["parallel"]["exact_match_vs_ar"] == 1.0
+    # the README's table (scripts/bench_table.py) says which run stopped early, and what each holds
+    table = markdown_table({"part": json.loads(json.dumps(part)), "whole": whole}).split("\n")
+    assert len(table) == 2 + 4
+    assert "x 2 of 4, INCOMPLETE, 5 tokens, float32, K = 4)" in table[2]
+    assert "x 4, 5 tokens, float32, K = 4)" in table[4] and "INCOMPLETE" not in table[4]
+    cells = table[5].strip("|").split(" | ")
+    r = whole["results"]["parallel"]
+    assert [c.strip() for c in cells[1:]] == [
+        "parallel", f"{r['tokens_per_second']:.2f}", f"{r['speedup_vs_ar']:.2f}x", "-", f"{r['tpf']:.2f}",
+        f"{r['acceptance_length']:.2f}", "100%", f"{r['memory']['peak_bytes'] / 2**20:.0f} MiB"]

@@ -109,6 +109,30 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(reports: dict[str, dict[str, Any]]) -> str:
+    """A markdown table of saved reports (``{name: report JSON}``): a row per run and mode with
+    tok/s, the ratios to our AR and to transformers, TPF, acceptance length, exactness and peak
+    memory. A run stopped by ``--max-minutes`` is labelled with the prompts it covers."""
+    lines = ["| run | mode | tok/s | vs our AR | vs HF | TPF | acceptance length | exact vs AR | peak memory |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, rep in reports.items():
+        st = rep["settings"]
+        done = (f"{st['prompts']} x {st['n_prompts']}" if st.get("complete", True)
+                else f"{st['prompts']} x {st['n_prompts']} of {st['n_prompts_planned']}, INCOMPLETE")
+        k = "" if st.get("block_size") is None else f", K = {st['block_size']}"
+        label = f"`{name}` ({done}, {st['max_new_tokens']} tokens, {st['dtype']}{k})"
+        for mode, r in rep["results"].items():
+            mem = r.get("memory", {}).get("peak_bytes")
+            exact = r.get("exact_match_vs_ar")
+            cells = [label, mode, f"{r['tokens_per_second']:.2f}", _fmt(r.get("speedup_vs_ar"), ".2f", "x"),
+                     _fmt(r.get("speedup_vs_hf"), ".2f", "x"), f"{r['tpf']:.2f}", f"{r['acceptance_length']:.2f}",
+                     _fmt(None if exact is None else 100 * exact, ".0f", "%"),
+                     _fmt(None if not mem else mem / 2**20, ".0f", " MiB")]
+            lines.append("| " + " | ".join(cells) + " |")
+            label = ""
+    return "\n".join(lines)
+
+
 def write_json(report: dict[str, Any], path: Path) -> None:
     """Write ``report`` to ``path`` atomically (a temp file renamed into place)."""
     path.parent.mkdir(parents=True, exist_ok=True)

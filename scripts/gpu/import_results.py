@@ -24,6 +24,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from orthrus.bench.report import markdown_table
+
 REPO = Path(__file__).resolve().parents[2]
 ADAPTER_DIR = REPO / "orthrus" / "adapters" / "smollm2-135m"
 MAX_ADAPTER_BYTES = 16 * 1024 * 1024
@@ -48,27 +50,6 @@ def _evals(log_jsonl: Path) -> list[dict]:
     from orthrus.jsonl import iter_jsonl
 
     return [r for _, r in iter_jsonl(log_jsonl, "training log") if "eval_acceptance_length" in r]
-
-
-def headline(results: dict[str, dict]) -> str:
-    """Markdown rows: set, mode, tok/s, vs AR, vs HF, TPF, acceptance length, exact vs AR, peak memory."""
-    lines = ["| run | mode | tok/s | vs our AR | vs HF | TPF | acceptance length | exact vs AR | peak memory |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name, rep in results.items():
-        st = rep["settings"]
-        label = (f"`{name}` ({st['prompts']} x {st['n_prompts']}, {st['max_new_tokens']} tokens, "
-                 f"{st['dtype']}, K = {st['block_size']})")
-        for mode, r in rep["results"].items():
-            mem = r.get("memory", {}).get("peak_bytes")
-            cells = [label, mode, f"{r['tokens_per_second']:.1f}",
-                     f"{r['speedup_vs_ar']:.2f}x" if r.get("speedup_vs_ar") else "-",
-                     f"{r['speedup_vs_hf']:.2f}x" if r.get("speedup_vs_hf") else "-",
-                     f"{r['tpf']:.2f}", f"{r['acceptance_length']:.2f}",
-                     f"{100 * r['exact_match_vs_ar']:.0f}%" if r.get("exact_match_vs_ar") is not None else "-",
-                     f"{mem / 2**20:.0f} MiB" if mem else "-"]
-            lines.append("| " + " | ".join(cells) + " |")
-            label = ""
-    return "\n".join(lines)
 
 
 def training_md(work: Path, env: str, status: str) -> str:
@@ -152,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("no adapter files: none installed")
     print()
-    print(headline(results))
+    print(markdown_table(results))
     return 0
 
 
