@@ -21,6 +21,7 @@ from orthrus.train import trainer as trainer_mod
 from orthrus.train.data import Document, iter_json_array, read_documents, sharegpt_prompts
 from orthrus.train.loss import distill_loss, slot_weights
 from orthrus.train.config import LOG, STATE, TrainConfig
+from orthrus.train.evaluation import decode_order_cycles
 from orthrus.train.trainer import BUDGET_PROBE, BUDGET_SKIP, Trainer
 from tiny import make_tiny_folder
 
@@ -174,6 +175,43 @@ def test_adapter_learns_and_still_decodes_exactly_ar(loaded, tmp_path, kind):
     par = decode_all(base, adapter, prompts, gen_par, K)
     assert [r.tokens for r in par] == [r.tokens for r in ar]
     assert sum(r.stats.tokens for r in par) > sum(r.stats.verify_passes for r in par), "some drafts accepted"
+
+
+def test_decode_order_cycles_follow_the_kept_tokens():
+    # anchors 10..19 of one response; each cycle starts after the token the verify pass added
+    accepted = {10: 2, 11: 0, 12: 0, 13: 3, 14: 1, 15: 0, 16: 0, 17: 1, 18: 0, 19: 0}
+    assert decode_order_cycles(accepted) == [2, 3, 1, 0]  # anchors 10, 13, 17, 19; 21 has no block
+    assert decode_order_cycles({}) == [] and decode_order_cycles({4: 0}) == [0]
+
+
+def test_decode_order_acceptance_is_what_greedy_decoding_gets(loaded, tmp_path):
+    """On responses that are the model's own greedy output, an evaluation of every anchor gives the
+    accepted drafts of each cycle greedy parallel decoding runs, up to where a whole block still
+    fits (decoding then ends with shorter blocks): its histogram is the start of decoding's."""
+    base = loaded.model
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(5, 97, (int(n),), generator=g).tolist() for n in torch.randint(3, 8, (8,), generator=g)]
+    n_new = 28
+    greedy = decode_all(base, None, prompts, GenerationConfig(max_new_tokens=n_new, mode="ar", ignore_eos=True), 1)
+    docs = [Document(tuple(p + r.tokens), len(p)) for p, r in zip(prompts, greedy)]
+    cfg = config(tmp_path / "fit", adapter_kind="lora:4", max_steps=30, anchors_per_seq=48, lr=3e-3, warmup=2)
+    Trainer(cfg, base, loaded.fingerprint, docs, progress=False).train()  # drafts worth keeping
+    adapter = DiffusionAdapter.load(tmp_path / "fit", base, loaded.fingerprint).eval().requires_grad_(False)
+    ev = Trainer(config(tmp_path / "ev", eval_only=True, eval_rows=len(docs), eval_blocks=10**6),
+                 base, loaded.fingerprint, docs, adapter=adapter, progress=False).evaluate()
+    par = decode_all(base, adapter, prompts, GenerationConfig(max_new_tokens=n_new, mode="parallel",
+                                                              ignore_eos=True), K)
+    assert [r.tokens for r in par] == [r.tokens for r in greedy]
+    hist = [0] * K
+    for r in par:
+        for a, n in enumerate(r.stats.accept_hist):
+            hist[a] += n
+    chain = ev["eval_decode_hist"]
+    assert sum(chain) == ev["eval_decode_cycles"] and all(c <= h for c, h in zip(chain, hist))
+    # decoding's cycles past the chain: those of the last K - 1 tokens of each response at most
+    assert 0 < sum(hist) - sum(chain) <= len(docs) * (K - 1)
+    assert ev["eval_decode_acceptance"] == pytest.approx(1 + sum(a * n for a, n in enumerate(chain)) / sum(chain))
+    assert sum(a * n for a, n in enumerate(hist)) > 0.3 * sum(hist), "drafts are kept: the check is not trivial"
 
 
 def test_mixed_block_kinds_train_and_evaluate_both(loaded, tmp_path):

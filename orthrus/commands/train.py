@@ -84,7 +84,8 @@ def register(subparsers: Any) -> None:
                    help="held-out rows: the last N of the data (default: 2%%, none under 20 rows)")
     g.add_argument("--eval-blocks", type=int, default=C.eval_blocks, metavar="N",
                    help="held-out blocks per evaluation, at most about N: every k-th anchor when the "
-                        "held-out rows have more (default: 4096 on CUDA, 256 on a CPU)")
+                        "held-out rows have more (default: 4096 on CUDA, 256 on a CPU); with every "
+                        "anchor evaluated, also the acceptance greedy decoding gets along the responses")
     g.add_argument("--save-every", type=int, default=C.save_every, metavar="N",
                    help=f"checkpoint every N steps and at the end (0: at the end; default: {C.save_every})")
     g.add_argument("--resume", action="store_true", help="continue the run in --out (optimizer, data position)")

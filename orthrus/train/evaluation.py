@@ -24,6 +24,27 @@ from orthrus.train.loss import accepted_prefix, evaluate_slots
 log = logging.getLogger(__name__)
 
 EVAL_CACHE = "evals.json"  # step-0 evaluations, under $ORTHRUS_CACHE
+EVAL_VERSION = 2  # in the cache key: 2 added the decode-order acceptance
+
+
+def decode_order_cycles(accepted: dict[int, int]) -> list[int]:
+    """The drafts greedy decoding keeps, cycle after cycle, along one held-out response.
+
+    Args:
+        accepted: ``{anchor position: accepted drafts}`` for every anchor of the response whose
+            whole block lies in it (the anchor is the last kept token; its block drafts the next
+            ``K-1``).
+    Returns:
+        accepted drafts per cycle, in order: decoding's first cycle drafts after the first response
+        token (the prefill's), and each next cycle after the token the verify pass added itself
+        (``p + a + 1``); it ends where no whole block fits any more.
+    """
+    out: list[int] = []
+    p = min(accepted, default=None)
+    while p is not None and p in accepted:
+        out.append(accepted[p])
+        p += accepted[p] + 1
+    return out
 
 
 class Evaluation:
@@ -43,7 +64,15 @@ class Evaluation:
 
         ``eval_slot_accept[i]``: fraction of blocks whose drafts 1..i+1 all equal the teacher's
         argmax (greedy verification accepts them); ``eval_acceptance_length``: 1 + their sum, the
-        expected tokens per verify pass.
+        expected tokens per verify pass at a position drawn uniformly from the responses.
+
+        Decoding does not draw positions uniformly: each cycle starts right after the token its
+        last verify pass had to correct, which is often harder to continue. When every anchor is
+        evaluated (stride 1: ``--eval-blocks`` at least the held-out rows' blocks), the anchor
+        kind also reports ``eval_decode_acceptance``: the mean tokens per verify pass of greedy
+        decoding itself along the held-out responses (:func:`decode_order_cycles`, float32
+        drafts), over ``eval_decode_cycles`` cycles (``eval_decode_hist[a]``: the cycles that kept
+        ``a`` drafts).
         """
         if self.eval_data is None:
             return None
@@ -60,6 +89,8 @@ class Evaluation:
         slots = torch.zeros(k - 1, device=self.device)
         blocks = torch.zeros((), device=self.device)
         count = torch.zeros((), device=self.device)
+        # {(held-out row, document): {anchor position: accepted drafts}}, when every anchor is drawn
+        per_doc: dict[tuple[int, int], dict[int, int]] | None = {} if self.eval_stride == 1 and not masked else None
         self.adapter.eval()
         base = self.eval_base
         drafter = BlockDrafter(self.adapter if base is self.base else self.adapter.bound_to(base).eval())
@@ -81,12 +112,25 @@ class Evaluation:
                     acc = accepted_prefix(sa, ta) * valid[:, :, None]
                     slots += acc.sum((0, 1))
                     blocks += valid.sum()
+                    if per_doc is not None:
+                        kept, pos = acc.sum(-1).long().cpu(), anchors.cpu()
+                        for i, j in valid.cpu().nonzero().tolist():
+                            p = int(pos[i, j])
+                            per_doc.setdefault((int(rows[i]), int(cpu.doc[i, p])), {})[p] = int(kept[i, j])
         self.adapter.train()
         nb = max(1.0, blocks.item())
         rates = (slots / nb).tolist()
-        return {"eval_loss": (loss_sum / count.clamp(min=1)).item(),
-                "eval_slot_accept": [round(r, 5) for r in rates],
-                "eval_acceptance_length": 1.0 + sum(rates), "eval_blocks": int(blocks.item())}
+        out = {"eval_loss": (loss_sum / count.clamp(min=1)).item(),
+               "eval_slot_accept": [round(r, 5) for r in rates],
+               "eval_acceptance_length": 1.0 + sum(rates), "eval_blocks": int(blocks.item())}
+        if per_doc:
+            cycles = [a for doc in per_doc.values() for a in decode_order_cycles(doc)]
+            hist = [0] * k
+            for a in cycles:
+                hist[a] += 1
+            out |= {"eval_decode_acceptance": 1.0 + sum(cycles) / len(cycles), "eval_decode_cycles": len(cycles),
+                    "eval_decode_hist": hist}
+        return out
 
     def _eval_key(self) -> str:
         """What a held-out evaluation depends on: the adapter's weights, the held-out rows, the
@@ -97,7 +141,7 @@ class Evaluation:
             h.update(v.detach().float().cpu().numpy().tobytes())
         ev = self.eval_data
         h.update(ev.tokens.tobytes() + ev.doc.tobytes())
-        h.update(json.dumps([self.block_size, list(self.block_kinds), self.eval_stride, self.cfg.anchors_per_seq,
+        h.update(json.dumps([EVAL_VERSION, self.block_size, list(self.block_kinds), self.eval_stride, self.cfg.anchors_per_seq,
                              self.cfg.batch_size, self.cfg.loss, self.adapter.config.base_fingerprint,
                              str(self.eval_base.dtype), torch.__version__]).encode())
         return h.hexdigest()
