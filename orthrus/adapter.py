@@ -321,6 +321,22 @@ class DiffusionAdapter(nn.Module):
         os.replace(tmp_w, folder / WEIGHTS)
         os.replace(tmp_c, folder / CONFIG)
 
+    @staticmethod
+    def rewrite_config(folder: str | Path, config: AdapterConfig) -> None:
+        """Give a saved adapter a new config (e.g. measured ``draft_ranks``), its tensors byte for
+        byte as they are; atomically, as :meth:`save`."""
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        with safe_open(folder / WEIGHTS, "pt") as f:
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+        tmp_w, tmp_c = folder / f".{WEIGHTS}.tmp", folder / f".{CONFIG}.tmp"
+        save_file(sd, tmp_w, metadata={"orthrus_adapter": json.dumps(config.to_dict())})
+        tmp_c.write_text(json.dumps(config.to_dict(), indent=1))
+        os.replace(tmp_w, folder / WEIGHTS)
+        os.replace(tmp_c, folder / CONFIG)
+
     @classmethod
     def load(cls, folder: str | Path, base: Transformer, fingerprint: str) -> "DiffusionAdapter":
         """Load an adapter saved by :meth:`save`, refusing a mismatched base or a corrupt file."""

@@ -4,7 +4,8 @@ One ``[B, Hkv, S, D]`` key and value buffer per layer, allocated once. A forward
 the absolute positions it is given (each row its own), so a verify pass writes K slots and the
 decoder then commits only the accepted ones by moving that row's length: K/V written for rejected
 positions is dead (never attended, see ``causal_mask``) and is overwritten by the next cycle. Nothing
-is ever concatenated, cropped or copied.
+is ever concatenated or cropped; the only copy moves a tree verify pass's accepted
+path (a few slots per row, ``move``) to where a chain would have written it.
 
 The committed lengths themselves are kept by the decoder (``orthrus.decoding``), not here: the
 cache is pure storage, and batch-slices of it (``rows``) are views that share the buffers.
@@ -62,6 +63,13 @@ class KVCache:
         """:meth:`write` with an index from :meth:`index` (built once per pass, used by every layer)."""
         self.k[layer].scatter_(2, idx, k)
         self.v[layer].scatter_(2, idx, v)
+
+    def move(self, src: Tensor, dst: Tensor) -> None:
+        """In every layer, copy the K/V at slots ``src [B, T]`` to slots ``dst [B, T]`` (all read
+        before any is written; a few positions per row: a tree verify pass's accepted path)."""
+        i, j = self.index(src), self.index(dst)
+        for buf in self.k + self.v:
+            buf.scatter_(2, j, buf.gather(2, i))
 
     def layer(self, layer: int, kv_len: int) -> tuple[Tensor, Tensor]:
         """Views ``[B, Hkv, kv_len, D]`` of the first ``kv_len`` slots (no copy)."""

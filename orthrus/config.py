@@ -27,6 +27,7 @@ HYBRID_DRAFTS = ("hybrid", "hybrid-self")  # the ones that switch to n-gram draf
 # pass that verifies ``x_s``'s predecessor)
 BLOCK_KINDS = ("anchor", "masked")
 SCHEDULES = ("two-pass", "one-pass", "auto")  # GenerationConfig.schedule
+VERIFIES = ("auto", "tree", "chain")  # GenerationConfig.verify
 MAX_LOGPROBS = 20  # most alternatives per token GenerationConfig.logprobs may ask for (OpenAI's cap)
 
 
@@ -158,8 +159,15 @@ class AdapterConfig(_Serializable):
     num_layers: int = 0
     hidden_size: int = 0
     block_kinds: tuple[str, ...] = ("anchor",)  # the block kinds it was trained on (BLOCK_KINDS)
+    # draft_ranks[d][r]: on held-out data, how often the frozen model's token at draft slot d+1
+    # has rank r among the adapter's drafts there, given slots 1..d were right; builds the verify
+    # tree (orthrus.decoding.tree). Empty: not measured.
+    draft_ranks: tuple[tuple[float, ...], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "draft_ranks", tuple(tuple(float(p) for p in row) for row in self.draft_ranks))
+        _check(all(0 <= p <= 1 for row in self.draft_ranks for p in row),
+               f"draft_ranks are rates in [0, 1], got {self.draft_ranks!r}")
         if isinstance(self.block_kinds, (list, str)):  # from JSON
             kinds = (self.block_kinds,) if isinstance(self.block_kinds, str) else tuple(self.block_kinds)
             object.__setattr__(self, "block_kinds", kinds)
@@ -199,6 +207,11 @@ class GenerationConfig(_Serializable):
     ``one-pass`` (the verify pass also drafts the next block, for ``candidates`` guesses of how
     many drafts it will accept: one forward per cycle) or ``auto`` (the engine picks one from the
     adapter and the measured pass costs of this machine). ``candidates`` None: the engine's default.
+    ``verify`` (adapter drafts, two-pass): ``tree`` checks, in the verify pass's K rows, the
+    likeliest paths through each draft slot's top tokens instead of the top tokens alone
+    (:mod:`orthrus.decoding.tree`; same output, more tokens per pass), ``chain`` the top tokens
+    only, ``auto`` a tree when the adapter records its measured rank rates, else a chain. Trees
+    are for greedy rows: a cycle with a sampled row verifies chains.
     ``logprobs``: None (off), or N in ``[0, MAX_LOGPROBS]``: each generated token comes with its log
     probability and the N most likely tokens at its position with theirs, all from the frozen
     model's own distribution (the verify pass's log-softmax, before temperature, top-k and top-p).
@@ -218,8 +231,13 @@ class GenerationConfig(_Serializable):
     schedule: str = "two-pass"
     candidates: int | None = None
     logprobs: int | None = None
+    verify: str = "auto"
 
     def __post_init__(self) -> None:
+        _check(self.verify in VERIFIES, f"verify must be one of {', '.join(VERIFIES)}, got {self.verify!r}")
+        _check(self.verify != "tree" or (self.draft in ("diffusion", "hybrid") and self.schedule != "one-pass"),
+               "verify 'tree' checks the adapter's drafts in the two-pass schedule (draft 'diffusion' or "
+               f"'hybrid'; got draft {self.draft!r}, schedule {self.schedule!r}): use verify 'auto' or 'chain'")
         _check(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         _check(self.schedule != "one-pass" or self.draft == "diffusion",
                f"schedule 'one-pass' drafts with the diffusion view: use draft 'diffusion' (got {self.draft!r}) "

@@ -107,7 +107,7 @@ def test_exact_match():
 
 def test_parse_modes_and_settings():
     assert parse_modes("ar, parallel,hf,ar") == ("ar", "parallel", "hf")
-    with pytest.raises(OrthrusError, match="unknown mode.*vllm.*use a comma list of ar, parallel, onepass, hybrid, ngram, self, hybrid-self, hf, hf-pld"):
+    with pytest.raises(OrthrusError, match="unknown mode.*vllm.*use a comma list of ar, parallel, chain, onepass, hybrid, ngram, self, hybrid-self, hf, hf-pld"):
         parse_modes("ar,vllm")
     with pytest.raises(OrthrusError):
         parse_modes(" , ")

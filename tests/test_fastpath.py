@@ -242,7 +242,7 @@ def test_prepared_forward_and_draft_match_the_plain_ones(arch: str, kind: str) -
 @pytest.mark.skipif(not (SHIPPED / "adapter.safetensors").is_file(), reason="no shipped adapter")
 def test_real_model_fast_path_is_exact() -> None:
     """Greedy, fp32, the shipped adapter: prepared AR == plain AR, and parallel at K = 4, 8, 16 in
-    a batch of 3 (and K = 8 alone) == AR, token for token, on prompts of uneven length (~100 new tokens each); the
+    a batch of 3 (and K = 8 alone; verify trees, and chains at K = 8) == AR, token for token, on prompts of uneven length (~100 new tokens each); the
     drafts come from the draft-only int8 weights (the default on a CPU). K = 8 alone runs through
     MKL's packs too, where this CPU's kernel choice did not already take them."""
     from orthrus.engine import Orthrus
@@ -259,10 +259,14 @@ def test_real_model_fast_path_is_exact() -> None:
     n = 96
     ar = [c.token_ids for c in engine.generate(prompts, mode="ar", max_new_tokens=n, batch_size=3)]
     # each K in a batch of 3 (rows of uneven length side by side), K = 8 alone too: six runs took
-    # ~6 of CI's minutes on a memory-bound CPU
-    for k, batch in ((4, 3), (8, 1), (8, 3), (16, 3)):
-        par = engine.generate(prompts, mode="parallel", block_size=k, max_new_tokens=n, batch_size=batch)
-        assert [c.token_ids for c in par] == ar, f"K = {k}, batch {batch}"
+    # ~6 of CI's minutes on a memory-bound CPU. The shipped adapter records its rank rates, so greedy
+    # rows verify trees by default (the accepted path's K/V moved in the cache); K = 8 in a batch
+    # verifies chains too
+    assert engine.adapter.config.draft_ranks
+    for k, batch, verify in ((4, 3, "auto"), (8, 1, "auto"), (8, 3, "auto"), (8, 3, "chain"), (16, 3, "auto")):
+        par = engine.generate(prompts, mode="parallel", block_size=k, max_new_tokens=n, batch_size=batch,
+                              verify=verify)
+        assert [c.token_ids for c in par] == ar, f"K = {k}, batch {batch}, verify {verify}"
     if mkl_packing_available() and engine.model.mkl_rows != 8:  # the MKL kernel, where this CPU did not pick it
         engine.model.pack_mkl(8)
         try:

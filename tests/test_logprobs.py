@@ -57,10 +57,11 @@ SCHEDULES = [  # (mode, extra config)
     ("parallel", {}),                                   # two-pass: diffusion draft, then verify
     ("parallel", {"schedule": "one-pass"}),
     ("parallel", {"draft": "ngram"}),
+    ("parallel", {"verify": "tree"}),                   # two-pass, drafts verified as a tree
 ]
 
 
-@pytest.mark.parametrize("mode,extra", SCHEDULES, ids=["ar", "two-pass", "one-pass", "ngram"])
+@pytest.mark.parametrize("mode,extra", SCHEDULES, ids=["ar", "two-pass", "one-pass", "ngram", "tree"])
 def test_greedy_logprobs_are_the_models_log_softmax(mode: str, extra: dict) -> None:
     hf, ours, adapter = models()
     prompts = random_prompts([5, 11, 7], VOCAB, seed=3)

@@ -3,6 +3,7 @@ full and LoRA adapters learn and still decode exactly like AR, bad input, distil
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -184,34 +185,63 @@ def test_decode_order_cycles_follow_the_kept_tokens():
     assert decode_order_cycles({}) == [] and decode_order_cycles({4: 0}) == [0]
 
 
-def test_decode_order_acceptance_is_what_greedy_decoding_gets(loaded, tmp_path):
+def test_decode_order_acceptance_is_what_greedy_decoding_gets(loaded, tmp_path, monkeypatch):
     """On responses that are the model's own greedy output, an evaluation of every anchor gives the
     accepted drafts of each cycle greedy parallel decoding runs, up to where a whole block still
     fits (decoding then ends with shorter blocks): its histogram is the start of decoding's."""
-    base = loaded.model
+    base, k = loaded.model, 8
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(5, 97, (int(n),), generator=g).tolist() for n in torch.randint(3, 8, (8,), generator=g)]
     n_new = 28
     greedy = decode_all(base, None, prompts, GenerationConfig(max_new_tokens=n_new, mode="ar", ignore_eos=True), 1)
     docs = [Document(tuple(p + r.tokens), len(p)) for p, r in zip(prompts, greedy)]
-    cfg = config(tmp_path / "fit", adapter_kind="lora:4", max_steps=30, anchors_per_seq=48, lr=3e-3, warmup=2)
+    cfg = config(tmp_path / "fit", adapter_kind="lora:4", max_steps=30, anchors_per_seq=48, lr=3e-3, warmup=2,
+                 block_size=k)
     Trainer(cfg, base, loaded.fingerprint, docs, progress=False).train()  # drafts worth keeping
     adapter = DiffusionAdapter.load(tmp_path / "fit", base, loaded.fingerprint).eval().requires_grad_(False)
-    ev = Trainer(config(tmp_path / "ev", eval_only=True, eval_rows=len(docs), eval_blocks=10**6),
+    ev = Trainer(config(tmp_path / "ev", eval_only=True, eval_rows=len(docs), eval_blocks=10**6, block_size=k),
                  base, loaded.fingerprint, docs, adapter=adapter, progress=False).evaluate()
     par = decode_all(base, adapter, prompts, GenerationConfig(max_new_tokens=n_new, mode="parallel",
-                                                              ignore_eos=True), K)
+                                                              ignore_eos=True), k)
     assert [r.tokens for r in par] == [r.tokens for r in greedy]
-    hist = [0] * K
+    hist = [0] * k
     for r in par:
         for a, n in enumerate(r.stats.accept_hist):
             hist[a] += n
     chain = ev["eval_decode_hist"]
     assert sum(chain) == ev["eval_decode_cycles"] and all(c <= h for c, h in zip(chain, hist))
     # decoding's cycles past the chain: those of the last K - 1 tokens of each response at most
-    assert 0 < sum(hist) - sum(chain) <= len(docs) * (K - 1)
+    assert 0 < sum(hist) - sum(chain) <= len(docs) * (k - 1)
     assert ev["eval_decode_acceptance"] == pytest.approx(1 + sum(a * n for a, n in enumerate(chain)) / sum(chain))
     assert sum(a * n for a, n in enumerate(hist)) > 0.3 * sum(hist), "drafts are kept: the check is not trivial"
+    # the rank rates: slot d's top token right, given slots before it were, is the chain's ratio
+    rates, slots = ev["eval_draft_ranks"], [1.0] + ev["eval_slot_accept"]
+    assert len(rates) == k - 1 and all(len(r) == 4 and sum(r) <= 1 + 1e-6 for r in rates)
+    assert [r[0] for r in rates] == pytest.approx([b / a if a else 0.0 for a, b in zip(slots, slots[1:])], abs=1e-4)
+    # decoding through a tree keeps what the evaluation says it does, cycle by cycle as above; the
+    # rates of this tiny adapter build a chain (its later slots are near sure), so both sides take
+    # a tree with second guesses here
+    from orthrus.decoding import generator
+    from orthrus.train import evaluation
+
+    fixed = ((0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 0, 0))
+    monkeypatch.setattr(evaluation, "build_tree", lambda rates, n: fixed)
+    monkeypatch.setattr(generator, "build_tree", lambda rates, n: fixed)
+    ev = Trainer(config(tmp_path / "ev2", eval_only=True, eval_rows=len(docs), eval_blocks=10**6, block_size=k),
+                 base, loaded.fingerprint, docs, adapter=adapter, progress=False).evaluate()
+    measured = DiffusionAdapter(base, dataclasses.replace(adapter.config, draft_ranks=rates)).eval()
+    measured.load_state_dict(adapter.state_dict())
+    tree = decode_all(base, measured, prompts, GenerationConfig(max_new_tokens=n_new, mode="parallel",
+                                                                ignore_eos=True), k)
+    assert [r.tokens for r in tree] == [r.tokens for r in greedy]
+    hist = [0] * k
+    for r in tree:
+        for a, n in enumerate(r.stats.accept_hist):
+            hist[a] += n
+    chain = ev["eval_decode_hist_tree"]
+    assert all(c <= h for c, h in zip(chain, hist)) and 0 < sum(hist) - sum(chain) <= len(docs) * (k - 1)
+    assert ev["eval_decode_acceptance_tree"] == pytest.approx(1 + sum(a * n for a, n in enumerate(chain)) / sum(chain))
+    assert ev["eval_decode_acceptance_tree"] > ev["eval_decode_acceptance"]  # second guesses were kept
 
 
 def test_mixed_block_kinds_train_and_evaluate_both(loaded, tmp_path):
@@ -483,11 +513,14 @@ def test_evaluation_takes_loss_and_greedy_tokens_from_one_head_pass():
             want, n = distill_loss(head, s, t, y, valid, kind)
             for chunk in (None, 7):
                 calls.clear()
-                got, m, sa, ta = evaluate_slots(counted, s, t, y, valid, kind, chunk)
+                got, m, sa, ta, rank = evaluate_slots(counted, s, t, y, valid, kind, chunk)
                 assert sum(calls) == 2 * valid.numel()  # each hidden state through the head once
                 torch.testing.assert_close(got, want)
                 assert m == n
                 assert torch.equal(sa, head(s).argmax(-1)) and torch.equal(ta, head(t).argmax(-1))
+                order = head(s).argsort(-1, descending=True)  # the student's tokens, best first
+                assert torch.equal(rank, (order == ta[..., None]).float().argmax(-1))
+                assert torch.equal(rank == 0, sa == ta)
 
 
 # ---- distillation data ---------------------------------------------------------------------------
@@ -653,5 +686,17 @@ def test_cli_eval_only_evaluates_the_adapter_and_writes_nothing(folder, tmp_path
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval_rows"] == 30
     assert cli.main(["train", *common, "--eval-only", "--resume"]) == 2
     assert "--eval-only evaluates an adapter; --resume continues a run" in capsys.readouterr().err
+    # --save-ranks: the measured rank rates go into the evaluated adapter's config, weights untouched
+    weights = (out / "adapter.safetensors").read_bytes()
+    assert cli.main(["train", *common, "--eval-only", "--adapter", str(out), "--save-ranks"]) == 0
+    ranks = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval"]["eval_draft_ranks"]
+    assert json.loads((out / "adapter_config.json").read_text())["draft_ranks"] == ranks
+    from safetensors import safe_open
+    (tmp_path / "w.safetensors").write_bytes(weights)
+    with safe_open(out / "adapter.safetensors", "pt") as f, safe_open(tmp_path / "w.safetensors", "pt") as g:
+        assert json.loads(f.metadata()["orthrus_adapter"])["draft_ranks"] == ranks
+        assert all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in g.keys())
+    assert cli.main(["train", *common, "--out", str(tmp_path / "x"), "--save-ranks"]) == 2
+    assert "--save-ranks writes an evaluated adapter's rank rates" in capsys.readouterr().err
     assert cli.main(["train", *common]) == 2
     assert "--out DIR is required" in capsys.readouterr().err

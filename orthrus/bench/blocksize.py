@@ -259,8 +259,10 @@ def choose_block_size(engine: "Orthrus", prompts: Sequence[str | list[int]] | No
         return BlockSizeChoice(1, reason=f"AR: no candidate block size in 2..{engine.adapter.config.block_size}")
     if stats is None:
         t0 = time.perf_counter()
+        # chains: the top-token curve holds for every smaller K (a tree's depends on its K); a
+        # verify tree at the chosen K accepts more on average (orthrus.decoding.tree), so the choice is safe
         runs = engine.generate(list(prompts or CALIBRATION_PROMPTS), mode="parallel", block_size=max(cands),
-                               max_new_tokens=calibration_tokens, batch_size=batch_size)
+                               max_new_tokens=calibration_tokens, batch_size=batch_size, verify="chain")
         stats = DecodeStats()
         for c in runs:
             stats = stats.merge(c.stats)

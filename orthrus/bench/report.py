@@ -32,6 +32,7 @@ SCHEMA = "orthrus.bench/1"
 TPF_SOURCES = {
     "ar": "decoder counters",
     "parallel": "decoder counters",
+    "chain": "decoder counters",
     "ngram": "decoder counters (no draft passes)",
     "onepass": "decoder counters (one forward per cycle: no draft passes)",
     "hybrid": "decoder counters (n-gram cycles have no draft pass)",

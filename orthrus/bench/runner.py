@@ -3,7 +3,9 @@
 Modes (all greedy, same chat-templated token ids, same ``max_new_tokens``, same EOS ids):
 
 * ``ar``: our engine, ``mode="ar"`` (one token per pass). The reference for speedup and exactness.
-* ``parallel``: our engine, ``mode="parallel"`` with the given block size (draft + verify).
+* ``parallel``: our engine, ``mode="parallel"`` with the given block size (draft + verify; greedy
+  rows verify a tree when the adapter records its rank rates, ``verify="auto"``).
+* ``chain``: ``parallel`` verifying the drafts' top tokens only (``verify="chain"``), same block size.
 * ``ngram``: our engine, parallel mode with n-gram drafts (``draft="ngram"``: prompt lookup on the
   host, no adapter, no draft pass), block size ``block_size`` or ``NGRAM_BLOCK_SIZE``.
 * ``onepass``: ``parallel`` in the one-pass schedule (the verify pass drafts the next block for
@@ -48,10 +50,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MODES = ("ar", "parallel", "onepass", "hybrid", "ngram", "self", "hybrid-self", "hf", "hf-pld")
-OURS = ("ar", "parallel", "onepass", "hybrid", "ngram", "self", "hybrid-self")  # run by our engine (decoder counters)
+MODES = ("ar", "parallel", "chain", "onepass", "hybrid", "ngram", "self", "hybrid-self", "hf", "hf-pld")
+OURS = ("ar", "parallel", "chain", "onepass", "hybrid", "ngram", "self", "hybrid-self")  # run by our engine (decoder counters)
 SELF_MODES = ("self", "hybrid-self")  # self-drafting: the model's fp16 copy drafts (no adapter needed)
-ADAPTER_MODES = ("parallel", "onepass", "hybrid")  # modes that need an adapter
+ADAPTER_MODES = ("parallel", "chain", "onepass", "hybrid")  # modes that need an adapter
 PLD_TOKENS = 10  # prompt_lookup_num_tokens for hf-pld (transformers' documented example value)
 
 
@@ -261,7 +263,8 @@ class Bench:
             return GenerationConfig(max_new_tokens=self.settings.max_new_tokens, mode="parallel",
                                     block_size=self.block, schedule="one-pass" if mode == "onepass" else "two-pass",
                                     candidates=self.settings.candidates if mode == "onepass" else None,
-                                    draft="hybrid" if mode == "hybrid" else "diffusion")
+                                    draft="hybrid" if mode == "hybrid" else "diffusion",
+                                    verify="chain" if mode == "chain" else "auto")
         return GenerationConfig(max_new_tokens=self.settings.max_new_tokens, mode=mode)
 
     def _block_of(self, mode: str) -> int:

@@ -30,7 +30,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--limit", type=int, default=10, metavar="N",
                    help="first N prompts of the set (default: 10; 0 = all)")
     p.add_argument("--modes", default="ar,parallel,hf", metavar="LIST",
-                   help="comma list of ar, parallel (two-pass diffusion drafts), onepass (the one-pass "
+                   help="comma list of ar, parallel (two-pass diffusion drafts; a verify tree where the adapter "
+                        "records its rank rates), chain (parallel verifying the drafts' top tokens only), onepass (the one-pass "
                         "schedule), hybrid (n-gram drafts where they match, else diffusion), ngram "
                         "(n-gram drafts, no adapter needed), self (self-drafting: the model's fp16 copy "
                         "drafts, no adapter needed), hybrid-self (n-gram where it matches, else self), "

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from orthrus.adapter import WEIGHTS
-from orthrus.config import DRAFTS, DTYPES, SCHEDULES, SELF_BLOCK_SIZE, SELF_DRAFTS, AdapterConfig, GenerationConfig
+from orthrus.config import (DRAFTS, DTYPES, SCHEDULES, SELF_BLOCK_SIZE, SELF_DRAFTS, VERIFIES, AdapterConfig,
+                            GenerationConfig)
 from orthrus.decoding.ngram import NGRAM_BLOCK_SIZE
 from orthrus.decoding.generator import DEFAULT_MAX_DIFFUSION_ROWS, DEFAULT_MAX_DRAFT_ROWS
 from orthrus.engine import DEFAULT_ADAPTERS, DRAFT_PRECISIONS, Orthrus
@@ -126,6 +127,11 @@ def add_draft_arg(group: Any) -> None:
                             "(measured on this machine with --block-size auto)")
     group.add_argument("--candidates", type=int, default=None, metavar="C",
                        help="one-pass schedule: candidate next blocks drafted per pass (default: 2)")
+    group.add_argument("--verify", choices=VERIFIES, default="auto",
+                       help="adapter drafts of greedy rows: tree (the verify pass checks the likeliest "
+                            "paths through each draft slot's top tokens, in the same K rows: more "
+                            "tokens per pass, same output), chain (the top tokens only), auto (default: "
+                            "a tree when the adapter records its measured rank rates)")
 
 
 def block_size_arg(value: str) -> int | str:
@@ -206,7 +212,7 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
         top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()), mode=resolve_mode(args),
         block_size=None if getattr(args, "block_size", None) in (None, "auto") else args.block_size,
         draft=resolve_draft(args), schedule=resolve_schedule(args),
-        candidates=getattr(args, "candidates", None))
+        candidates=getattr(args, "candidates", None), verify=getattr(args, "verify", "auto"))
 
 
 def self_drafting_available(args: argparse.Namespace) -> bool:

@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     gen = apply_auto_block_size(argparse.Namespace(**{**vars(args), "batch_size": args.max_batch_size}), engine,
                                 GenerationConfig(mode=mode, block_size=None if args.block_size == "auto"
                                                  else args.block_size, draft=resolve_draft(args),
-                                                 schedule=resolve_schedule(args), candidates=args.candidates))
+                                                 schedule=resolve_schedule(args), candidates=args.candidates,
+                                                 verify=args.verify))
     mode, block_size = gen.mode, gen.block_size
 
     from orthrus.serve import run as runner
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
     app = create_app(engine, model_name=args.model, mode=mode, max_batch_size=args.max_batch_size,
                      max_seq_len=args.max_seq_len, block_size=block_size, draft=gen.draft,
-                     schedule=gen.schedule, candidates=gen.candidates, max_queue=args.max_queue,
+                     schedule=gen.schedule, candidates=gen.candidates, verify=gen.verify, max_queue=args.max_queue,
                      api_key=api_key, max_body_bytes=args.max_body_bytes)
     log.info("listening on http://%s:%d/v1%s", args.host, args.port, " (API key required)" if api_key else "")
     runner.serve(app, host=args.host, port=args.port, drain_timeout=args.drain_timeout)

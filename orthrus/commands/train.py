@@ -34,6 +34,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--eval-only", action="store_true",
                    help="evaluate --adapter (else a fresh one) on the held-out rows (--eval-rows, "
                         "--eval-blocks, --block-size) and print the result as JSON; trains and writes nothing")
+    p.add_argument("--save-ranks", action="store_true",
+                   help="with --eval-only: write the measured rank rates (eval_draft_ranks) into --adapter's "
+                        "config, so that decoding builds its verify tree from them (training runs record "
+                        "them at every evaluation)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL, help=f"frozen base model (default: {DEFAULT_MODEL})")
     g.add_argument("--adapter", default=None, metavar="DIR", help="continue from this adapter (default: fresh)")
@@ -106,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, loss=args.loss, device=args.device,
         dtype=args.dtype, resume=args.resume, seed=args.seed, log_every=args.log_every,
         eval_every=args.eval_every, save_every=args.save_every, eval_rows=args.eval_rows, eval_blocks=args.eval_blocks,
-        use_flex=args.use_flex, block_kind=args.block_kind, slot_decay=args.slot_decay)
+        use_flex=args.use_flex, block_kind=args.block_kind, slot_decay=args.slot_decay, save_ranks=args.save_ranks)
     summary = run_training(cfg, progress=not args.no_progress)
     if args.eval_only:
         print(json.dumps(summary))

@@ -49,6 +49,7 @@ from orthrus.decoding.ngram import NGRAM_BLOCK_SIZE, NgramIndex, ngram_drafts
 from orthrus.decoding.sampling import (STREAM_ACCEPT, STREAM_BONUS, STREAM_DRAFT, STREAM_RESIDUAL,
                                        process_logits, sample, uniform)
 from orthrus.decoding.stats import DecodeStats
+from orthrus.decoding.tree import DEFAULT_DRAFT_RANKS, DraftTree, build_tree
 from orthrus.decoding.verify import greedy_accept, rejection_accept
 from orthrus.models.llama import Transformer
 
@@ -265,6 +266,7 @@ class Decoder:
         self.op_drafts: dict[int, Tensor] = {}
         self.op_fresh: dict[int, Tensor] = {}
         self.op_q: dict[int, Tensor] = {}
+        self.trees: dict[int, DraftTree] = {}  # tree verification, per block size K (:meth:`tree`)
         # Decode each row's text every cycle (streaming); False: only when a row finishes (or when
         # it has stop strings), which saves O(tokens) host work per row and cycle in batch jobs.
         self.stream_text = True
@@ -416,17 +418,21 @@ class Decoder:
             drafts ``[hi, K-1]`` int64 for positions ``positions[:, 1:]``, and the distributions
             they were drawn from ``[hi, K-1, V]`` when ``sampled`` (None when greedy).
         """
-        assert self.adapter is not None
-        model = self.model
-        cache = self.cache.rows(0, hi)
-        # the block's K/V goes to slots t..t+K-1, which this cycle's verify pass overwrites
-        hidden = self.adapter.draft(model, self.x_t[:hi], positions, cache, kv_len)  # [B, K, C]
-        q_logits = model.draft_logits(hidden[:, :-1])  # [B, K-1, V]: slot i drafts position t+i+1
+        q_logits = self._draft_logits(hi, kv_len, positions)
         if not sampled:
             return q_logits.argmax(-1), None
         q = process_logits(q_logits, self.temperature[:hi], self.top_k[:hi], self.top_p[:hi],
                            use_filters=filters)
         return sample(q, uniform(self.seeds[:hi], positions[:, 1:], STREAM_DRAFT)), q
+
+    def _draft_logits(self, hi: int, kv_len: int, positions: Tensor) -> Tensor:
+        """The adapter's draft pass over slots ``[0, hi)`` for the block ``[x_t, MASK x (K-1)]`` at
+        ``positions [hi, K]``: logits ``[hi, K-1, V]``, slot i for position ``t+i+1``."""
+        assert self.adapter is not None
+        model = self.model
+        # the block's K/V goes to slots t..t+K-1, which this cycle's verify pass overwrites
+        hidden = self.adapter.draft(model, self.x_t[:hi], positions, self.cache.rows(0, hi), kv_len)  # [B, K, C]
+        return model.draft_logits(hidden[:, :-1])
 
     def _self_draft(self, hi: int, k: int, kv_len: int, positions: Tensor, sampled: bool,
                     filters: bool) -> tuple[Tensor, Tensor | None]:
@@ -481,6 +487,8 @@ class Decoder:
         """
         if source == "onepass":
             return self._cycle_onepass(hi, k, kv_len, greedy, filters, candidates, logprobs)
+        if source == "tree":
+            return self._cycle_tree(hi, k, kv_len, logprobs)
         model, dev = self.model, self.model.device
         cache = self.cache.rows(0, hi)
         t, x = self.lengths[:hi], self.x_t[:hi]  # [B]
@@ -540,6 +548,37 @@ class Decoder:
         if logprobs >= 0:
             parts.append(pack_logprobs(p_logits, out, logprobs))
         return torch.cat(parts, dim=1)
+
+    def _cycle_tree(self, hi: int, k: int, kv_len: int, logprobs: int = -1) -> Tensor:
+        """A greedy cycle that verifies the adapter's drafts as a tree (:mod:`orthrus.decoding.tree`):
+        the draft pass as :meth:`_draft`, then one verify pass over the tree's ``k`` rows (the
+        anchor and ``k - 1`` nodes drawn from each slot's top tokens), then the accepted path's K/V
+        moved to where a chain would have written it. Same output as :meth:`_cycle`."""
+        model, tree = self.model, self.tree(k)
+        cache = self.cache.rows(0, hi)
+        t, x = self.lengths[:hi], self.x_t[:hi]  # [B]
+        tokens = tree.tokens(x, self._draft_logits(hi, kv_len, t[:, None] + torch.arange(k, device=t.device)))  # [B, K]
+        positions, slots = tree.positions(t)
+        p_logits = model.logits(model(tokens, positions, cache, kv_len, mask=tree.mask(t, kv_len), slots=slots))
+        n_acc, nxt, best = tree.accept(tokens, p_logits)
+        tree.commit_moves(cache, t, best)
+        rows = tree.path_rows(best)  # [B, D]: the accepted path's rows (then padding)
+        drafts = tokens.gather(1, rows)
+        pad = k - 1 - drafts.shape[1]
+        if pad:
+            drafts = torch.cat((drafts, drafts.new_zeros(hi, pad)), dim=1)
+        if logprobs >= 0:  # the emitted token at depth j was scored at its parent row
+            where = torch.cat((rows.new_zeros(hi, 1), rows, rows.new_zeros(hi, pad)), dim=1)  # [B, K]
+            p_logits = p_logits.gather(1, where[:, :, None].expand(-1, -1, p_logits.shape[-1]))
+        return self._commit(hi, drafts, n_acc, nxt, p_logits, logprobs)
+
+    def tree(self, k: int) -> DraftTree:
+        """The verify tree of block size ``k``: the ``k - 1`` likeliest nodes under the adapter's
+        measured rank rates (``AdapterConfig.draft_ranks``, else ``DEFAULT_DRAFT_RANKS``)."""
+        if k not in self.trees:
+            rates = (self.adapter.config.draft_ranks if self.adapter is not None else ()) or DEFAULT_DRAFT_RANKS
+            self.trees[k] = DraftTree(build_tree(rates[: k - 1], k - 1))
+        return self.trees[k]
 
     def _cycle_onepass(self, hi: int, k: int, kv_len: int, greedy: bool, filters: bool, c: int,
                        logprobs: int = -1) -> Tensor:
@@ -700,6 +739,8 @@ class Decoder:
             source, drafted = "onepass", [0] * len(rows)  # drafted by the previous verify pass
             c = self.onepass_candidates(rows, k)
             self._onepass_buffers(k, not greedy)
+        elif k > 1 and greedy and self.adapter is not None and all(self._uses_tree(r) for r in rows):
+            source = "tree"  # adapter drafts only, all rows greedy: verify them as a tree
         for kk, fresh in self.op_fresh.items():  # only this cycle's one-pass drafts stay fresh
             if source != "onepass" or kk != k:
                 fresh[:hi] = False
@@ -762,6 +803,13 @@ class Decoder:
         it does not self-draft (an AR row beside drafting rows runs at their block size; any draft
         is exact)."""
         return r.gen.draft == "ngram" or (self.adapter is None and not self._uses_self(r))
+
+    def _uses_tree(self, r: Row) -> bool:
+        """Whether a greedy row's adapter drafts are verified as a tree: ``verify='tree'``, or
+        ``auto`` with an adapter that records its rank rates (``AdapterConfig.draft_ranks``)."""
+        verify = r.gen.verify
+        return r.gen.schedule != "one-pass" and (verify == "tree" or (
+            verify == "auto" and self.adapter is not None and bool(self.adapter.config.draft_ranks)))
 
     @staticmethod
     def _uses_self(r: Row) -> bool:

@@ -707,7 +707,8 @@ class Transformer(nn.Module):
         """Whether :meth:`prepare_inference` is in effect."""
         return self.head is not None
 
-    def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, kv_len: int | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, kv_len: int | None = None,
+                mask: Tensor | None = None, slots: Tensor | None = None) -> Tensor:
         """AR forward: write K/V of ``tokens`` at ``positions`` and attend causally over the cache.
 
         Args:
@@ -716,13 +717,16 @@ class Transformer(nn.Module):
             cache: static cache with ``B`` rows (a batch-slice view of a bigger cache is fine).
             kv_len: attend over slots ``[0, kv_len)`` only (must exceed every position); None: all.
                 The decoder passes a tight bound on CPU and the full capacity under CUDA graphs.
+            mask, slots: a tree verify pass (:mod:`orthrus.decoding.tree`): its own mask
+                ``[B, 1, T, kv_len]`` (bool) and the cache slots ``[B, T]`` its K/V go to, which
+                differ from the rope ``positions``; None: causal, at ``positions``.
         Returns:
             Final-normed hidden states ``[B, T, C]``; apply :meth:`logits` where needed.
         """
         kv_len = cache.capacity if kv_len is None else kv_len
-        mask = causal_mask(positions, kv_len)  # [B, 1, T, S]
+        mask = causal_mask(positions, kv_len) if mask is None else mask  # [B, 1, T, S]
         return self.run_layers(self.model.embed_tokens(tokens), positions, [l.self_attn for l in self.model.layers],
-                               cached_attend(cache, positions, kv_len, mask))
+                               cached_attend(cache, positions if slots is None else slots, kv_len, mask))
 
     def run_layers(self, h: Tensor, positions: Tensor, attns: list[Attention],
                    attend: Callable[[int, Tensor, Tensor, Tensor], Tensor],

@@ -78,7 +78,7 @@ class Server:
 
     def __init__(self, engine: Orthrus, model_name: str, mode: str, max_batch_size: int,
                  max_seq_len: int | None, block_size: int | None, draft: str = "diffusion",
-                 schedule: str = "two-pass", candidates: int | None = None,
+                 schedule: str = "two-pass", candidates: int | None = None, verify: str = "auto",
                  max_queue: int = DEFAULT_MAX_QUEUE, api_key: str | None = None,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
         try:
@@ -95,7 +95,7 @@ class Server:
                                f"got {max_seq_len}")
         self.engine, self.model_name, self.mode, self.draft = engine, model_name, mode, draft
         # checked here, once: a bad combination fails at start-up, not on every request
-        self.schedule_args = dict(schedule=schedule, candidates=candidates)
+        self.schedule_args = dict(schedule=schedule, candidates=candidates, verify=verify)
         GenerationConfig(mode=mode, draft=draft, **self.schedule_args)
         self.block_size_override = block_size
         # the server-wide block size (rows of one batch share the adapter; its cycle runs at the
@@ -313,7 +313,7 @@ async def _streamed(call: Call, http: Request, chunks: Callable[[], AsyncIterato
 def create_app(engine: Orthrus, model_name: str, mode: str = "parallel", max_batch_size: int = 8,
                max_seq_len: int | None = None, block_size: int | None = None,
                draft: str = "diffusion", schedule: str = "two-pass", candidates: int | None = None,
-               max_queue: int = DEFAULT_MAX_QUEUE, api_key: str | None = None,
+               verify: str = "auto", max_queue: int = DEFAULT_MAX_QUEUE, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """Build the app around a loaded engine.
 
@@ -328,8 +328,9 @@ def create_app(engine: Orthrus, model_name: str, mode: str = "parallel", max_bat
             (prompt lookup, no adapter needed) or ``hybrid`` (n-gram where it matches, else diffusion).
         max_queue: sequences that may wait for a slot; a request that would exceed it gets a 429
             with ``Retry-After`` (nothing of it is queued).
-        schedule, candidates: the diffusion drafts' schedule (``two-pass`` or ``one-pass``) and the
-            one-pass candidate blocks (see :class:`~orthrus.config.GenerationConfig`).
+        schedule, candidates, verify: the diffusion drafts' schedule (``two-pass`` or ``one-pass``),
+            the one-pass candidate blocks and how greedy rows verify them (``auto``, ``tree`` or
+            ``chain``; see :class:`~orthrus.config.GenerationConfig`).
         api_key: when set, every ``/v1`` request must send ``Authorization: Bearer <api_key>``
             (else 401 ``invalid_api_key``); ``/health`` and ``/metrics`` stay open.
         max_body_bytes: larger request bodies get 413 ``request_too_large``, unparsed.
@@ -338,7 +339,7 @@ def create_app(engine: Orthrus, model_name: str, mode: str = "parallel", max_bat
     (set on SIGTERM by :mod:`orthrus.serve.run`) makes new ``/v1`` requests 503s.
     """
     server = Server(engine, model_name, mode, max_batch_size, max_seq_len, block_size, draft, schedule, candidates,
-                    max_queue, api_key, max_body_bytes)
+                    verify, max_queue, api_key, max_body_bytes)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -7,6 +7,7 @@ restores the trainer's adapter, optimizer, scheduler, step and RNG states.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -142,7 +143,12 @@ class Checkpoints:
         adapter, ``train_config.json``, the log up to this evaluation), so that it can be
         evaluated, used or shipped (``scripts/ship_adapter.py OUT/best``) like the run itself
         while training goes on: held-out acceptance is noisy and not monotone, and the last
-        checkpoint is not always the best."""
+        checkpoint is not always the best.
+
+        The evaluation's rank rates (``eval_draft_ranks``) go into the adapter's config from here
+        on, so every adapter the run saves builds its verify tree from its latest evaluation."""
+        if ev.get("eval_draft_ranks"):
+            self.adapter.config = dataclasses.replace(self.adapter.config, draft_ranks=ev["eval_draft_ranks"])
         self._log(ev)
         acc = ev.get("eval_acceptance_length")
         if self.rank != 0 or acc is None or (self.best is not None and acc <= self.best):

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from orthrus.config import BLOCK_KINDS
+from orthrus.decoding.tree import RANK_WIDTH, accepted_depth, build_tree
 from orthrus.train.blocks import BlockDrafter, draft_blocks, eval_anchor_chunks, teacher_forward
 from orthrus.train.data import make_batch
 from orthrus.train.loss import accepted_prefix, evaluate_slots
@@ -24,7 +25,7 @@ from orthrus.train.loss import accepted_prefix, evaluate_slots
 log = logging.getLogger(__name__)
 
 EVAL_CACHE = "evals.json"  # step-0 evaluations, under $ORTHRUS_CACHE
-EVAL_VERSION = 2  # in the cache key: 2 added the decode-order acceptance
+EVAL_VERSION = 3  # in the cache key: 2 added the decode-order acceptance, 3 the rank rates and tree
 
 
 def decode_order_cycles(accepted: dict[int, int]) -> list[int]:
@@ -73,6 +74,13 @@ class Evaluation:
         decoding itself along the held-out responses (:func:`decode_order_cycles`, float32
         drafts), over ``eval_decode_cycles`` cycles (``eval_decode_hist[a]``: the cycles that kept
         ``a`` drafts).
+
+        The anchor kind also reports ``eval_draft_ranks[d][r]``: among blocks whose slots ``1..d``
+        were right, how often the teacher's token at slot ``d+1`` has rank ``r`` (< ``RANK_WIDTH``)
+        among the student's; the rates the verify tree is built from (``AdapterConfig.draft_ranks``,
+        :mod:`orthrus.decoding.tree`). With every anchor evaluated, ``eval_decode_acceptance_tree``
+        is decoding's tokens per verify pass with that tree of ``K`` rows (``eval_decode_hist_tree``:
+        its cycles per accepted count).
         """
         if self.eval_data is None:
             return None
@@ -91,6 +99,9 @@ class Evaluation:
         count = torch.zeros((), device=self.device)
         # {(held-out row, document): {anchor position: accepted drafts}}, when every anchor is drawn
         per_doc: dict[tuple[int, int], dict[int, int]] | None = {} if self.eval_stride == 1 and not masked else None
+        ranks_of: dict[tuple[int, int], dict[int, tuple[int, ...]]] = {}  # the same, the teacher tokens' ranks
+        rank_num = torch.zeros(k - 1, RANK_WIDTH, device=self.device)
+        rank_den = torch.zeros(k - 1, device=self.device)
         self.adapter.eval()
         base = self.eval_base
         drafter = BlockDrafter(self.adapter if base is self.base else self.adapter.bound_to(base).eval())
@@ -105,31 +116,48 @@ class Evaluation:
                     anchors, valid = anchors.to(self.device), valid.to(self.device)
                     out = draft_blocks(drafter, base, batch, cache, th, anchors, valid, k, self.use_flex,
                                        valid if masked else None)
-                    ls, c, sa, ta = evaluate_slots(base.logits, out.student, out.teacher, out.target, out.valid,
-                                                   self.cfg.loss, self.chunk)  # sa, ta: [B, N, K-1]
+                    ls, c, sa, ta, rk = evaluate_slots(base.logits, out.student, out.teacher, out.target,
+                                                       out.valid, self.cfg.loss, self.chunk)  # [B, N, K-1]
                     loss_sum += ls
                     count += c
                     acc = accepted_prefix(sa, ta) * valid[:, :, None]
                     slots += acc.sum((0, 1))
                     blocks += valid.sum()
+                    # rank rates: slot d's rank, in blocks whose slots before d were right
+                    right_before = torch.cat((torch.ones_like(acc[..., :1]), acc[..., :-1]), -1).bool()
+                    cond = right_before & out.valid & valid[:, :, None]
+                    rank_den += cond.sum((0, 1))
+                    rank_num += (torch.nn.functional.one_hot(rk.clamp(max=RANK_WIDTH), RANK_WIDTH + 1)[..., :RANK_WIDTH]
+                                 * cond[..., None]).sum((0, 1))
                     if per_doc is not None:
-                        kept, pos = acc.sum(-1).long().cpu(), anchors.cpu()
+                        kept, pos, rkc = acc.sum(-1).long().cpu(), anchors.cpu(), rk.clamp(max=RANK_WIDTH).cpu()
                         for i, j in valid.cpu().nonzero().tolist():
-                            p = int(pos[i, j])
-                            per_doc.setdefault((int(rows[i]), int(cpu.doc[i, p])), {})[p] = int(kept[i, j])
+                            p, key = int(pos[i, j]), (int(rows[i]), int(cpu.doc[i, int(pos[i, j])]))
+                            per_doc.setdefault(key, {})[p] = int(kept[i, j])
+                            ranks_of.setdefault(key, {})[p] = tuple(rkc[i, j].tolist())
         self.adapter.train()
         nb = max(1.0, blocks.item())
         rates = (slots / nb).tolist()
         out = {"eval_loss": (loss_sum / count.clamp(min=1)).item(),
                "eval_slot_accept": [round(r, 5) for r in rates],
                "eval_acceptance_length": 1.0 + sum(rates), "eval_blocks": int(blocks.item())}
+        if not masked:
+            rates = (rank_num / rank_den.clamp(min=1)[:, None]).tolist()
+            out["eval_draft_ranks"] = [[round(r, 5) for r in row] for row in rates]
         if per_doc:
             cycles = [a for doc in per_doc.values() for a in decode_order_cycles(doc)]
             hist = [0] * k
             for a in cycles:
                 hist[a] += 1
+            nodes = set(build_tree(out["eval_draft_ranks"], k - 1))
+            tree = [a for doc in ranks_of.values()
+                    for a in decode_order_cycles({p: accepted_depth(r, nodes) for p, r in doc.items()})]
+            tree_hist = [0] * k
+            for a in tree:
+                tree_hist[a] += 1
             out |= {"eval_decode_acceptance": 1.0 + sum(cycles) / len(cycles), "eval_decode_cycles": len(cycles),
-                    "eval_decode_hist": hist}
+                    "eval_decode_hist": hist, "eval_decode_acceptance_tree": 1.0 + sum(tree) / len(tree),
+                    "eval_decode_hist_tree": tree_hist}
         return out
 
     def _eval_key(self) -> str:

@@ -89,22 +89,24 @@ def distill_loss(head: Callable[[Tensor], Tensor], student: Tensor, teacher: Ten
 @torch.no_grad()
 def evaluate_slots(head: Callable[[Tensor], Tensor], student: Tensor, teacher: Tensor, target: Tensor,
                    valid: Tensor, kind: str = "kl", chunk: int | None = None
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Held-out evaluation from one LM-head pass over each hidden state: the loss sum over the
-    valid slots and their number (as :func:`distill_loss`), and the student's and the teacher's
-    greedy tokens ``[...]`` for every slot (for :func:`accepted_prefix`). Arguments as in
-    :func:`distill_loss`; no gradient."""
+    valid slots and their number (as :func:`distill_loss`), the student's and the teacher's
+    greedy tokens ``[...]`` for every slot (for :func:`accepted_prefix`), and the rank of the
+    teacher's token among the student's logits ``[...]`` (0: the student's top token; for the
+    verify tree's rank rates). Arguments as in :func:`distill_loss`; no gradient."""
     if kind not in LOSSES:
         raise ValueError(f"unknown loss {kind!r}")
     c = student.shape[-1]
     s, t, y, v = student.reshape(-1, c), teacher.reshape(-1, c), target.reshape(-1), valid.reshape(-1)
     step = chunk or max(1, s.shape[0])
-    losses, s_arg, t_arg = [], [], []
+    losses, s_arg, t_arg, t_rank = [], [], [], []
     for a in range(0, s.shape[0], step):
         log_q = F.log_softmax(head(s[a: a + step]), dim=-1)
         log_p = F.log_softmax(head(t[a: a + step]), dim=-1)
         s_arg.append(log_q.argmax(-1))
         t_arg.append(log_p.argmax(-1))
+        t_rank.append((log_q > log_q.gather(1, t_arg[-1][:, None])).sum(-1))
         losses.append(-log_q.gather(1, y[a: a + step, None])[:, 0] if kind == "ce" else
                       F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1))
     loss = torch.cat(losses) if losses else s.new_zeros(0)
@@ -112,7 +114,7 @@ def evaluate_slots(head: Callable[[Tensor], Tensor], student: Tensor, teacher: T
     shape = student.shape[:-1]
     empty = torch.zeros(shape, dtype=torch.long, device=student.device)
     return (total, v.sum().float(), torch.cat(s_arg).view(shape) if s_arg else empty,
-            torch.cat(t_arg).view(shape) if t_arg else empty)
+            torch.cat(t_arg).view(shape) if t_arg else empty, torch.cat(t_rank).view(shape) if t_rank else empty)
 
 
 def chunk_slots(vocab_size: int) -> int:

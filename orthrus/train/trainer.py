@@ -422,9 +422,14 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         adapter = DiffusionAdapter.load(cfg.adapter, loaded.model, loaded.fingerprint)
     trainer = Trainer(cfg, loaded.model, loaded.fingerprint, docs, adapter, progress=progress)
     if cfg.eval_only:
+        ev = trainer._first_evaluation()
+        if cfg.save_ranks and ev and ev.get("eval_draft_ranks"):
+            DiffusionAdapter.rewrite_config(cfg.adapter, dataclasses.replace(
+                trainer.adapter.config, draft_ranks=ev["eval_draft_ranks"]))
+            log.info("rank rates written into %s", cfg.adapter)
         return {"eval_only": True, "adapter": cfg.adapter, "data": cfg.data,
                 "eval_rows": len(split_eval(docs, cfg.eval_rows, all_rows=True)[1]),
-                "block_size": trainer.block_size, "eval": trainer._first_evaluation()}
+                "block_size": trainer.block_size, "eval": ev}
     try:
         return trainer.train()
     finally:
