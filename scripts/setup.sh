@@ -3,7 +3,7 @@
 # job: parallel decoding of a few prompts on the default model (smollm2-135m) with the default
 # drafts (on a CPU: hybrid-self, n-gram where the output repeats, else the model's own fp16 copy),
 # JSON Lines on stdout, then what the product does on them: plain AR decoding vs parallel decoding
-# with the shipped adapter's drafts, hybrid drafts (n-gram, else the adapter's), self-drafting,
+# with the shipped adapter's drafts (verified as a tree: README, "Tree verification"), hybrid drafts (n-gram, else the adapter's), self-drafting,
 # hybrid-self and n-gram drafts alone, tokens/s each, tokens per forward, and whether every output
 # is identical to AR's.
 set -euo pipefail

@@ -101,6 +101,9 @@ BAD: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     "kind without init": (lambda t: ["hi", "--adapter-kind", "lora:4"], ("--adapter init",)),
     "bad dtype": (lambda t: ["hi", "--dtype", "int8"], ("--dtype",)),
     "bad mode": (lambda t: ["hi", "--mode", "fast"], ("--mode",)),
+    "bad verify": (lambda t: ["hi", "--verify", "forest"], ("--verify",)),
+    "tree of n-gram drafts": (lambda t: ["hi", "--draft", "ngram", "--verify", "tree"],
+                              ("verify 'tree'", "'ngram'", "chain")),
 }
 
 
@@ -290,6 +293,10 @@ def test_parallel_equals_ar_on_uneven_prompts(tmp_path: Path, capsys) -> None:
         assert 0 < s["draft_passes"] <= s["verify_passes"]  # at most one draft per verify
         assert s["acceptance_length"] >= 1.0
     assert "acceptance length" in err.strip().splitlines()[-1]
+    # the drafts verified as a tree (rates of the shipped adapter's kind: an untrained one has none)
+    rc, out_tree, _ = run_cli([*common_args, "--mode", "parallel", "--batch-size", "4", "--max-draft-rows", "all",
+                               "--verify", "tree"], capsys)
+    assert rc == 0 and [json.loads(ln)["token_ids"] for ln in out_tree.splitlines()] == [r["token_ids"] for r in ar]
 
     # plain output of the same request is the JSON row's text, streamed
     rc, out, _ = run_cli(["generate", PROMPTS[1], "--max-new-tokens", "24", "--mode", "ar", *REAL], capsys)

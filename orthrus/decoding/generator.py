@@ -551,13 +551,17 @@ class Decoder:
 
     def _cycle_tree(self, hi: int, k: int, kv_len: int, logprobs: int = -1) -> Tensor:
         """A greedy cycle that verifies the adapter's drafts as a tree (:mod:`orthrus.decoding.tree`):
-        the draft pass as :meth:`_draft`, then one verify pass over the tree's ``k`` rows (the
-        anchor and ``k - 1`` nodes drawn from each slot's top tokens), then the accepted path's K/V
-        moved to where a chain would have written it. Same output as :meth:`_cycle`."""
+        the draft pass as :meth:`_draft` over a block as deep as the tree (``[x_t, MASK x D]``),
+        then one verify pass over the tree's ``k`` rows (the anchor and ``k - 1`` nodes drawn from
+        each slot's top tokens), then the accepted path's K/V moved to where a chain would have
+        written it. Same output as :meth:`_cycle`."""
         model, tree = self.model, self.tree(k)
         cache = self.cache.rows(0, hi)
         t, x = self.lengths[:hi], self.x_t[:hi]  # [B]
-        tokens = tree.tokens(x, self._draft_logits(hi, kv_len, t[:, None] + torch.arange(k, device=t.device)))  # [B, K]
+        # the draft block stops at the tree's depth: deeper slots would never be read (and drafting
+        # fewer masks changes the adapter's drafts of the first slots little: README, "Tree verification")
+        block = t[:, None] + torch.arange(tree.depth + 1, device=t.device)
+        tokens = tree.tokens(x, self._draft_logits(hi, kv_len, block))  # [B, K]
         positions, slots = tree.positions(t)
         p_logits = model.logits(model(tokens, positions, cache, kv_len, mask=tree.mask(t, kv_len), slots=slots))
         n_acc, nxt, best = tree.accept(tokens, p_logits)

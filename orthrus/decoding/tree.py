@@ -146,9 +146,9 @@ class DraftTree:
 
     def tokens(self, x_t: Tensor, q_logits: Tensor) -> Tensor:
         """The verify pass's input ``[B, R]``: the anchor ``x_t [B]``, then each node's draft, the
-        rank-``r`` token of its slot's logits ``q_logits [B, K-1, V]``."""
+        rank-``r`` token of its slot's logits ``q_logits [B, S, V]`` (slots ``1..S``, ``S >= D``)."""
         t = self.on(x_t.device)
-        top = q_logits.topk(self.width, dim=-1).indices  # [B, K-1, W]
+        top = q_logits.topk(self.width, dim=-1).indices  # [B, S, W]
         return torch.cat((x_t[:, None], top[:, t["slot"], t["rank"]]), dim=1)
 
     def positions(self, lengths: Tensor) -> tuple[Tensor, Tensor]:
