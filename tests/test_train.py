@@ -185,6 +185,15 @@ def test_decode_order_cycles_follow_the_kept_tokens():
     assert decode_order_cycles({}) == [] and decode_order_cycles({4: 0}) == [0]
 
 
+def cycles_kept(rows: list, k: int) -> list[int]:
+    """``[K]``: the decoding cycles of ``rows`` that kept ``a`` drafts, summed over the rows."""
+    hist = [0] * k
+    for r in rows:
+        for a, n in enumerate(r.stats.accept_hist):
+            hist[a] += n
+    return hist
+
+
 def test_decode_order_acceptance_is_what_greedy_decoding_gets(loaded, tmp_path, monkeypatch):
     """On responses that are the model's own greedy output, an evaluation of every anchor gives the
     accepted drafts of each cycle greedy parallel decoding runs, up to where a whole block still
@@ -204,10 +213,7 @@ def test_decode_order_acceptance_is_what_greedy_decoding_gets(loaded, tmp_path, 
     par = decode_all(base, adapter, prompts, GenerationConfig(max_new_tokens=n_new, mode="parallel",
                                                               ignore_eos=True), k)
     assert [r.tokens for r in par] == [r.tokens for r in greedy]
-    hist = [0] * k
-    for r in par:
-        for a, n in enumerate(r.stats.accept_hist):
-            hist[a] += n
+    hist = cycles_kept(par, k)
     chain = ev["eval_decode_hist"]
     assert sum(chain) == ev["eval_decode_cycles"] and all(c <= h for c, h in zip(chain, hist))
     # decoding's cycles past the chain: those of the last K - 1 tokens of each response at most
@@ -220,28 +226,27 @@ def test_decode_order_acceptance_is_what_greedy_decoding_gets(loaded, tmp_path, 
     assert [r[0] for r in rates] == pytest.approx([b / a if a else 0.0 for a, b in zip(slots, slots[1:])], abs=1e-4)
     # decoding through a tree keeps what the evaluation says it does, cycle by cycle as above; the
     # rates of this tiny adapter build a chain (its later slots are near sure), so both sides take
-    # a tree with second guesses here
+    # a tree with second guesses here. Decoding drafts a block as deep as the tree (4 + 1), so the
+    # evaluation drafts blocks of 5 too
     from orthrus.decoding import generator
     from orthrus.train import evaluation
 
     fixed = ((0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 0, 0))
     monkeypatch.setattr(evaluation, "build_tree", lambda rates, n: fixed)
     monkeypatch.setattr(generator, "build_tree", lambda rates, n: fixed)
-    ev = Trainer(config(tmp_path / "ev2", eval_only=True, eval_rows=len(docs), eval_blocks=10**6, block_size=k),
+    ev = Trainer(config(tmp_path / "ev2", eval_only=True, eval_rows=len(docs), eval_blocks=10**6, block_size=5),
                  base, loaded.fingerprint, docs, adapter=adapter, progress=False).evaluate()
     measured = DiffusionAdapter(base, dataclasses.replace(adapter.config, draft_ranks=rates)).eval()
     measured.load_state_dict(adapter.state_dict())
     tree = decode_all(base, measured, prompts, GenerationConfig(max_new_tokens=n_new, mode="parallel",
                                                                 ignore_eos=True), k)
     assert [r.tokens for r in tree] == [r.tokens for r in greedy]
-    hist = [0] * k
-    for r in tree:
-        for a, n in enumerate(r.stats.accept_hist):
-            hist[a] += n
+    hist = cycles_kept(tree, k)
     chain = ev["eval_decode_hist_tree"]
     assert all(c <= h for c, h in zip(chain, hist)) and 0 < sum(hist) - sum(chain) <= len(docs) * (k - 1)
     assert ev["eval_decode_acceptance_tree"] == pytest.approx(1 + sum(a * n for a, n in enumerate(chain)) / sum(chain))
     assert ev["eval_decode_acceptance_tree"] > ev["eval_decode_acceptance"]  # second guesses were kept
+    assert hist[1] > 0 and hist[4] > 0 and not any(hist[5:])  # ... and the tree is four deep
 
 
 def test_mixed_block_kinds_train_and_evaluate_both(loaded, tmp_path):

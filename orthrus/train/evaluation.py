@@ -80,7 +80,9 @@ class Evaluation:
         among the student's; the rates the verify tree is built from (``AdapterConfig.draft_ranks``,
         :mod:`orthrus.decoding.tree`). With every anchor evaluated, ``eval_decode_acceptance_tree``
         is decoding's tokens per verify pass with that tree of ``K`` rows (``eval_decode_hist_tree``:
-        its cycles per accepted count).
+        its cycles per accepted count). Decoding drafts blocks only as deep as its tree; the ranks
+        here come from blocks of ``K`` (the same rates within 0.01 for the shipped adapter: README,
+        "Tree verification"), so this figure is decoding's up to that difference.
         """
         if self.eval_data is None:
             return None
