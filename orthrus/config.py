@@ -210,8 +210,10 @@ class GenerationConfig(_Serializable):
     ``verify`` (adapter drafts, two-pass): ``tree`` checks, in the verify pass's K rows, the
     likeliest paths through each draft slot's top tokens instead of the top tokens alone
     (:mod:`orthrus.decoding.tree`; same output, more tokens per pass), ``chain`` the top tokens
-    only, ``auto`` a tree when the adapter records its measured rank rates, else a chain. Trees
-    are for greedy rows: a cycle with a sampled row verifies chains.
+    only, ``auto`` a tree for greedy rows when the adapter records its measured rank rates, else a
+    chain. A sampled row verified as a tree emits the model's own sample at each position (the
+    tokens AR decoding gives with the same seed); ``auto`` leaves sampled rows on chains (their
+    rejection sampling), since trees are measured for greedy decoding only.
     ``logprobs``: None (off), or N in ``[0, MAX_LOGPROBS]``: each generated token comes with its log
     probability and the N most likely tokens at its position with theirs, all from the frozen
     model's own distribution (the verify pass's log-softmax, before temperature, top-k and top-p).

@@ -373,11 +373,12 @@ def exact_sequence_probs(model: Transformer, prompt: list[int], n: int, temperat
     ("parallel", 3, 1.3, 0, 0.9, ""),
     ("parallel", 3, 1.0, 0, 1.0, "int8"),  # drafts from int8 weights (orthrus.models.quant)
     ("parallel", 3, 0.8, 0, 0.9, "self"),  # self-drafting: the model's fp16 copy drafts
+    ("parallel", 4, 1.0, 0, 0.9, "tree"),  # the adapter's top tokens verified as a tree
 ])
 def test_sampling_matches_exact_ar_distribution(mode, k, temperature, top_k, top_p, variant):
     model = sampling_model()
     adapter = perturb(tiny_adapter(model, "full", block_size=k), scale=0.3, seed=1)  # q differs from p
-    if variant and not (int8_available() and fp16_available()):
+    if variant in ("int8", "self") and not (int8_available() and fp16_available()):
         pytest.skip("this torch has no fbgemm int8 / fp16 linear")
     if variant == "int8":
         model.prepare_inference()
@@ -386,7 +387,8 @@ def test_sampling_matches_exact_ar_distribution(mode, k, temperature, top_k, top
     prompt, n, rows = [3, 1, 4, 1, 5], 3, 12000
     probs = exact_sequence_probs(model, prompt, n, temperature, top_k, top_p)
     gens = [GenerationConfig(max_new_tokens=n, mode=mode, temperature=temperature, top_k=top_k,
-                             top_p=top_p, seed=1000 + s, draft="self" if variant == "self" else "diffusion")
+                             top_p=top_p, seed=1000 + s, draft="self" if variant == "self" else "diffusion",
+                             verify="tree" if variant == "tree" else "auto")
             for s in range(rows)]
     out, _ = run_decoder(model, adapter, [prompt] * rows, gens, block_size=k, decode=lambda ids: "")
     assert_sequence_distribution(torch.tensor(toks(out)), probs, model.config.vocab_size)

@@ -97,17 +97,12 @@ def test_tree_mask_positions_and_tokens():
 def test_tree_accept_takes_the_deepest_right_path():
     tree = DraftTree(((0,), (1,), (0, 0), (0, 1)))
     tokens = torch.tensor([[5, 7, 2, 9, 1]] * 4)
-    v = 12
-
-    def logits(argmax: list[int]) -> torch.Tensor:  # [R, V] one-hot at each row's argmax
-        return torch.nn.functional.one_hot(torch.tensor(argmax), v).float()
-
     # after the anchor the model says: row 0 -> next token; row i -> the token after row i's path
     cases = [([7, 1, 0, 0, 8], 2, 8, 4),   # 7 right, then 1 (row 4) right; after row 4: 8
              ([2, 0, 3, 0, 0], 1, 3, 2),   # 7 wrong, 2 (row 2) right; after it: 3
              ([4, 0, 0, 0, 0], 0, 4, 0),   # both slot-1 guesses wrong: the correction 4
              ([7, 9, 0, 6, 0], 2, 6, 3)]   # 7, 9 right: bonus after row 3
-    target = torch.stack([logits(c[0]) for c in cases])
+    target = torch.tensor([c[0] for c in cases])
     n, nxt, best = tree.accept(tokens, target)
     assert n.tolist() == [c[1] for c in cases]
     assert nxt.tolist() == [c[2] for c in cases]
@@ -194,18 +189,36 @@ def test_tree_catches_second_guesses_a_chain_misses():
     assert dec.lengths.tolist() == dec.lengths_host
 
 
-def test_sampled_rows_verify_chains_and_greedy_rows_stay_exact():
+def test_sampled_tree_rows_give_ar_samples_of_the_same_seed():
+    """A sampled row verified as a tree emits, at each position, the model's sample with the uniform
+    AR decoding draws there: the same tokens as AR with the same seed, alone or beside greedy rows."""
     model = tiny("qwen3")[1]
     adapter = tiny_adapter(model, "full", block_size=6)
     prompts = random_prompts([4, 8, 6], VOCAB, seed=13)
-    ar, _ = run_decoder(model, None, prompts, greedy(20))
-    gens = [greedy(20, "parallel", verify="tree"),
-            GenerationConfig(max_new_tokens=20, mode="parallel", temperature=1.0, seed=1, verify="tree"),
-            greedy(20, "parallel", verify="tree")]
-    out, dec = run_decoder(model, adapter, prompts, gens)
-    assert out[0].tokens == ar[0].tokens and out[2].tokens == ar[2].tokens
+    sampled = dict(temperature=0.9, top_p=0.95, seed=5)
+    ar, _ = run_decoder(model, None, prompts, [greedy(30), greedy(30, **sampled), greedy(30)])
+    gens = [greedy(30, "parallel", verify="tree"), greedy(30, "parallel", verify="tree", **sampled),
+            greedy(30, "parallel", verify="tree")]
+    seen: list[str] = []
+
+    class Spy(Decoder):
+        def run_cycle(self, rows, k, kv_len, greedy, filters, source="diffusion", *a):  # noqa: ANN001, ANN002, ANN202
+            seen.append(source)
+            return super().run_cycle(rows, k, kv_len, greedy, filters, source, *a)
+
+    out, dec = run_decoder(model, adapter, prompts, gens, decoder_cls=Spy)
+    assert set(seen) == {"tree"}
+    assert [r.tokens for r in out] == [r.tokens for r in ar]
+    assert sum(r.stats.tokens for r in out) > sum(r.stats.verify_passes for r in out)  # drafts were kept
     alone, _ = run_decoder(model, adapter, [prompts[1]], gens[1])
-    assert alone[0].tokens == out[1].tokens  # the sampled row: same tokens alone (chain cycles) or batched
+    assert alone[0].tokens == ar[1].tokens
+    # verify='auto' keeps trees for greedy rows: a sampled row in the cycle makes it a chain
+    seen.clear()
+    measured = tiny_adapter(model, "full", block_size=6)
+    object.__setattr__(measured, "config", AdapterConfig(**{**adapter.config.to_dict(), "draft_ranks": [[0.5, 0.3]] * 5}))
+    run_decoder(model, measured, prompts[:2], [greedy(8, "parallel"), greedy(8, "parallel", **sampled)],
+                decoder_cls=Spy)
+    assert set(seen) == {"diffusion"}
 
 
 def test_auto_uses_a_tree_only_with_measured_rank_rates():

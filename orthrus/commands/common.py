@@ -128,10 +128,11 @@ def add_draft_arg(group: Any) -> None:
     group.add_argument("--candidates", type=int, default=None, metavar="C",
                        help="one-pass schedule: candidate next blocks drafted per pass (default: 2)")
     group.add_argument("--verify", choices=VERIFIES, default="auto",
-                       help="adapter drafts of greedy rows: tree (the verify pass checks the likeliest "
-                            "paths through each draft slot's top tokens, in the same K rows: more "
-                            "tokens per pass, same output), chain (the top tokens only), auto (default: "
-                            "a tree when the adapter records its measured rank rates)")
+                       help="how the adapter's drafts are verified: tree (the verify pass checks the "
+                            "likeliest paths through each draft slot's top tokens, in the same K rows: "
+                            "more tokens per pass, same output; sampled rows too), chain (the top tokens "
+                            "only), auto (default: a tree for greedy rows when the adapter records its "
+                            "measured rank rates)")
 
 
 def block_size_arg(value: str) -> int | str:

@@ -488,7 +488,7 @@ class Decoder:
         if source == "onepass":
             return self._cycle_onepass(hi, k, kv_len, greedy, filters, candidates, logprobs)
         if source == "tree":
-            return self._cycle_tree(hi, k, kv_len, logprobs)
+            return self._cycle_tree(hi, k, kv_len, greedy, filters, logprobs)
         model, dev = self.model, self.model.device
         cache = self.cache.rows(0, hi)
         t, x = self.lengths[:hi], self.x_t[:hi]  # [B]
@@ -549,12 +549,20 @@ class Decoder:
             parts.append(pack_logprobs(p_logits, out, logprobs))
         return torch.cat(parts, dim=1)
 
-    def _cycle_tree(self, hi: int, k: int, kv_len: int, logprobs: int = -1) -> Tensor:
-        """A greedy cycle that verifies the adapter's drafts as a tree (:mod:`orthrus.decoding.tree`):
+    def _cycle_tree(self, hi: int, k: int, kv_len: int, greedy: bool = True, filters: bool = False,
+                    logprobs: int = -1) -> Tensor:
+        """A cycle that verifies the adapter's drafts as a tree (:mod:`orthrus.decoding.tree`):
         the draft pass as :meth:`_draft` over a block as deep as the tree (``[x_t, MASK x D]``),
         then one verify pass over the tree's ``k`` rows (the anchor and ``k - 1`` nodes drawn from
         each slot's top tokens), then the accepted path's K/V moved to where a chain would have
-        written it. Same output as :meth:`_cycle`."""
+        written it. Same output as :meth:`_cycle`.
+
+        The frozen model's token after each row is its argmax (greedy rows) or its sample with the
+        uniform AR decoding draws for that position (``STREAM_BONUS``, keyed by the seed and the
+        row's position); the path follows a child whose token equals it. Every emitted token is
+        thus the model's own choice at its position, given the tokens before it: the drafts
+        (deterministic top tokens) only decide how many of them one pass yields. A sampled row
+        gives the tokens AR decoding gives with the same seed (up to the rounding of a K-row pass)."""
         model, tree = self.model, self.tree(k)
         cache = self.cache.rows(0, hi)
         t, x = self.lengths[:hi], self.x_t[:hi]  # [B]
@@ -564,7 +572,13 @@ class Decoder:
         tokens = tree.tokens(x, self._draft_logits(hi, kv_len, block))  # [B, K]
         positions, slots = tree.positions(t)
         p_logits = model.logits(model(tokens, positions, cache, kv_len, mask=tree.mask(t, kv_len), slots=slots))
-        n_acc, nxt, best = tree.accept(tokens, p_logits)
+        if greedy:
+            target = p_logits.argmax(-1)  # [B, K]
+        else:
+            p = process_logits(p_logits, self.temperature[:hi], self.top_k[:hi], self.top_p[:hi],
+                               use_filters=filters)
+            target = sample(p, uniform(self.seeds[:hi], positions, STREAM_BONUS))
+        n_acc, nxt, best = tree.accept(tokens, target)
         tree.commit_moves(cache, t, best)
         rows = tree.path_rows(best)  # [B, D]: the accepted path's rows (then padding)
         drafts = tokens.gather(1, rows)
@@ -743,8 +757,8 @@ class Decoder:
             source, drafted = "onepass", [0] * len(rows)  # drafted by the previous verify pass
             c = self.onepass_candidates(rows, k)
             self._onepass_buffers(k, not greedy)
-        elif k > 1 and greedy and self.adapter is not None and all(self._uses_tree(r) for r in rows):
-            source = "tree"  # adapter drafts only, all rows greedy: verify them as a tree
+        elif k > 1 and self.adapter is not None and all(self._uses_tree(r) for r in rows):
+            source = "tree"  # adapter drafts only: verify them as a tree
         for kk, fresh in self.op_fresh.items():  # only this cycle's one-pass drafts stay fresh
             if source != "onepass" or kk != k:
                 fresh[:hi] = False
@@ -809,11 +823,13 @@ class Decoder:
         return r.gen.draft == "ngram" or (self.adapter is None and not self._uses_self(r))
 
     def _uses_tree(self, r: Row) -> bool:
-        """Whether a greedy row's adapter drafts are verified as a tree: ``verify='tree'``, or
-        ``auto`` with an adapter that records its rank rates (``AdapterConfig.draft_ranks``)."""
+        """Whether a row's adapter drafts are verified as a tree: ``verify='tree'``, or ``auto``
+        for a greedy row with an adapter that records its rank rates (``AdapterConfig.draft_ranks``;
+        sampled rows verify trees only when asked: measured for greedy decoding only)."""
         verify = r.gen.verify
         return r.gen.schedule != "one-pass" and (verify == "tree" or (
-            verify == "auto" and self.adapter is not None and bool(self.adapter.config.draft_ranks)))
+            verify == "auto" and r.gen.temperature == 0 and self.adapter is not None
+            and bool(self.adapter.config.draft_ranks)))
 
     @staticmethod
     def _uses_self(r: Row) -> bool:

@@ -17,11 +17,14 @@ what token-by-token greedy decoding would have produced: the output stays exact.
 path's K/V then moves to slots ``t + 1 .. t + depth`` (a few positions per layer), so the cache
 holds the emitted tokens in order and rollback stays a length.
 
+Sampled rows work the same way: the target after each row is the model's sample there, drawn with
+the uniform AR decoding uses for that position, and the path follows a child equal to it. Each
+emitted token is the model's own sample given the tokens before it, so the output has exactly the
+model's distribution (a seeded row gives AR's tokens), whatever the drafts.
+
 Which nodes pay comes from the adapter's measured *rank rates* (``AdapterConfig.draft_ranks``:
 at each slot, how often the frozen model's token has rank ``r`` among the drafts, given that the
 slots before were right); :func:`build_tree` takes the ``K - 1`` likeliest nodes under them.
-Trees are for greedy rows; sampled rows verify chains (exact rejection sampling over a tree
-needs a different acceptance rule).
 """
 
 from __future__ import annotations
@@ -165,18 +168,18 @@ class DraftTree:
         blk = anc[:, rel.clamp(0, self.rows - 1)].permute(1, 0, 2)  # [B, R, S]
         return ((rel < 0)[:, None] | (inside[:, None] & blk))[:, None]
 
-    def accept(self, tokens: Tensor, target_logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Greedy verification of a tree.
+    def accept(self, tokens: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Verification of a tree against the frozen model's own choices.
 
         Args:
             tokens: ``[B, R]`` the pass's input (:meth:`tokens`).
-            target_logits: ``[B, R, V]``: row ``i`` scores the token after row ``i``'s path.
+            target: ``[B, R]``: the frozen model's token after row ``i``'s path (its argmax, or its
+                sample with that position's uniform).
         Returns:
-            ``n_accepted [B]`` (the depth of the deepest node whose path the frozen model's argmax
-            follows), ``next_token [B]`` (the argmax after it) and ``best [B]`` (its row).
+            ``n_accepted [B]`` (the depth of the deepest node whose path follows the targets),
+            ``next_token [B]`` (the target after it) and ``best [B]`` (its row).
         """
         t = self.on(tokens.device)
-        target = target_logits.argmax(-1)  # [B, R]
         right = tokens == target.gather(1, t["parent"].expand_as(tokens))
         right[:, 0] = True  # the anchor is emitted already
         wrong_above = (~right).float() @ t["ancf"]  # [B, R]: wrong rows among each row's path
