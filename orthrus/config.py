@@ -211,9 +211,9 @@ class GenerationConfig(_Serializable):
     likeliest paths through each draft slot's top tokens instead of the top tokens alone
     (:mod:`orthrus.decoding.tree`; same output, more tokens per pass), ``chain`` the top tokens
     only, ``auto`` a tree for greedy rows when the adapter records its measured rank rates, else a
-    chain. A sampled row verified as a tree emits the model's own sample at each position (the
-    tokens AR decoding gives with the same seed); ``auto`` leaves sampled rows on chains (their
-    rejection sampling), since trees are measured for greedy decoding only.
+    chain. A sampled row verified as a tree emits the model's own sample at each position (AR's
+    tokens for the same seed, up to the rounding of a K-row pass); ``auto`` leaves sampled rows on
+    chains (rejection sampling), which kept more per pass at temperature 1 (README).
     ``logprobs``: None (off), or N in ``[0, MAX_LOGPROBS]``: each generated token comes with its log
     probability and the N most likely tokens at its position with theirs, all from the frozen
     model's own distribution (the verify pass's log-softmax, before temperature, top-k and top-p).

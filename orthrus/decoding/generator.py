@@ -825,7 +825,8 @@ class Decoder:
     def _uses_tree(self, r: Row) -> bool:
         """Whether a row's adapter drafts are verified as a tree: ``verify='tree'``, or ``auto``
         for a greedy row with an adapter that records its rank rates (``AdapterConfig.draft_ranks``;
-        sampled rows verify trees only when asked: measured for greedy decoding only)."""
+        sampled rows verify trees only when asked: at temperature 1 the top tokens are a poor guess
+        of a sample, and the chain's rejection sampling kept more per pass)."""
         verify = r.gen.verify
         return r.gen.schedule != "one-pass" and (verify == "tree" or (
             verify == "auto" and r.gen.temperature == 0 and self.adapter is not None

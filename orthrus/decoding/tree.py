@@ -20,7 +20,8 @@ holds the emitted tokens in order and rollback stays a length.
 Sampled rows work the same way: the target after each row is the model's sample there, drawn with
 the uniform AR decoding uses for that position, and the path follows a child equal to it. Each
 emitted token is the model's own sample given the tokens before it, so the output has exactly the
-model's distribution (a seeded row gives AR's tokens), whatever the drafts.
+model's distribution (a seeded row gives AR's tokens, up to the rounding of a K-row pass),
+whatever the drafts.
 
 Which nodes pay comes from the adapter's measured *rank rates* (``AdapterConfig.draft_ranks``:
 at each slot, how often the frozen model's token has rank ``r`` among the drafts, given that the
