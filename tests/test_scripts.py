@@ -40,3 +40,29 @@ def test_gpu_job_aborts_when_the_model_differs_from_the_prepared_one(tmp_path):
     assert "ABORT: model fingerprint" in status and "not-the-model-here" in status
     assert "start distill" not in status and "start train" not in status
     assert (work / "DONE").exists() and (work / "results.tar.gz").exists()
+
+
+def test_ship_adapter_counts_cpu_hours_by_each_runs_threads(tmp_path, monkeypatch):
+    """A run's CPU-hours are its wall time times the torch threads it recorded (or ``--threads``
+    for runs that did not), and its command line in TRAINING.md says how many threads it used."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("ship_adapter", REPO / "scripts" / "ship_adapter.py")
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    runs = []
+    for name, threads in (("a", None), ("b", 2)):
+        run = tmp_path / name
+        run.mkdir()
+        cfg = {"data": "d.jsonl", "lr": 1e-3, "machine": "m"} | ({"threads": threads} if threads else {})
+        (run / "train_config.json").write_text(json.dumps(cfg))
+        (run / "log.jsonl").write_text("\n".join(json.dumps(r) for r in (
+            {"step": 10, "elapsed_s": 1800.0}, {"step": 10, "eval_acceptance_length": 2.0,
+                                                "eval_slot_accept": [0.5], "eval_loss": 1.0})) + "\n")
+        runs.append(run)
+    points = ship.curve(runs)
+    assert [p["cpu_hours"] for p in points] == [0.5, 1.5]  # 0.5 h on 1 thread, then 0.5 h on 2
+    monkeypatch.setattr(ship, "UNRECORDED_THREADS", 4)
+    assert [p["cpu_hours"] for p in ship.curve(runs)] == [2.0, 3.0]
+    assert ship.run_threads({"threads": 2}) == 2 and "threads" not in ship.command({"threads": 2, "lr": 1})

@@ -127,7 +127,8 @@ class Checkpoints:
                         break
             _atomic_json_lines(logp, kept)
             cfgd = dict(self.cfg.to_dict(), block_size=self.block_size, total_steps=self.total_steps,
-                        world_size=self.world, machine=machine_name(self.device))
+                        world_size=self.world, machine=machine_name(self.device),
+                        threads=torch.get_num_threads())
             (self.out / TRAIN_CONFIG).write_text(json.dumps(cfgd, indent=1))
 
     def _log(self, record: dict[str, Any]) -> None:
