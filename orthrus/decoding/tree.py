@@ -38,9 +38,9 @@ from torch import Tensor
 
 from orthrus.cache import KVCache
 
-# Rank rates of the shipped SmolLM2-135M adapter (K = 8) on 30 held-out distilled ShareGPT answers
-# (every anchor, float32 drafts): row d is slot d+1, column r the rank. The tree of an adapter that
-# records none of its own, when a tree is asked for explicitly.
+# Rank rates of a SmolLM2-135M adapter (K = 8; the one shipped on 2026-12-03) on 30 held-out
+# distilled ShareGPT answers (every anchor, float32 drafts): row d is slot d+1, column r the rank.
+# The tree of an adapter that records none of its own, when a tree is asked for explicitly.
 RANK_WIDTH = 4  # ranks 0..3 are measured (AdapterConfig.draft_ranks' columns)
 DEFAULT_DRAFT_RANKS: tuple[tuple[float, ...], ...] = (
     (0.893, 0.08, 0.014, 0.007), (0.606, 0.122, 0.057, 0.029), (0.514, 0.16, 0.072, 0.04),
