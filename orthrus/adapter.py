@@ -310,32 +310,21 @@ class DiffusionAdapter(nn.Module):
 
     def save(self, folder: str | Path, dtype: torch.dtype | None = None) -> None:
         """Write weights then config into ``folder`` atomically (temp files renamed into place)."""
-        from safetensors.torch import save_file
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         sd = {k: (v.to(dtype) if dtype else v).contiguous().cpu() for k, v in self.trainable_state_dict().items()}
-        tmp_w, tmp_c = folder / f".{WEIGHTS}.tmp", folder / f".{CONFIG}.tmp"
-        save_file(sd, tmp_w, metadata={"orthrus_adapter": json.dumps(self.config.to_dict())})
-        tmp_c.write_text(json.dumps(self.config.to_dict(), indent=1))
-        os.replace(tmp_w, folder / WEIGHTS)
-        os.replace(tmp_c, folder / CONFIG)
+        _write(folder, sd, self.config)
 
     @staticmethod
     def rewrite_config(folder: str | Path, config: AdapterConfig) -> None:
         """Give a saved adapter a new config (e.g. measured ``draft_ranks``), its tensors byte for
         byte as they are; atomically, as :meth:`save`."""
         from safetensors import safe_open
-        from safetensors.torch import save_file
 
         folder = Path(folder)
         with safe_open(folder / WEIGHTS, "pt") as f:
             sd = {k: f.get_tensor(k) for k in f.keys()}
-        tmp_w, tmp_c = folder / f".{WEIGHTS}.tmp", folder / f".{CONFIG}.tmp"
-        save_file(sd, tmp_w, metadata={"orthrus_adapter": json.dumps(config.to_dict())})
-        tmp_c.write_text(json.dumps(config.to_dict(), indent=1))
-        os.replace(tmp_w, folder / WEIGHTS)
-        os.replace(tmp_c, folder / CONFIG)
+        _write(folder, sd, config)
 
     @classmethod
     def load(cls, folder: str | Path, base: Transformer, fingerprint: str) -> "DiffusionAdapter":
@@ -365,3 +354,15 @@ class DiffusionAdapter(nn.Module):
             for k, v in sd.items():
                 own[k].copy_(v)
         return adapter
+
+
+def _write(folder: Path, sd: dict[str, torch.Tensor], config: AdapterConfig) -> None:
+    """Write an adapter's tensors (with its config as metadata) then its config JSON into
+    ``folder``, each to a temp file renamed into place."""
+    from safetensors.torch import save_file
+
+    tmp_w, tmp_c = folder / f".{WEIGHTS}.tmp", folder / f".{CONFIG}.tmp"
+    save_file(sd, tmp_w, metadata={"orthrus_adapter": json.dumps(config.to_dict())})
+    tmp_c.write_text(json.dumps(config.to_dict(), indent=1))
+    os.replace(tmp_w, folder / WEIGHTS)
+    os.replace(tmp_c, folder / CONFIG)

@@ -189,6 +189,17 @@ def test_tree_catches_second_guesses_a_chain_misses():
     assert dec.lengths.tolist() == dec.lengths_host
 
 
+def spy_decoder(seen: list[str]) -> type[Decoder]:
+    """A Decoder that appends each cycle's draft source (``tree``, ``diffusion``, ...) to ``seen``."""
+
+    class Spy(Decoder):
+        def run_cycle(self, rows, k, kv_len, greedy, filters, source="diffusion", *a):  # noqa: ANN001, ANN002, ANN202
+            seen.append(source)
+            return super().run_cycle(rows, k, kv_len, greedy, filters, source, *a)
+
+    return Spy
+
+
 def test_sampled_tree_rows_give_ar_samples_of_the_same_seed():
     """A sampled row verified as a tree emits, at each position, the model's sample with the uniform
     AR decoding draws there: the same tokens as AR with the same seed, alone or beside greedy rows."""
@@ -201,11 +212,7 @@ def test_sampled_tree_rows_give_ar_samples_of_the_same_seed():
             greedy(30, "parallel", verify="tree")]
     seen: list[str] = []
 
-    class Spy(Decoder):
-        def run_cycle(self, rows, k, kv_len, greedy, filters, source="diffusion", *a):  # noqa: ANN001, ANN002, ANN202
-            seen.append(source)
-            return super().run_cycle(rows, k, kv_len, greedy, filters, source, *a)
-
+    Spy = spy_decoder(seen)
     out, dec = run_decoder(model, adapter, prompts, gens, decoder_cls=Spy)
     assert set(seen) == {"tree"}
     assert [r.tokens for r in out] == [r.tokens for r in ar]
@@ -227,11 +234,7 @@ def test_auto_uses_a_tree_only_with_measured_rank_rates():
     prompts = random_prompts([5], VOCAB, seed=2)
     seen: list[str] = []
 
-    class Spy(Decoder):
-        def run_cycle(self, rows, k, kv_len, greedy, filters, source="diffusion", *a):  # noqa: ANN001, ANN002, ANN202
-            seen.append(source)
-            return super().run_cycle(rows, k, kv_len, greedy, filters, source, *a)
-
+    Spy = spy_decoder(seen)
     run_decoder(model, adapter, prompts, greedy(8, "parallel"), decoder_cls=Spy)
     assert set(seen) == {"diffusion"}
     seen.clear()

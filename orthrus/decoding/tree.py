@@ -38,10 +38,10 @@ from torch import Tensor
 
 from orthrus.cache import KVCache
 
+RANK_WIDTH = 4  # ranks 0..3 are measured (AdapterConfig.draft_ranks' columns)
 # Rank rates of a SmolLM2-135M adapter (K = 8; the one shipped on 2026-12-03) on 30 held-out
 # distilled ShareGPT answers (every anchor, float32 drafts): row d is slot d+1, column r the rank.
 # The tree of an adapter that records none of its own, when a tree is asked for explicitly.
-RANK_WIDTH = 4  # ranks 0..3 are measured (AdapterConfig.draft_ranks' columns)
 DEFAULT_DRAFT_RANKS: tuple[tuple[float, ...], ...] = (
     (0.893, 0.08, 0.014, 0.007), (0.606, 0.122, 0.057, 0.029), (0.514, 0.16, 0.072, 0.04),
     (0.425, 0.226, 0.084, 0.037), (0.395, 0.238, 0.096, 0.048), (0.411, 0.182, 0.121, 0.07),
@@ -102,11 +102,6 @@ class DraftTree:
             if not n or min(n) < 0 or (len(n) > 1 and index.get(n[:-1], len(self.nodes) + 1) > i):
                 raise ValueError(f"tree node {n} needs its parent {n[:-1]} before it (breadth-first, "
                                  f"non-negative ranks)")
-
-    @classmethod
-    def chain(cls, k: int) -> "DraftTree":
-        """The plain block: top tokens only, ``k - 1`` deep."""
-        return cls(tuple((0,) * d for d in range(1, k)))
 
     @property
     def rows(self) -> int:

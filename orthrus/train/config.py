@@ -41,7 +41,7 @@ class TrainConfig:
     ``mix``: every other anchor of a row is a ``masked`` block, so one adapter drafts for both
     schedules). ``slot_decay``: weigh slot ``i``'s loss by ``exp(-i / slot_decay)`` (None: uniform).
     ``eval_only``: evaluate the adapter on the held-out rows and stop (nothing trained, nothing
-    written; ``out`` unused; ``save_ranks``: but the measured rank rates, into the adapter's config). ``eval_rows`` None: the last 2% of documents (none under 20). ``dtype`` None: float32 on CPU,
+    written; ``out`` unused; ``save_ranks``: except the measured rank rates, written into the adapter's config). ``eval_rows`` None: the last 2% of documents (none under 20). ``dtype`` None: float32 on CPU,
     bfloat16 on CUDA (then bf16 autocast, fp32 adapter weights). ``bfloat16`` on a CPU trains the
     same way on a bf16 copy of the float32 model (2x faster on CPUs with AMX) and evaluates with
     the float32 model, which is what decodes on a CPU. ``use_flex`` None: on CUDA.

@@ -147,19 +147,16 @@ class Evaluation:
             rates = (rank_num / rank_den.clamp(min=1)[:, None]).tolist()
             out["eval_draft_ranks"] = [[round(r, 5) for r in row] for row in rates]
         if per_doc:
+            def histogram(kept: list[int]) -> list[int]:  # cycles per accepted drafts 0..K-1
+                return [kept.count(a) for a in range(k)]
+
             cycles = [a for doc in per_doc.values() for a in decode_order_cycles(doc)]
-            hist = [0] * k
-            for a in cycles:
-                hist[a] += 1
             nodes = set(build_tree(out["eval_draft_ranks"], k - 1))
             tree = [a for doc in ranks_of.values()
                     for a in decode_order_cycles({p: accepted_depth(r, nodes) for p, r in doc.items()})]
-            tree_hist = [0] * k
-            for a in tree:
-                tree_hist[a] += 1
             out |= {"eval_decode_acceptance": 1.0 + sum(cycles) / len(cycles), "eval_decode_cycles": len(cycles),
-                    "eval_decode_hist": hist, "eval_decode_acceptance_tree": 1.0 + sum(tree) / len(tree),
-                    "eval_decode_hist_tree": tree_hist}
+                    "eval_decode_hist": histogram(cycles), "eval_decode_acceptance_tree": 1.0 + sum(tree) / len(tree),
+                    "eval_decode_hist_tree": histogram(tree)}
         return out
 
     def _eval_key(self) -> str:
