@@ -66,20 +66,22 @@ class Orthrus:
     """A frozen base model plus (optionally) its diffusion adapter."""
 
     def __init__(self, base: LoadedModel, adapter: DiffusionAdapter | None, cuda_graphs: bool | None = None,
-                 compile: bool = False, prepare: bool = True, draft_precision: str = "auto",
+                 compile: bool | str = False, prepare: bool = True, draft_precision: str = "auto",
                  max_draft_rows: int | None | str = "auto") -> None:
         """``prepare``: fuse and (fp32 on CPU) prepack the weights for decoding (see
         ``Transformer.prepare_inference``); False keeps the plain per-projection GEMMs.
         ``draft_precision``: the weights of the adapter's draft pass: ``int8`` (draft-only int8
         copies, ``orthrus.models.quant``: a cheaper draft, the same exact output), ``float32``
         (the model's own), ``auto`` (int8 where it is the faster choice: a prepared fp32 model on
-        a CPU with fbgemm, and an adapter; not under ``compile``, which cannot trace fbgemm's
-        packed weights). ``max_draft_rows``: cycles draft only while at most this many rows
+        a CPU with fbgemm, and an adapter; compiled cycles call them as opaque ops).
+        ``compile``: see :meth:`from_pretrained`. ``max_draft_rows``: cycles draft only while at most this many rows
         decode, else one token a pass (see ``Decoder``); None: always draft; ``auto``:
         ``DEFAULT_MAX_DRAFT_ROWS`` on a CPU (measured), and ``DEFAULT_MAX_DIFFUSION_ROWS`` for cycles
         with adapter drafts; None on a GPU."""
         if draft_precision not in DRAFT_PRECISIONS:
             raise OrthrusError(f"draft precision must be one of {', '.join(DRAFT_PRECISIONS)}, got {draft_precision!r}")
+        if compile not in (True, False, "auto"):
+            raise OrthrusError(f"compile must be True, False or 'auto', got {compile!r}")
         self.base = base
         self.model = base.model
         self.tokenizer = base.tokenizer
@@ -88,20 +90,16 @@ class Orthrus:
         if draft_precision == "int8" and not (cpu32 and int8_available()):
             raise OrthrusError("--draft-precision int8 needs a float32 model on a CPU and a torch with "
                                "fbgemm (x86); use float32 or auto")
-        if draft_precision == "int8" and compile:  # dynamo cannot trace fbgemm's packed weights
-            raise OrthrusError("--draft-precision int8 does not run under --compile: drop one of them")
         self.draft_int8 = adapter is not None and (
             draft_precision == "int8"
-            or (draft_precision == "auto" and prepare and cpu32 and int8_available() and not compile))
-        # under compile the weights stay plain tensors (fused, not prepacked): Inductor lowers oneDNN's
-        # packed linear only for weights it froze itself
-        pack = False if compile else None
+            or (draft_precision == "auto" and prepare and cpu32 and int8_available()))
+        # under compile too: compiled graphs call the prepacked kernels as opaque ops (orthrus.models.opaque)
         if prepare:
-            self.model.prepare_inference(pack)
+            self.model.prepare_inference()
         if self.draft_int8:
             self.model.prepare_draft()
         if adapter is not None and (prepare or self.draft_int8):
-            adapter.prepare_inference(pack, int8=self.draft_int8)
+            adapter.prepare_inference(None, int8=self.draft_int8)
         self.cuda_graphs = cuda_graphs
         self.compile = compile
         self.max_diffusion_rows: int | None = None  # an explicit max_draft_rows caps every source alike
@@ -119,7 +117,7 @@ class Orthrus:
     def from_pretrained(cls, model: str = DEFAULT_MODEL, adapter: str | None = None, device: str = "cpu",
                         dtype: str = "float32", adapter_kind: str = "full",
                         block_size: int | None = None, cuda_graphs: bool | None = None,
-                        compile: bool = False, draft_precision: str = "auto",
+                        compile: bool | str = False, draft_precision: str = "auto",
                         max_draft_rows: int | None | str = "auto") -> "Orthrus":
         """Load a base model and an adapter.
 
@@ -130,7 +128,10 @@ class Orthrus:
             adapter_kind: for ``init``: ``full`` or ``lora:R``.
             block_size: for ``init``: the adapter's block size (default 32).
             cuda_graphs: replay each decoding cycle as a CUDA graph (None: yes on CUDA devices).
-            compile: ``torch.compile`` each decoding cycle (fused kernels; a slow first cycle per shape).
+            compile: ``torch.compile`` each decoding cycle (fused code around the prepacked GEMMs;
+                the first cycle of each shape compiles, 20-170 s on a 2-core CPU, ~5 s once cached
+                on disk); ``"auto"``: compile, and keep each shape's compiled graph only where a
+                timing trial on its first cycle finds it faster (``orthrus.decoding.compiled``).
             draft_precision: ``auto``, ``int8`` or ``float32`` (see :class:`Orthrus`).
             max_draft_rows: ``auto``, an integer or None (see :class:`Orthrus`).
         """
@@ -186,9 +187,6 @@ class Orthrus:
         if gen.draft == "ngram":  # drafts by prompt lookup: no adapter needed
             return gen.block_size or NGRAM_BLOCK_SIZE
         if gen.draft in SELF_DRAFTS:  # the model's own fp16 copy drafts: no adapter needed
-            if self.compile:  # dynamo cannot trace fbgemm's packed weights
-                raise OrthrusError(f"draft {gen.draft!r} (self-drafting) does not run under --compile: "
-                                   "drop --compile, or use another draft source")
             try:
                 self.model.prepare_self_draft()
             except ValueError as e:
@@ -226,7 +224,7 @@ class Orthrus:
         if dec is not None and dec.max_batch == max_batch and dec.capacity >= capacity:
             return dec
         dec = None  # free the old cache before allocating the new one
-        if self.uses_cuda_graphs:
+        if self.uses_cuda_graphs or self.compile:  # few distinct cache shapes to capture or compile
             capacity = max(capacity, min(max(512, pow2(capacity)), self.max_context + 64))
         return self.new_decoder(max_batch, capacity)
 

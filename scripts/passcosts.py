@@ -11,8 +11,9 @@ kernels (``plain``), one prepared by ``prepare_inference`` (``prepared``: prepac
 prepared with draft-only int8 weights (``int8``: ``prepare_draft``; its verify and AR passes are the
 prepared ones, its draft pass reads the int8 copies; it also times a self-drafting step, one token
 through the fp16 copy of ``prepare_self_draft``), and the prepared model under ``torch.compile``
-(``compiled``: Inductor with weight freezing, one static-shape graph per pass, AR, verify and draft
-at K = 8 only; the seconds each first call took to compile are reported, and a second run of the script
+(``compiled``: Inductor around the same prepacked GEMMs, called as opaque ops as compiled decoding
+does, ``orthrus.models.opaque``; one static-shape graph per pass, AR, verify and draft at K = 8
+only; the seconds each first call took to compile are reported, and a second run of the script
 shows Inductor's on-disk cache at work). The first two rounds are warm-up; the median of
 the rest is reported, in ms and as a multiple of each setup's own AR step.
 """
@@ -37,17 +38,17 @@ COMPILED = ("ar", "verify K=8", "draft K=8")  # each shape compiles for tens of 
 
 
 def compiled_passes(fns: dict, compile_s: dict) -> dict:
-    """``fns`` with each pass through its own ``torch.compile`` (Inductor, frozen weights, static
-    shapes), compiled here by a first call whose seconds go to ``compile_s``."""
-    import torch._inductor.config as inductor
+    """``fns`` with each pass through its own ``torch.compile`` (Inductor, static shapes, the
+    prepacked GEMMs opaque), compiled here by a first call whose seconds go to ``compile_s``."""
+    from orthrus.decoding.compiled import configure
 
-    inductor.freezing = True  # weights become constants: prepacked, folded
+    configure()  # the decoder's settings and on-disk cache
     out = {}
     for name, fn in fns.items():
         if name in COMPILED:
             c = torch.compile(fn, dynamic=False)
             t = time.perf_counter()
-            with torch.inference_mode():
+            with torch.no_grad():  # as the decoder: dynamo does not trace in-place writes under inference mode
                 c()
             compile_s[name] = round(time.perf_counter() - t, 2)
             print(f"compiled {name}: {compile_s[name]:.1f} s", flush=True)
@@ -107,7 +108,7 @@ def main() -> None:
                 x[:, :1], torch.tensor([[ctx]]), cache, ctx + 64)
         passes[setup] = compiled_passes(fns, compile_s) if setup == "compiled" else fns
     times: dict[tuple[str, str], list[float]] = {}
-    with torch.inference_mode():
+    with torch.no_grad():
         names = list(dict.fromkeys(n for s in setups for n in passes[s]))
         for r in range(args.rounds):
             for name in names:

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import pytest
@@ -25,6 +26,11 @@ from orthrus.models.llama import Transformer
 from tiny import hf_model, make_tiny_folder, ours_from_hf
 
 TINY_FP = "tiny-fingerprint"
+
+# The CLI compiles long jobs' decoding cycles by default (--compile auto). Tests run them eager:
+# compiling every test model's cycle shapes would take many minutes. The compiled path has its own
+# tests, which ask for it.
+os.environ.setdefault("ORTHRUS_COMPILE", "off")
 
 
 def token_text(ids: list[int]) -> str:

@@ -221,8 +221,33 @@ def test_choose_block_size_wiring(tiny_engine, monkeypatch):
 
 def test_measure_pass_times_covers_every_candidate(tiny_engine):
     times = measure_pass_times(tiny_engine, (2, 4), batch_size=2, context=20, repeats=1, warmup=0)
-    assert set(times.cycle) == {2, 4}
+    assert set(times.cycle) == {2, 4} and times.tree == {}
     assert times.ar > 0 and all(v > 0 for v in times.cycle.values())
+    trees = measure_pass_times(tiny_engine, (4,), batch_size=2, context=20, repeats=1, warmup=0, trees=True)
+    assert set(trees.tree) == {4} and trees.tree[4] > 0
+
+
+def test_pass_costs_of_a_compiling_engine_put_the_eager_ones_beside(tiny_engine, monkeypatch):
+    """--pass-costs under compiling: the compiled graphs' figures (compiled even under 'auto',
+    whose trial might keep eager), and the eager ones under "eager"; the engine's setting stays."""
+    import orthrus.bench as bench_mod
+    from orthrus.bench.blocksize import PassTimes
+
+    seen = []
+
+    def fake(engine, ks, **kw):
+        seen.append((engine.compile, kw["trees"]))
+        return PassTimes(ar=0.01 if engine.compile else 0.02, cycle={k: 0.03 for k in ks},
+                         tree={k: 0.025 for k in ks} if kw["trees"] else {})
+
+    monkeypatch.setattr(bench_mod, "measure_pass_times", fake)
+    monkeypatch.setattr(tiny_engine, "compile", "auto")
+    bench = type("B", (), {"block": 4})()
+    settings = type("S", (), {"max_new_tokens": 8, "candidates": None, "batch_size": 1})()
+    out = bench_mod._pass_costs(tiny_engine, bench, settings, [[1, 2, 3]])
+    assert seen == [(True, True), (False, True)] and tiny_engine.compile == "auto"
+    assert out["compile"] == "auto" and out["ar_ms"] == 10.0 and out["eager"]["ar_ms"] == 20.0
+    assert out["tree_k4_x_ar"] == 2.5 and out["eager"]["two_pass_k4_x_ar"] == 1.5
 
 
 def test_auto_block_size_in_the_report(tiny_engine, monkeypatch):
@@ -260,7 +285,7 @@ def test_cli_end_to_end_on_the_real_model(real_engine, monkeypatch, tmp_path, ca
     """--limit 2 --max-new-tokens 8 on HumanEval: the table, JSON and PNG; greedy fp32 is exact."""
     import orthrus.commands.bench as bench_cmd
 
-    monkeypatch.setattr(bench_cmd, "load_engine", lambda args: real_engine)  # the session's loaded model
+    monkeypatch.setattr(bench_cmd, "load_engine", lambda args, **kw: real_engine)  # the session's loaded model
     out = tmp_path / "e2e"
     threads = torch.get_num_threads()
     try:  # one thread: on a busy 2-core machine spinning OpenMP threads make this 10x slower

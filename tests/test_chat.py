@@ -18,7 +18,7 @@ N = 8
 @pytest.fixture()
 def run_chat(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, real_engine):
     """Run ``orthrus chat`` in-process on ``stdin`` text (the shared engine, no second load)."""
-    monkeypatch.setattr(chat, "load_engine", lambda args: real_engine)
+    monkeypatch.setattr(chat, "load_engine", lambda args, **kw: real_engine)
 
     def run(stdin: str, *argv: str) -> tuple[int, str, str]:
         monkeypatch.setattr("sys.stdin", io.StringIO(stdin))

@@ -194,7 +194,7 @@ def test_json_rows_in_input_order_as_soon_as_possible(monkeypatch, capsys) -> No
     def check(step: int) -> None:
         printed.append([json.loads(ln)["id"] for ln in capsys.readouterr().out.splitlines()])
 
-    monkeypatch.setattr(generate, "load_engine", lambda args: ScriptedEngine(script, check))
+    monkeypatch.setattr(generate, "load_engine", lambda args, **kw: ScriptedEngine(script, check))
     rc = main(["generate", "p0", "p1", "p2", "--json", "--mode", "ar"])
     assert rc == 0
     assert printed == [[], [], [0], [1, 2]]
@@ -202,7 +202,7 @@ def test_json_rows_in_input_order_as_soon_as_possible(monkeypatch, capsys) -> No
 
 def test_json_ids_from_file_and_arguments(tmp_path: Path, monkeypatch, capsys) -> None:
     script = [(2, "z", "stop"), (1, "y", "stop"), (0, "x", "length")]
-    monkeypatch.setattr(generate, "load_engine", lambda args: ScriptedEngine(script, lambda s: None))
+    monkeypatch.setattr(generate, "load_engine", lambda args, **kw: ScriptedEngine(script, lambda s: None))
     path = write(tmp_path / "p.jsonl", '{"prompt": "from file", "id": "q1"}\n{"prompt": "no id"}\n')
     rc, out, err = run_cli(["generate", "arg", "--prompts-file", path, "--json", "--mode", "ar"], capsys)
     assert rc == 0
@@ -218,14 +218,14 @@ def test_plain_output_streams_live(monkeypatch, capsys) -> None:
     seen: list[str] = []
     script = [(0, "Hel", None), (0, "lo", None), (0, "!", "stop")]
     engine = ScriptedEngine(script, lambda s: seen.append(capsys.readouterr().out))
-    monkeypatch.setattr(generate, "load_engine", lambda args: engine)
+    monkeypatch.setattr(generate, "load_engine", lambda args, **kw: engine)
     assert main(["generate", "hi", "--mode", "ar"]) == 0
     assert seen == ["Hel", "lo", "!\n"]  # each delta is on stdout before the next is generated
 
 
 def test_plain_output_several_prompts(monkeypatch, capsys) -> None:
     script = [(1, "one", None), (0, "zero", "stop"), (1, " more", "length")]
-    monkeypatch.setattr(generate, "load_engine", lambda args: ScriptedEngine(script, lambda s: None))
+    monkeypatch.setattr(generate, "load_engine", lambda args, **kw: ScriptedEngine(script, lambda s: None))
     rc, out, _ = run_cli(["generate", "a", "b", "--mode", "ar"], capsys)
     assert rc == 0
     assert out == "=== 0 ===\nzero\n=== 1 ===\none more\n"  # each under its header, as it finishes
@@ -375,7 +375,7 @@ def test_default_draft_is_hybrid_self_on_a_cpu_else_hybrid_with_an_adapter(monke
     assert common.resolve_draft(ns()) == cpu
     assert common.resolve_draft(ns(dtype="bfloat16")) == "hybrid"
     assert common.resolve_draft(ns(adapter="runs/a")) == "hybrid"
-    assert common.resolve_draft(ns(compile=True)) == "hybrid"
+    assert common.resolve_draft(ns(compile="on")) == cpu  # compiled cycles self-draft too
     assert common.resolve_draft(ns(model="without", dtype="bfloat16")) == "diffusion"
     assert common.resolve_draft(ns(schedule="one-pass")) == "diffusion"
     assert common.resolve_draft(ns(draft="ngram")) == "ngram"
@@ -409,3 +409,36 @@ def test_cpu_default_with_the_shipped_adapter_measures_the_block_size(monkeypatc
     assert not common.auto_block_size_wanted(argparse.Namespace(**{**args, "adapter": "runs/a"}), parallel)
     assert common.auto_block_size_wanted(argparse.Namespace(**{**args, "adapter": "runs/a", "block_size": "auto"}),
                                          parallel)
+
+
+def test_compile_defaults_to_a_timed_trial_for_long_cpu_jobs_only(monkeypatch):
+    """--compile auto (the default, or $ORTHRUS_COMPILE): long float32 CPU jobs compile with a
+    timing trial per cycle shape ("auto"); short generate jobs, chat (0 tokens), GPUs and other
+    dtypes stay eager; on/off and --no-compile are obeyed; a bad $ORTHRUS_COMPILE is refused."""
+    import argparse
+
+    from orthrus.commands import common
+
+    monkeypatch.delenv(common.COMPILE_ENV, raising=False)
+    ns = lambda **kw: argparse.Namespace(**{"device": "cpu", "dtype": "float32", "compile": None, **kw})  # noqa: E731
+    big, small = common.COMPILE_MIN_TOKENS, common.COMPILE_MIN_TOKENS - 1
+    assert common.resolve_compile(ns(), None) == "auto"  # serve, bench, distill
+    assert common.resolve_compile(ns(), big) == "auto"
+    assert common.resolve_compile(ns(), small) is False
+    assert common.resolve_compile(ns(), 0) is False  # chat
+    assert common.resolve_compile(ns(dtype="bfloat16"), None) is False
+    assert common.resolve_compile(ns(device="cuda"), None) is False
+    assert common.resolve_compile(ns(compile="on"), 0) is True
+    assert common.resolve_compile(ns(compile="off"), None) is False
+    monkeypatch.setenv(common.COMPILE_ENV, "on")
+    assert common.resolve_compile(ns(), 0) is True
+    assert common.resolve_compile(ns(compile="off"), None) is False  # the flag beats the variable
+    monkeypatch.setenv(common.COMPILE_ENV, "sometimes")
+    with pytest.raises(OrthrusError, match="ORTHRUS_COMPILE must be one of auto, on, off"):
+        common.resolve_compile(ns(), None)
+    parser = argparse.ArgumentParser()
+    common.add_compile_arg(parser)
+    assert parser.parse_args([]).compile is None
+    assert parser.parse_args(["--compile"]).compile == "on"
+    assert parser.parse_args(["--no-compile"]).compile == "off"
+    assert parser.parse_args(["--compile", "auto"]).compile == "auto"

@@ -124,24 +124,46 @@ def test_the_trace_check_catches_a_host_sync(monkeypatch):
 
 
 def test_compiled_cycle_gives_the_same_tokens():
-    """--compile: the cycle through torch.compile (inductor; one shape here, ~30 s on a CPU), with
-    the weights as the engine prepares them under --compile: fused but not prepacked (Inductor
-    lowers oneDNN's packed linear only for weights it froze itself)."""
+    """--compile: the cycle through torch.compile (Inductor), with the weights as the engine
+    prepares them (prepacked, the GEMMs called as opaque ops: orthrus.models.opaque; int8 drafts
+    where fbgemm exists): the same tokens as eager decoding, for chain and tree verification. The
+    attended cache length grows from 64 to 192 slots under one graph (the length is symbolic)."""
     from orthrus.engine import Orthrus
+    from orthrus.models.llama import packing_available
     from orthrus.models.loading import LoadedModel
+
+    class CompiledRecording(Decoder):  # records outside the compiled cycle (a list append inside would recompile)
+        mode = True
+
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw, compile=self.mode)
+            self.keys = []
+
+        def run_cycle(self, *key):
+            self.keys.append(key)
+            return super().run_cycle(*key)
 
     model = tiny_base("llama")[1]
     adapter = tiny_adapter(model, "full", block_size=4)
-    Orthrus(LoadedModel(model, None, (), TINY_FP, "tiny", None), adapter, compile=True)
-    assert model.prepared and model.packed_min_rows is None
-    assert all(a.qkv is not None and a.qkv.packed is None for a in adapter.layers)
+    engine = Orthrus(LoadedModel(model, None, (), TINY_FP, "tiny", None), adapter, compile=True)
+    assert model.prepared and (model.packed_min_rows is not None) == packing_available()
+    assert all(a.qkv is not None for a in adapter.layers)
     prompts = random_prompts([6], VOCAB, seed=23)
-    gens = [GenerationConfig(max_new_tokens=24, mode="parallel")]
-    ref, _ = run_decoder(model, adapter, prompts, gens, capacity=200, decoder_cls=recording(static_shapes=True))
-    out, dec = run_decoder(model, adapter, prompts, gens, capacity=200,
-                           decoder_cls=recording(static_shapes=True, compile=True))
-    assert dec.compiled and [r.tokens for r in out] == [r.tokens for r in ref]
-    assert set(dec.keys) == {(1, 4, 200, True, False, "diffusion", 0, -1)}  # -1: no log-probs
+    for verify in ("chain", "tree"):
+        gens = [GenerationConfig(max_new_tokens=150, mode="parallel", verify=verify)]
+        ref, _ = run_decoder(model, adapter, prompts, gens, capacity=200)
+        out, dec = run_decoder(model, adapter, prompts, gens, capacity=200, decoder_cls=CompiledRecording)
+        assert dec.compiled and [r.tokens for r in out] == [r.tokens for r in ref]
+        assert {key[2] for key in dec.keys} >= {64, 128, 192}
+        assert {key[5] for key in dec.keys} == {"diffusion" if verify == "chain" else "tree"}
+        assert len(dec._cycle_fn.compiles) == 1  # one graph for every cache length
+    assert engine.draft_int8 == (model.draft_head is not None)
+    # compile="auto": the first cycle of a shape runs eager and compiled five times each from the
+    # same state (put back after each run), and the faster one serves the shape: the same tokens
+    CompiledRecording.mode = "auto"
+    out, dec = run_decoder(model, adapter, prompts, gens, capacity=200, decoder_cls=CompiledRecording)
+    assert [r.tokens for r in out] == [r.tokens for r in ref]
+    assert list(dec._cycle_fn.choice) == [(1, 4, True, False, "tree", 0, -1)]
 
 
 def test_cuda_graphs_need_a_cuda_device():

@@ -658,7 +658,7 @@ def test_serve_command_builds_the_app(monkeypatch: pytest.MonkeyPatch, real_engi
     from orthrus.serve import run as runner
 
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(serve, "load_engine", lambda args: real_engine)
+    monkeypatch.setattr(serve, "load_engine", lambda args, **kw: real_engine)
     monkeypatch.setattr(runner, "serve", lambda app, **kw: seen.update(app=app, **kw))
     monkeypatch.delenv("ORTHRUS_API_KEY", raising=False)
     assert cli.main(["serve", "--adapter", "init", "--port", "0", "--max-batch-size", "2",

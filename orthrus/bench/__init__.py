@@ -56,19 +56,34 @@ def _versions() -> dict[str, str]:
 
 
 def _pass_costs(engine: "Orthrus", bench: Bench, settings: BenchSettings, ids: list[list[int]]) -> dict[str, Any]:
-    """Median milliseconds of one cycle per schedule at the run's K, batch and mean context, and
-    each as a multiple of the AR step (what a cycle must emit to break even)."""
+    """Median milliseconds of one cycle per schedule (chain, tree, one-pass) at the run's K, batch
+    and mean context, and each as a multiple of the AR step (what a cycle must emit to break even),
+    as the engine decodes. A compiling engine's figures are those of the compiled graphs (each
+    compiled before it is timed), with the eager ones beside them under ``eager``."""
+    if not engine.compile:
+        return _pass_cost_table(engine, bench, settings, ids)
+    was, engine.compile = engine.compile, True
+    try:
+        out = _pass_cost_table(engine, bench, settings, ids) | {"compile": was}
+        engine.compile = False
+        out["eager"] = _pass_cost_table(engine, bench, settings, ids)
+    finally:
+        engine.compile = was
+    return out
+
+
+def _pass_cost_table(engine: "Orthrus", bench: Bench, settings: BenchSettings, ids: list[list[int]]) -> dict[str, Any]:
     context = sum(len(x) for x in ids) // len(ids) + settings.max_new_tokens // 2
     k = bench.block if engine.adapter is not None and bench.block > 1 else 0
     from orthrus.decoding import generator
 
     cand = settings.candidates or generator.DEFAULT_CANDIDATES
     times = measure_pass_times(engine, [k] if k else [], batch_size=settings.batch_size, context=context,
-                               repeats=9, warmup=2, onepass_candidates=cand if k else 0)
+                               repeats=9, warmup=2, onepass_candidates=cand if k else 0, trees=bool(k))
     ms = lambda v: round(1e3 * v, 3)  # noqa: E731
     out: dict[str, Any] = {"context": context, "batch_size": settings.batch_size, "block_size": k or None,
                            "candidates": cand if k else None, "ar_ms": ms(times.ar)}
-    for name, table in (("two_pass", times.cycle), ("one_pass", times.onepass)):
+    for name, table in (("two_pass", times.cycle), ("tree", times.tree), ("one_pass", times.onepass)):
         for kk, v in table.items():
             out[f"{name}_k{kk}_ms"] = ms(v)
             out[f"{name}_k{kk}_x_ar"] = round(v / times.ar, 3)

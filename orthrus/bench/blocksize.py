@@ -70,11 +70,14 @@ class PassTimes:
         ar: one AR step (block size 1: one 1-token pass of the frozen model).
         cycle: K -> one parallel cycle (draft pass + K-token verify pass + consensus).
         onepass: K -> one one-pass cycle (empty when the schedule was not timed).
+        tree: K -> one tree-verified cycle (draft pass as deep as the tree + K-row verify pass +
+            acceptance + K/V moves; empty when not timed).
     """
 
     ar: float
     cycle: dict[int, float]
     onepass: dict[int, float] = field(default_factory=dict)
+    tree: dict[int, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"ar": self.ar, "cycle": {str(k): v for k, v in self.cycle.items()},
@@ -189,7 +192,7 @@ def _median_seconds(fn: Callable[[], object], repeats: int, warmup: int) -> floa
 
 def measure_pass_times(engine: "Orthrus", candidates: Sequence[int] = DEFAULT_CANDIDATES, batch_size: int = 1,
                        context: int = 256, repeats: int = 5, warmup: int = 2,
-                       onepass_candidates: int = 0) -> PassTimes:
+                       onepass_candidates: int = 0, trees: bool = False) -> PassTimes:
     """Time one AR step and, per candidate K, one parallel cycle, with the engine's own decoder.
 
     ``batch_size`` rows of ``context`` prompt tokens are prefilled; then each cycle shape runs
@@ -202,6 +205,8 @@ def measure_pass_times(engine: "Orthrus", candidates: Sequence[int] = DEFAULT_CA
         context: committed cache length the cycles attend over (cost grows with it).
         repeats, warmup: timed and untimed repetitions.
         onepass_candidates: also time one-pass cycles with this many candidate blocks (0: not).
+        trees: also time tree-verified cycles (the default for greedy rows with an adapter that
+            records its rank rates).
     """
     if engine.adapter is None and any(k > 1 for k in candidates):
         raise OrthrusError("timing draft passes needs an adapter: pass --adapter PATH or --adapter init")
@@ -218,6 +223,7 @@ def measure_pass_times(engine: "Orthrus", candidates: Sequence[int] = DEFAULT_CA
 
     cycle: dict[int, float] = {}
     onepass: dict[int, float] = {}
+    tree: dict[int, float] = {}
     for k in ks:
         rows, kv_len = dec.cycle_shape(batch_size, context + k)  # as Decoder.step would
         key = (rows, k, kv_len, True, False)
@@ -226,11 +232,16 @@ def measure_pass_times(engine: "Orthrus", candidates: Sequence[int] = DEFAULT_CA
             dec._onepass_buffers(k, False)
             key = (rows, k, kv_len, True, False, "onepass", min(onepass_candidates, k))
             onepass[k] = _median_seconds(functools.partial(one_cycle, key), repeats, warmup)
-    times = PassTimes(ar=cycle.pop(1), cycle=cycle, onepass=onepass)
+        if trees and k > 1:
+            dec.tree(k)
+            key = (rows, k, kv_len, True, False, "tree")
+            tree[k] = _median_seconds(functools.partial(one_cycle, key), repeats, warmup)
+    times = PassTimes(ar=cycle.pop(1), cycle=cycle, onepass=onepass, tree=tree)
     log.info("cycle times (B=%d, context=%d%s): AR %.2f ms; %s", batch_size, context,
              ", CUDA graphs" if dec.cuda_graphs else "", 1e3 * times.ar,
              ", ".join(f"K={k} {1e3 * v:.2f} ms" for k, v in cycle.items())
-             + "".join(f", one-pass K={k} {1e3 * v:.2f} ms" for k, v in onepass.items()))
+             + "".join(f", one-pass K={k} {1e3 * v:.2f} ms" for k, v in onepass.items())
+             + "".join(f", tree K={k} {1e3 * v:.2f} ms" for k, v in tree.items()))
     return times
 
 

@@ -169,9 +169,11 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(report["results"]))
     if report.get("pass_costs"):
         pc = report["pass_costs"]
-        print("pass costs (one cycle, median ms; x the AR step): " + ", ".join(
-            f"{key.removesuffix('_ms')} {v:.1f}" + (f" ({pc[key[:-3] + '_x_ar']:.2f}x)" if key != "ar_ms" else "")
-            for key, v in pc.items() if key.endswith("_ms")))
+        for label, table in (("compiled" if "eager" in pc else "", pc), ("eager", pc.get("eager"))):
+            if table:
+                print(f"pass costs{' ' + label if label else ''} (one cycle, median ms; x the AR step): " + ", ".join(
+                    f"{key.removesuffix('_ms')} {v:.1f}" + (f" ({table[key[:-3] + '_x_ar']:.2f}x)" if key != "ar_ms" else "")
+                    for key, v in table.items() if key.endswith("_ms")))
     if args.out:
         print(f"wrote {args.out}.json and {args.out}.png")
     return 0

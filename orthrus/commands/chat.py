@@ -33,7 +33,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     gen = generation_config(args)  # cheap checks before the model loads
-    engine = load_engine(args)
+    engine = load_engine(args, job_tokens=0)  # interactive: --compile auto stays eager
     gen = apply_auto_block_size(args, engine, gen, n_prompts=1)
     chat_loop(engine, gen, sys.stdin, sys.stdout, sys.stderr, system=args.system)
     return 0

@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import functools
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,48 @@ log = logging.getLogger(__name__)
 
 # ---- options --------------------------------------------------------------------------------------
 
+COMPILES = ("auto", "on", "off")
+COMPILE_ENV = "ORTHRUS_COMPILE"  # the default of --compile (auto, on or off)
+# a generate job of at least this many new tokens (prompts x --max-new-tokens) compiles under
+# --compile auto: compiling pays ~10% per token on our CPU and a later process's start-up costs ~5 s
+# per cycle shape (bench/README.md, "Compiled decoding")
+COMPILE_MIN_TOKENS = 8192
+
+
+def add_compile_arg(parser: Any) -> None:
+    """``--compile [auto|on|off]`` and ``--no-compile``."""
+    parser.add_argument("--compile", nargs="?", const="on", default=None, choices=COMPILES,
+                        help="torch.compile each decoding cycle on a CPU (fused code around the prepacked "
+                             "GEMMs, the same tokens; the first run compiles each cycle shape for "
+                             "20-60 s, later runs load it from $ORTHRUS_CACHE/inductor in ~5 s). auto "
+                             "(default, or $ORTHRUS_COMPILE): for float32 on a CPU in serve, bench and "
+                             f"distill, and in generate for jobs of >= {COMPILE_MIN_TOKENS} new tokens, "
+                             "compile each cycle shape and keep it where a timing trial finds it faster; "
+                             "off in chat and on GPUs")
+    parser.add_argument("--no-compile", dest="compile", action="store_const", const="off",
+                        help="the same as --compile off")
+
+
+def resolve_compile(args: argparse.Namespace, job_tokens: int | None) -> bool | str:
+    """The engine's ``compile``: ``--compile``, else ``$ORTHRUS_COMPILE``, else ``auto``. ``on``:
+    True. ``auto``: for float32 models on a CPU and long jobs (``job_tokens`` new tokens planned,
+    at least ``COMPILE_MIN_TOKENS``; None: a long-running command), ``"auto"`` (compile, and keep
+    each cycle shape's graph where a timing trial finds it faster); else False."""
+    choice = getattr(args, "compile", None)
+    if isinstance(choice, bool):  # a namespace built in code
+        return choice
+    if choice is None:
+        choice = os.environ.get(COMPILE_ENV, "auto").strip().lower() or "auto"
+        if choice not in COMPILES:
+            raise OrthrusError(f"${COMPILE_ENV} must be one of {', '.join(COMPILES)}, got {choice!r}")
+    if choice != "auto":
+        return choice == "on"
+    long_cpu_job = (str(getattr(args, "device", "cpu")).split(":")[0] == "cpu"
+                    and getattr(args, "dtype", "float32") == "float32"
+                    and (job_tokens is None or job_tokens >= COMPILE_MIN_TOKENS))
+    return "auto" if long_cpu_job else False
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """``--model --adapter --adapter-kind --device --dtype --no-cuda-graphs --compile``."""
     g = parser.add_argument_group("model")
@@ -53,9 +96,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
                    help="on CUDA, run each decoding cycle eagerly instead of replaying a captured "
                         "CUDA graph (for debugging; much slower)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile each decoding cycle (fused kernels; the first cycle of each "
-                        "shape compiles, which takes from seconds to minutes)")
+    add_compile_arg(g)
     g.add_argument("--max-draft-rows", type=max_draft_rows_arg, default="auto", metavar="N|all|auto",
                    help="parallel mode: cycles draft only while at most N rows are decoding, beyond that "
                         "every row decodes one token a pass (the output is the same either way); all: "
@@ -163,7 +204,7 @@ def resolve_mode(args: argparse.Namespace) -> str:
     draft = resolve_draft(args)
     if explicit in SELF_DRAFTS and not self_drafting_available(args):
         raise OrthrusError(f"--draft {explicit} (self-drafting with a float16 copy of the weights) needs "
-                           f"--device cpu, --dtype float32 and no --compile (got {args.device}, {args.dtype}): "
+                           f"--device cpu and --dtype float32 (got {args.device}, {args.dtype}): "
                            "use --draft ngram, or an adapter's drafts")
     if explicit in ("ngram",) + SELF_DRAFTS:  # n-gram drafts and self-drafting need no adapter
         if mode == "ar":
@@ -217,10 +258,8 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
 
 
 def self_drafting_available(args: argparse.Namespace) -> bool:
-    """Whether the model of ``args`` can self-draft here: float32 on a CPU with fbgemm's fp16
-    GEMM, not under ``--compile`` (dynamo cannot trace fbgemm's packed weights)."""
-    return (args.device == "cpu" and args.dtype == "float32" and not getattr(args, "compile", False)
-            and fp16_available())
+    """Whether the model of ``args`` can self-draft here: float32 on a CPU with fbgemm's fp16 GEMM."""
+    return args.device == "cpu" and args.dtype == "float32" and fp16_available()
 
 
 def resolve_draft(args: argparse.Namespace) -> str:
@@ -317,8 +356,11 @@ def _cached_engine(model: str, adapter: str | None, device: str, dtype: str, ada
                                    draft_precision=draft_precision, max_draft_rows=max_draft_rows)
 
 
-def load_engine(args: argparse.Namespace, reuse: bool = True) -> Orthrus:
+def load_engine(args: argparse.Namespace, reuse: bool = True, job_tokens: int | None = None) -> Orthrus:
     """Check the model options, then load the base model and its adapter.
+
+    ``job_tokens``: the new tokens the command plans (``--compile auto`` compiles long jobs; None:
+    a long-running command, see :func:`resolve_compile`).
 
     With ``reuse`` (default) the same options in one process give back the same engine (one kept),
     which makes repeated in-process calls (tests, notebooks) cheap; callers that change the
@@ -332,14 +374,16 @@ def load_engine(args: argparse.Namespace, reuse: bool = True) -> Orthrus:
     adapter_path = (Path(args.adapter).expanduser() / WEIGHTS if args.adapter not in (None, "init")
                     else DEFAULT_ADAPTERS.get(args.model, Path("-")) / WEIGHTS)
     key = (args.model, args.adapter, args.device, args.dtype, kind, block, getattr(args, "cuda_graphs", None),
-           bool(getattr(args, "compile", False)), getattr(args, "draft_precision", "auto"),
+           resolve_compile(args, job_tokens), getattr(args, "draft_precision", "auto"),
            getattr(args, "max_draft_rows", "auto"), (_stamp(model_path), _stamp(adapter_path)))
     log.info("loading %s (adapter: %s) on %s in %s", args.model, args.adapter or "default",
              args.device, args.dtype)
     t0 = time.perf_counter()
     engine = _cached_engine(*key) if reuse else _cached_engine.__wrapped__(*key)
-    log.info("ready in %.1f s (adapter: %s)", time.perf_counter() - t0,
-             "none" if engine.adapter is None else engine.adapter.config.kind)
+    log.info("ready in %.1f s (adapter: %s; decoding cycles %s)", time.perf_counter() - t0,
+             "none" if engine.adapter is None else engine.adapter.config.kind,
+             {True: "compiled on first use", "auto": "compiled on first use where it measures faster",
+              False: "eager"}[engine.compile])
     return engine
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from orthrus.config import DTYPES, GenerationConfig
+from orthrus.commands.common import add_compile_arg, resolve_compile
 from orthrus.errors import OrthrusError
 from orthrus.models.loading import DEFAULT_MODEL, parse_device, parse_dtype, resolve_model
 
@@ -43,6 +44,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-minutes", type=float, default=None, metavar="M",
                    help="stop after M minutes (rows not finished by then are dropped; rerun to continue)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_compile_arg(p)
     p.set_defaults(func=run)
 
 
@@ -90,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         raise OrthrusError(f"--out '{args.out}' is a folder: give a .jsonl file path")
     prompts, count = _prompts(args.source, args.limit)
 
-    engine = Orthrus(load_base(args.model, device=args.device, dtype=args.dtype), None)
+    engine = Orthrus(load_base(args.model, device=args.device, dtype=args.dtype), None,
+                     compile=resolve_compile(args, None))
     summary = distill(engine, prompts, out, gen, batch_size=args.batch_size, limit=args.limit,
                       max_prompt_tokens=args.max_prompt_tokens, total_hint=count,
                       progress=not args.no_progress, max_minutes=args.max_minutes)

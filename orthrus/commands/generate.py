@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         raise OrthrusError(f"--batch-size must be >= 1, got {args.batch_size}")
     rows = collect_prompts(args)
     gen = generation_config(args)
-    engine = load_engine(args)
+    engine = load_engine(args, job_tokens=len(rows) * gen.max_new_tokens)
     gen = apply_auto_block_size(args, engine, gen, len(rows))
 
     ids = [rid for rid, _ in rows]

@@ -44,6 +44,7 @@ from torch import Tensor
 
 from orthrus.adapter import DiffusionAdapter
 from orthrus.config import HYBRID_DRAFTS, SELF_DRAFTS, GenerationConfig
+from orthrus.decoding.compiled import CompiledCycle
 from orthrus.decoding.graphs import CycleGraphs
 from orthrus.decoding.ngram import NGRAM_BLOCK_SIZE, NgramIndex, ngram_drafts
 from orthrus.decoding.sampling import (STREAM_ACCEPT, STREAM_BONUS, STREAM_DRAFT, STREAM_RESIDUAL,
@@ -200,7 +201,9 @@ class Decoder:
         max_batch: number of slots.
         capacity: cache positions per slot (prompt + new tokens + one block must fit).
         cuda_graphs: capture each cycle shape as a CUDA graph and replay it (None: on CUDA devices).
-        compile: ``torch.compile`` the cycle (fused kernels; compiling takes a while per shape).
+        compile: ``torch.compile`` the cycle (fused code around the prepacked GEMMs; compiling
+            takes a while per shape, :mod:`orthrus.decoding.compiled`); ``"auto"``: compile each
+            shape and keep the compiled graph where a timing trial finds it faster.
         static_shapes: round rows and kv_len up to powers of two (None: when ``cuda_graphs``).
             Graphs need it; on its own (CPU) it exercises the graph-mode shapes eagerly.
         max_draft_rows: greedy cycles draft only while at most this many rows are decoding; with
@@ -218,7 +221,7 @@ class Decoder:
     def __init__(self, model: Transformer, adapter: DiffusionAdapter | None, eos_ids: tuple[int, ...],
                  decode: Callable[[list[int]], str], max_batch: int, capacity: int,
                  cuda_graphs: bool | None = None, static_shapes: bool | None = None,
-                 compile: bool = False, max_draft_rows: int | None = None,
+                 compile: bool | str = False, max_draft_rows: int | None = None,
                  max_diffusion_rows: int | None = None) -> None:
         self.model, self.adapter, self.eos_ids, self.decode = model, adapter, set(eos_ids), decode
         self.capacity = capacity
@@ -273,13 +276,13 @@ class Decoder:
         self.compiled = compile
         self._cycle_fn = self._cycle
         if compile:
-            import torch._dynamo as dynamo
-
-            # every cycle shape is a static specialisation; the default limit (8) is too low
-            dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
-            self._cycle_fn = torch.compile(self._cycle, fullgraph=True, dynamic=False)
+            self._cycle_fn = CompiledCycle(self._cycle, self._mutable_state, trial=compile == "auto")
         # the cycle mutates only lengths and x_t (and not-yet-committed cache slots)
         self.graphs = CycleGraphs(self._cycle_no_grad, (self.lengths, self.x_t)) if self.cuda_graphs else None
+
+    def _mutable_state(self) -> tuple[Tensor, ...]:
+        """The tensors a cycle mutates (besides cache slots that a rerun of it rewrites)."""
+        return (self.lengths, self.x_t, *self.op_drafts.values(), *self.op_fresh.values(), *self.op_q.values())
 
     def _onepass_buffers(self, k: int, sampled: bool) -> None:
         """Allocate the one-pass state for block size ``k`` (before any cycle, or capture, reads it),
@@ -596,6 +599,7 @@ class Decoder:
         if k not in self.trees:
             rates = (self.adapter.config.draft_ranks if self.adapter is not None else ()) or DEFAULT_DRAFT_RANKS
             self.trees[k] = DraftTree(build_tree(rates[: k - 1], k - 1))
+            self.trees[k].on(self.model.device)  # its index tensors, before any cycle reads them
         return self.trees[k]
 
     def _cycle_onepass(self, hi: int, k: int, kv_len: int, greedy: bool, filters: bool, c: int,
@@ -712,6 +716,8 @@ class Decoder:
         decoding are parked (length 0, inactive) and compute junk that is never committed.
         """
         if not self.static_shapes:
+            if self.compiled:  # row counts in powers of two: fewer graphs to compile
+                rows = min(self.max_batch, pow2(rows))
             return rows, min(self.capacity, _round_up(need, KV_BUCKET))
         return min(self.max_batch, pow2(rows)), min(self.capacity, max(STATIC_MIN_KV, pow2(need)))
 
@@ -759,6 +765,7 @@ class Decoder:
             self._onepass_buffers(k, not greedy)
         elif k > 1 and self.adapter is not None and all(self._uses_tree(r) for r in rows):
             source = "tree"  # adapter drafts only: verify them as a tree
+            self.tree(k)  # built outside the cycle, which compiled or captured code replays
         for kk, fresh in self.op_fresh.items():  # only this cycle's one-pass drafts stay fresh
             if source != "onepass" or kk != k:
                 fresh[:hi] = False

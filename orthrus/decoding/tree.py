@@ -93,6 +93,9 @@ class DraftTree:
 
     nodes: tuple[tuple[int, ...], ...]
     _tensors: dict = field(default_factory=dict, compare=False, repr=False)
+    rows: int = field(init=False, compare=False)
+    depth: int = field(init=False, compare=False)
+    width: int = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
         index = {n: i + 1 for i, n in enumerate(self.nodes)}
@@ -103,19 +106,12 @@ class DraftTree:
                 raise ValueError(f"tree node {n} needs its parent {n[:-1]} before it (breadth-first, "
                                  f"non-negative ranks)")
 
-    @property
-    def rows(self) -> int:
-        return len(self.nodes) + 1
-
-    @property
-    def depth(self) -> int:
-        """D: the deepest node's depth (the most drafts one cycle can accept)."""
-        return max((len(n) for n in self.nodes), default=0)
-
-    @property
-    def width(self) -> int:
-        """How many top tokens per slot the nodes read."""
-        return 1 + max((max(n) for n in self.nodes), default=0)
+        # plain ints, computed once (compiled cycles read them as constants)
+        object.__setattr__(self, "rows", len(self.nodes) + 1)
+        # D: the deepest node's depth (the most drafts one cycle can accept)
+        object.__setattr__(self, "depth", max((len(n) for n in self.nodes), default=0))
+        # how many top tokens per slot the nodes read
+        object.__setattr__(self, "width", 1 + max((max(n) for n in self.nodes), default=0))
 
     def on(self, device: torch.device) -> dict[str, Tensor]:
         """The tree's index tensors on ``device`` (built once, then cached)."""

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from orthrus.models import opaque
+
 from orthrus.cache import KVCache
 from orthrus.config import ModelConfig, RopeConfig
 from orthrus.models.quant import Int8Linear, busy_cores, fp16_available, fp16_linear, int8_available, int8_linear
@@ -146,6 +148,7 @@ class InferenceLinear:
         self.mkl: Tensor | None = None
         self.mkl_rows = 0
         self.mkl_weight: Tensor | None = None
+        self.handle = opaque.register(self._packed_gemm)  # the packed GEMM as an opaque op, for compiled graphs
         if pack:
             w = self._joined()
             self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous())
@@ -179,13 +182,20 @@ class InferenceLinear:
 
     def _packed(self, x: Tensor) -> Tensor | None:
         """``x [..., C]`` -> all outputs side by side through a packed kernel, or None where this
-        pass's row count takes the plain one (static shapes: no sync)."""
+        pass's row count takes the plain one (static shapes: no sync). Under ``torch.compile`` the
+        packed kernel is one opaque op (:mod:`orthrus.models.opaque`)."""
+        rows = x.numel() // x.shape[-1]
+        if not ((self.mkl is not None and rows == self.mkl_rows) or (self.packed is not None and rows >= self.min_rows)):
+            return None
+        if opaque.compiling():
+            return opaque.gemm(x, self.handle, sum(self.sizes))
+        return self._packed_gemm(x)
+
+    def _packed_gemm(self, x: Tensor) -> Tensor:
         rows = x.numel() // x.shape[-1]
         if self.mkl is not None and rows == self.mkl_rows:
             return torch.ops.mkl._mkl_linear(x, self.mkl, self.mkl_weight, self.bias, rows)
-        if self.packed is not None and rows >= self.min_rows:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return None
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def __call__(self, x: Tensor) -> tuple[Tensor, ...]:
         """``x [..., C]`` -> one ``[..., N_i]`` per weight."""

@@ -23,6 +23,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from orthrus.models import opaque
+
 # input columns appended to every row: +1, -1, then zeros (8 keeps the reduction dimension a
 # multiple of 8, as fbgemm's packed layout prefers)
 PAD = 8
@@ -115,6 +117,7 @@ class _DraftLinear:
                          torch.cat([b.detach().float() if b is not None else w.new_zeros(k)
                                     for b, k in zip(biases, self.sizes)]))
             self._pack(w.contiguous())
+        self.handle = opaque.register(self._gemm)  # the GEMM as an opaque op, for compiled graphs
 
     def _pack(self, w: Tensor) -> None:
         raise NotImplementedError
@@ -124,7 +127,7 @@ class _DraftLinear:
 
     def fused(self, x: Tensor) -> Tensor:
         """``x [..., C]`` (float32) -> ``[..., sum N_i]``."""
-        y = self._gemm(x)
+        y = opaque.gemm(x, self.handle, sum(self.sizes)) if opaque.compiling() else self._gemm(x)
         return y + self.bias if self.bias is not None else y
 
     def __call__(self, x: Tensor) -> tuple[Tensor, ...]:
