@@ -203,9 +203,11 @@ class Orthrus:
                 f"prompt ({n_prompt} tokens) + max_new_tokens ({gen.max_new_tokens}) exceeds the model's "
                 f"context of {self.max_context} tokens")
 
-    def new_decoder(self, max_batch: int, capacity: int) -> Decoder:
+    def new_decoder(self, max_batch: int, capacity: int, compile: bool | str | None = None) -> Decoder:
+        """A decoder with the engine's settings (``compile``: this one's, None: the engine's)."""
         return Decoder(self.model, self.adapter, self.base.eos_ids, self.decode, max_batch, capacity,
-                       cuda_graphs=self.cuda_graphs, compile=self.compile, max_draft_rows=self.max_draft_rows,
+                       cuda_graphs=self.cuda_graphs, compile=self.compile if compile is None else compile,
+                       max_draft_rows=self.max_draft_rows,
                        max_diffusion_rows=self.max_diffusion_rows)
 
     def release_decoders(self) -> None:

@@ -229,15 +229,15 @@ def test_measure_pass_times_covers_every_candidate(tiny_engine):
 
 def test_pass_costs_of_a_compiling_engine_put_the_eager_ones_beside(tiny_engine, monkeypatch):
     """--pass-costs under compiling: the compiled graphs' figures (compiled even under 'auto',
-    whose trial might keep eager), and the eager ones under "eager"; the engine's setting stays."""
+    whose trial might keep eager), and the eager ones under "eager"."""
     import orthrus.bench as bench_mod
     from orthrus.bench.blocksize import PassTimes
 
     seen = []
 
     def fake(engine, ks, **kw):
-        seen.append((engine.compile, kw["trees"]))
-        return PassTimes(ar=0.01 if engine.compile else 0.02, cycle={k: 0.03 for k in ks},
+        seen.append((kw["compiled"], kw["trees"]))
+        return PassTimes(ar=0.01 if kw["compiled"] else 0.02, cycle={k: 0.03 for k in ks},
                          tree={k: 0.025 for k in ks} if kw["trees"] else {})
 
     monkeypatch.setattr(bench_mod, "measure_pass_times", fake)

@@ -61,25 +61,21 @@ def _pass_costs(engine: "Orthrus", bench: Bench, settings: BenchSettings, ids: l
     as the engine decodes. A compiling engine's figures are those of the compiled graphs (each
     compiled before it is timed), with the eager ones beside them under ``eager``."""
     if not engine.compile:
-        return _pass_cost_table(engine, bench, settings, ids)
-    was, engine.compile = engine.compile, True
-    try:
-        out = _pass_cost_table(engine, bench, settings, ids) | {"compile": was}
-        engine.compile = False
-        out["eager"] = _pass_cost_table(engine, bench, settings, ids)
-    finally:
-        engine.compile = was
-    return out
+        return _pass_cost_table(engine, bench, settings, ids, False)
+    return (_pass_cost_table(engine, bench, settings, ids, True)
+            | {"compile": engine.compile, "eager": _pass_cost_table(engine, bench, settings, ids, False)})
 
 
-def _pass_cost_table(engine: "Orthrus", bench: Bench, settings: BenchSettings, ids: list[list[int]]) -> dict[str, Any]:
+def _pass_cost_table(engine: "Orthrus", bench: Bench, settings: BenchSettings, ids: list[list[int]],
+                     compiled: bool) -> dict[str, Any]:
     context = sum(len(x) for x in ids) // len(ids) + settings.max_new_tokens // 2
     k = bench.block if engine.adapter is not None and bench.block > 1 else 0
     from orthrus.decoding import generator
 
     cand = settings.candidates or generator.DEFAULT_CANDIDATES
     times = measure_pass_times(engine, [k] if k else [], batch_size=settings.batch_size, context=context,
-                               repeats=9, warmup=2, onepass_candidates=cand if k else 0, trees=bool(k))
+                               repeats=9, warmup=2, onepass_candidates=cand if k else 0, trees=bool(k),
+                               compiled=compiled)
     ms = lambda v: round(1e3 * v, 3)  # noqa: E731
     out: dict[str, Any] = {"context": context, "batch_size": settings.batch_size, "block_size": k or None,
                            "candidates": cand if k else None, "ar_ms": ms(times.ar)}

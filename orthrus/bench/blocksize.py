@@ -192,7 +192,7 @@ def _median_seconds(fn: Callable[[], object], repeats: int, warmup: int) -> floa
 
 def measure_pass_times(engine: "Orthrus", candidates: Sequence[int] = DEFAULT_CANDIDATES, batch_size: int = 1,
                        context: int = 256, repeats: int = 5, warmup: int = 2,
-                       onepass_candidates: int = 0, trees: bool = False) -> PassTimes:
+                       onepass_candidates: int = 0, trees: bool = False, compiled: bool = False) -> PassTimes:
     """Time one AR step and, per candidate K, one parallel cycle, with the engine's own decoder.
 
     ``batch_size`` rows of ``context`` prompt tokens are prefilled; then each cycle shape runs
@@ -207,11 +207,14 @@ def measure_pass_times(engine: "Orthrus", candidates: Sequence[int] = DEFAULT_CA
         onepass_candidates: also time one-pass cycles with this many candidate blocks (0: not).
         trees: also time tree-verified cycles (the default for greedy rows with an adapter that
             records its rank rates).
+        compiled: time compiled cycles (each shape compiled before it is timed); else eager ones,
+            whatever the engine's setting (the block-size calibration compares eager cycles: compiling
+            every candidate K would cost minutes).
     """
     if engine.adapter is None and any(k > 1 for k in candidates):
         raise OrthrusError("timing draft passes needs an adapter: pass --adapter PATH or --adapter init")
     ks = sorted({1, *(int(k) for k in candidates if k >= 2)})
-    dec = engine.new_decoder(batch_size, context + 1 + max(ks))
+    dec = engine.new_decoder(batch_size, context + 1 + max(ks), compile=compiled)
     gen = GenerationConfig(max_new_tokens=1, mode="parallel" if max(ks) > 1 else "ar")
     dec.add([(i, [0] * context, gen, max(ks)) for i in range(batch_size)])
     saved = dec.lengths.clone(), dec.x_t.clone()

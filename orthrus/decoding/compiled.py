@@ -38,8 +38,8 @@ CACHE_LIMIT = 64  # compiled variants per function (dynamo's default, 8, is belo
 
 
 def inductor_cache() -> str:
-    """Where Inductor keeps its caches: ``$TORCHINDUCTOR_CACHE_DIR``, else ``$ORTHRUS_CACHE/inductor``
-    (set for this process on first use)."""
+    """Where Inductor keeps its caches: ``$TORCHINDUCTOR_CACHE_DIR``, which importing orthrus sets
+    to ``$ORTHRUS_CACHE/inductor`` unless it was set already."""
     return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
 
 

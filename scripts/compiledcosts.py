@@ -1,0 +1,84 @@
+"""Compiled vs eager decoding, end to end, in one process (this machine is noisy).
+
+    python3 scripts/compiledcosts.py [--prompts humaneval] [--limit 20] [--max-new-tokens 128]
+                                     [--modes ar,parallel,hybrid-self] [--threads 2] [--out FILE.json]
+
+Two engines of the default model and adapter: one eager, one with every decoding cycle compiled
+(``compile=True``: no timing trial, so the compiled graphs are what is timed). Each mode first
+decodes one extra prompt on both engines (compiling, or loading from Inductor's on-disk cache; the
+seconds are reported), then every prompt, batch 1, greedy, the two engines interleaved (their
+order alternating prompt by prompt). Reports tokens per second per mode and engine, the ratio,
+and how many outputs are identical (compiled vs eager, and each mode vs AR on the same engine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from orthrus.config import GenerationConfig
+from orthrus.datasets import load_prompts
+from orthrus.engine import Orthrus
+from orthrus.models.quant import device_name
+
+MODES = {"ar": dict(mode="ar"), "parallel": dict(mode="parallel", draft="diffusion"),
+         "hybrid-self": dict(mode="parallel", draft="hybrid-self")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    ap.add_argument("--prompts", default="humaneval")
+    ap.add_argument("--limit", type=int, default=20)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--modes", default="ar,parallel,hybrid-self")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    modes = args.modes.split(",")
+    if not modes or any(m not in MODES for m in modes):
+        ap.error(f"--modes: a comma-separated list of {', '.join(MODES)}; got {args.modes!r}")
+    torch.set_num_threads(args.threads)
+    prompts = load_prompts(args.prompts, limit=args.limit + 1)
+    warm, prompts = prompts[0], prompts[1:]
+    engines = {"eager": Orthrus.from_pretrained(compile=False), "compiled": Orthrus.from_pretrained(compile=True)}
+    gens = {m: GenerationConfig(max_new_tokens=args.max_new_tokens, **MODES[m]) for m in modes}
+    first_s = {}
+    for m in modes:
+        for name, e in engines.items():
+            t = time.perf_counter()
+            e.generate([warm], gens[m], batch_size=1)
+            first_s[f"{m}/{name}"] = round(time.perf_counter() - t, 2)
+            print(f"first {m} {name}: {first_s[f'{m}/{name}']:.1f} s", flush=True)
+    seconds = {(m, n): 0.0 for m in modes for n in engines}
+    tokens = {(m, n): [] for m in modes for n in engines}
+    for i, p in enumerate(prompts):
+        for m in modes:
+            for name in (("eager", "compiled") if i % 2 else ("compiled", "eager")):
+                t = time.perf_counter()
+                out = engines[name].generate([p], gens[m], batch_size=1)[0]
+                seconds[(m, name)] += time.perf_counter() - t
+                tokens[(m, name)].append(out.token_ids)
+    rows = []
+    for m in modes:
+        rate = {n: sum(map(len, tokens[(m, n)])) / seconds[(m, n)] for n in engines}
+        row = {"mode": m, "eager_tok_s": round(rate["eager"], 2), "compiled_tok_s": round(rate["compiled"], 2),
+               "compiled_x_eager": round(rate["compiled"] / rate["eager"], 3),
+               "identical_compiled_eager": sum(a == b for a, b in zip(tokens[(m, "eager")], tokens[(m, "compiled")])),
+               "identical_to_ar": {n: sum(a == b for a, b in zip(tokens[(m, n)], tokens[("ar", n)]))
+                                   for n in engines} if "ar" in modes else None}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({
+            "machine": device_name(torch.device("cpu")), "threads": args.threads, "torch": torch.__version__,
+            "prompts": args.prompts, "n": len(prompts), "max_new_tokens": args.max_new_tokens,
+            "first_call_seconds": first_s, "results": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
