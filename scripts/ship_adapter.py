@@ -234,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-note", default=DEFAULT_DATA_NOTE,
                     help="how the data file was made and what is held out (default: the shared ShareGPT file's note)")
     ap.add_argument("--dry-run", action="store_true", help="print TRAINING.md, install nothing")
+    ap.add_argument("--extends-shipped", action="store_true",
+                    help="the first run warm-started from the adapter shipped now, read from another path "
+                         "(such as the run folder it was shipped from): extend the shipped history")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads of the runs that did not record theirs in train_config.json (default 1)")
     args = ap.parse_args(argv)
@@ -261,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         DiffusionAdapter.load(tmp, base.model, base.fingerprint)  # loads back onto the default model
         first = json.loads((args.runs[0] / "train_config.json").read_text())
         prior = None
-        if first.get("adapter") and Path(first["adapter"]).resolve() == ADAPTER_DIR.resolve():
+        if args.extends_shipped or (first.get("adapter") and Path(first["adapter"]).resolve() == ADAPTER_DIR.resolve()):
             prior = prior_history(ADAPTER_DIR)  # the chain continues the shipped adapter
         points = (prior or {}).get("points", []) + curve(args.runs, (prior or {}).get("cpu_hours", 0.0))
         md = training_md(args.runs, args.data, points, nbytes, prior, args.data_note)
