@@ -1,12 +1,8 @@
 """orthrus: lossless parallel decoding of frozen LLMs with a trained diffusion view (dual-view)."""
 
-import os as _os
+from orthrus.paths import inductor_cache
 
-# Inductor's caches (compiled decoding) live beside ours: $ORTHRUS_CACHE/inductor (default
-# ~/.cache/orthrus/inductor), not in /tmp. Set before anything imports torch._dynamo, which fixes
-# the directory for the process; an explicit $TORCHINDUCTOR_CACHE_DIR wins.
-_os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _os.path.join(
-    _os.environ.get("ORTHRUS_CACHE") or _os.path.join(_os.path.expanduser("~"), ".cache", "orthrus"), "inductor"))
+inductor_cache()  # compiled decoding's caches beside ours ($ORTHRUS_CACHE/inductor), not in /tmp
 
 from orthrus.config import AdapterConfig, GenerationConfig, ModelConfig
 from orthrus.engine import Completion, Orthrus

