@@ -442,3 +442,22 @@ def test_compile_defaults_to_a_timed_trial_for_long_cpu_jobs_only(monkeypatch):
     assert parser.parse_args(["--compile"]).compile == "on"
     assert parser.parse_args(["--no-compile"]).compile == "off"
     assert parser.parse_args(["--compile", "auto"]).compile == "auto"
+
+
+def test_bench_compiles_only_a_long_job(monkeypatch, tmp_path):
+    """`orthrus bench` tells --compile auto its job size: prompts x new tokens x modes (the setup
+    script's two-prompt bench stays eager; a full prompt set compiles)."""
+    from orthrus.commands import bench as bench_cmd
+
+    seen = []
+
+    def fake_load(args, **kw):
+        seen.append(kw.get("job_tokens"))
+        raise SystemExit(0)  # stop before loading anything
+
+    monkeypatch.setattr(bench_cmd, "load_engine", fake_load)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    with pytest.raises(SystemExit):
+        main(["bench", "--prompts", str(prompts), "--limit", "0", "--modes", "ar,ngram", "--max-new-tokens", "64"])
+    assert seen == [2 * 64 * 2]

@@ -143,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         check_plotting()
     prompts = load_prompts(args.prompts, limit=args.limit or None)
-    engine = load_engine(args)
+    # --compile auto compiles a long bench only: a short one (the setup script's) would spend minutes compiling
+    engine = load_engine(args, job_tokens=len(prompts) * args.max_new_tokens * len(modes))
     settings = BenchSettings(modes=modes, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                              warmup=args.warmup, block_size=block, candidates=args.candidates,
                              ngram_block_size=args.ngram_block_size, self_block_size=args.self_block_size)

@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 COMPILES = ("auto", "on", "off")
 COMPILE_ENV = "ORTHRUS_COMPILE"  # the default of --compile (auto, on or off)
-# a generate job of at least this many new tokens (prompts x --max-new-tokens) compiles under
+# a generate or bench job of at least this many new tokens (prompts x --max-new-tokens, x modes for
+# bench) compiles under
 # --compile auto: compiling pays ~10% per token on our CPU and a later process's start-up costs ~5 s
 # per cycle shape (bench/README.md, "Compiled decoding")
 COMPILE_MIN_TOKENS = 8192
@@ -52,8 +53,8 @@ def add_compile_arg(parser: Any) -> None:
                         help="torch.compile each decoding cycle on a CPU (fused code around the prepacked "
                              "GEMMs, the same tokens; the first run compiles each cycle shape for "
                              "20-60 s, later runs load it from $ORTHRUS_CACHE/inductor in ~5 s). auto "
-                             "(default, or $ORTHRUS_COMPILE): for float32 on a CPU in serve, bench and "
-                             f"distill, and in generate for jobs of >= {COMPILE_MIN_TOKENS} new tokens, "
+                             "(default, or $ORTHRUS_COMPILE): for float32 on a CPU in serve and distill, "
+                             f"and in generate and bench for jobs of >= {COMPILE_MIN_TOKENS} new tokens, "
                              "compile each cycle shape and keep it where a timing trial finds it faster; "
                              "off in chat and on GPUs")
     parser.add_argument("--no-compile", dest="compile", action="store_const", const="off",
