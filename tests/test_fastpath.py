@@ -274,6 +274,16 @@ def test_real_model_fast_path_is_exact() -> None:
         finally:
             engine.model.pack_mkl(0)
         assert [c.token_ids for c in par] == ar, "K = 8, MKL packs"
+    from orthrus.models import tiled
+    from orthrus.models.llama import TILED_ROWS
+    if tiled.available() and engine.model.tiled_rows == 0:  # the tiled kernel, where this CPU did not pick it
+        engine.model.pack_tiled(TILED_ROWS)
+        try:
+            par = engine.generate(prompts, mode="parallel", block_size=8, max_new_tokens=n, batch_size=3)
+            tar = [c.token_ids for c in engine.generate(prompts, mode="ar", max_new_tokens=n, batch_size=1)]
+        finally:
+            engine.model.pack_tiled(0)
+        assert [c.token_ids for c in par] == ar and tar == ar, "K = 8, tiled kernel"
     engine.model.release_inference()
     try:
         plain = [c.token_ids for c in engine.generate(prompts, mode="ar", max_new_tokens=n, batch_size=1)]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from orthrus.models import opaque
+from orthrus.models import opaque, tiled
 
 from orthrus.cache import KVCache
 from orthrus.config import ModelConfig, RopeConfig
@@ -97,6 +97,7 @@ CROSSOVER_ROWS = (1, 2, 4, 8)  # the row counts a measured crossover tries
 CROSSOVER_CACHE = "crossover.json"  # measured crossovers, under $ORTHRUS_CACHE
 MKL_ROWS = 8  # the row count an MKL pack is tried for: a batch-1 verify pass at the CPU default K = 8
 MKL_MARGIN = 0.05  # ... and kept when passes of that many rows run at least this much faster with it
+TILED_ROWS = 128  # passes of at most this many rows run the tiled kernel, where this CPU keeps it
 BUSY_CORES = 0.75  # a crossover timed with more of its cores busy elsewhere is not kept (see busy_cores)
 
 
@@ -148,6 +149,9 @@ class InferenceLinear:
         self.mkl: Tensor | None = None
         self.mkl_rows = 0
         self.mkl_weight: Tensor | None = None
+        # our row-invariant kernel's panels, for passes of at most ``tiled_rows`` rows (see :meth:`pack_tiled`)
+        self.tiled: Tensor | None = None
+        self.tiled_rows = 0
         self.handle = opaque.register(self._packed_gemm)  # the packed GEMM as an opaque op, for compiled graphs
         if pack:
             w = self._joined()
@@ -180,12 +184,26 @@ class InferenceLinear:
             if self.bias is None:
                 self.bias = self._joined_bias()
 
+    def pack_tiled(self, rows: int) -> None:
+        """Also pack the weights for our row-invariant kernel (:mod:`orthrus.models.tiled`), which
+        then serves every pass of at most ``rows`` rows (0 drops it). Memory: as much as the
+        weights (resident)."""
+        if rows > 0 and self.tiled is None:
+            self.tiled = tiled.pack(self._joined())
+            if self.bias is None:
+                self.bias = self._joined_bias()
+        if rows <= 0:
+            self.tiled = None
+        self.tiled_rows = max(rows, 0)
+
     def _packed(self, x: Tensor) -> Tensor | None:
         """``x [..., C]`` -> all outputs side by side through a packed kernel, or None where this
         pass's row count takes the plain one (static shapes: no sync). Under ``torch.compile`` the
         packed kernel is one opaque op (:mod:`orthrus.models.opaque`)."""
         rows = x.numel() // x.shape[-1]
-        if not ((self.mkl is not None and rows == self.mkl_rows) or (self.packed is not None and rows >= self.min_rows)):
+        if not ((self.tiled is not None and rows <= self.tiled_rows)
+                or (self.mkl is not None and rows == self.mkl_rows)
+                or (self.packed is not None and rows >= self.min_rows)):
             return None
         if opaque.compiling():
             return opaque.gemm(x, self.handle, sum(self.sizes))
@@ -193,6 +211,9 @@ class InferenceLinear:
 
     def _packed_gemm(self, x: Tensor) -> Tensor:
         rows = x.numel() // x.shape[-1]
+        if self.tiled is not None and rows <= self.tiled_rows:
+            y = tiled.gemm(x, self.tiled, sum(self.sizes))
+            return y if self.bias is None else y + self.bias
         if self.mkl is not None and rows == self.mkl_rows:
             return torch.ops.mkl._mkl_linear(x, self.mkl, self.mkl_weight, self.bias, rows)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -502,7 +523,7 @@ class Transformer(nn.Module):
                              dtype=self.dtype, device=self.device)
 
     def prepare_inference(self, pack: bool | None = None, min_rows: int | None = None,
-                          mkl_rows: int | None = None) -> None:
+                          mkl_rows: int | None = None, tiled_rows: int | None = None) -> None:
         """Prepacked weights for decoding (fp32 on a CPU; see :class:`InferenceLinear`): q/k/v and
         gate/up as one GEMM each, the LM head packed. The parameters keep their Hugging Face names for parity and saving;
         training never calls this (no gradient flows through a packed GEMM).
@@ -517,6 +538,10 @@ class Transformer(nn.Module):
             mkl_rows: also pack the layers for MKL's GEMM for passes of exactly this many rows (see
                 :meth:`pack_mkl`; 0: no). None: 0 when ``pack`` is given, else measured with the
                 crossover (``MKL_ROWS`` rows, kept where it wins by ``MKL_MARGIN``).
+            tiled_rows: also pack every GEMM, the LM head too, for our row-invariant kernel
+                (:mod:`orthrus.models.tiled`), which then serves every pass of at most this many
+                rows (0: no). None: 0 when ``pack`` is given, else measured after the MKL choice
+                (:meth:`measure_tiled`); kept, it replaces the MKL packs.
         """
         auto = pack is None
         if pack is None:
@@ -527,12 +552,14 @@ class Transformer(nn.Module):
         self.head = inference_linear([self.lm_head], pack)
         if not pack:
             return
-        if auto and (min_rows is None or mkl_rows is None):
-            measured, mkl = self.cached_kernel_choice()
+        if auto and (min_rows is None or mkl_rows is None or tiled_rows is None):
+            measured, mkl, tl = self.cached_kernel_choice()
             min_rows = measured if min_rows is None else min_rows
             mkl_rows = mkl if mkl_rows is None else mkl_rows
+            tiled_rows = tl if tiled_rows is None else tiled_rows
         self._set_packed_min_rows(min_rows if min_rows is not None else PACKED_MIN_ROWS)
         self.pack_mkl(mkl_rows or 0)
+        self.pack_tiled(tiled_rows or 0)
 
     def _inference_linears(self) -> list[InferenceLinear]:
         out = [self.head] if self.head is not None else []
@@ -549,6 +576,22 @@ class Transformer(nn.Module):
             raise ValueError("MKL packing needs a torch built with MKL (an x86 CPU build)")
         for lin in self._layer_linears():
             lin.pack_mkl(rows)
+
+    def pack_tiled(self, rows: int) -> None:
+        """Panels of every GEMM, the LM head too, for our row-invariant kernel, which then serves
+        every pass of at most ``rows`` rows (0: none); see :meth:`InferenceLinear.pack_tiled`.
+        After :meth:`prepare_inference` with packing."""
+        if rows and not tiled.available():
+            raise ValueError("the tiled GEMM kernel is not available here (an x86 CPU with AVX2 and FMA, "
+                             "a C compiler, ORTHRUS_TILED not off)")
+        for lin in self._inference_linears():
+            lin.pack_tiled(rows)
+
+    @property
+    def tiled_rows(self) -> int:
+        """Passes of at most this many rows run our row-invariant kernel (0: none)."""
+        lins = self._inference_linears()
+        return lins[0].tiled_rows if lins else 0
 
     def _layer_linears(self) -> list[InferenceLinear]:
         """:meth:`_inference_linears` without the LM head."""
@@ -570,9 +613,9 @@ class Transformer(nn.Module):
         lins = self._inference_linears()
         return lins[0].min_rows if lins and lins[0].packed is not None else None
 
-    def cached_kernel_choice(self, path: str | None = None) -> tuple[int, int]:
-        """``(min_rows, mkl_rows)``: :meth:`measure_packed_min_rows`, then :meth:`measure_mkl` for
-        ``MKL_ROWS`` rows, kept on disk (``$ORTHRUS_CACHE/crossover.json``, or ``path``) under this
+    def cached_kernel_choice(self, path: str | None = None) -> tuple[int, int, int]:
+        """``(min_rows, mkl_rows, tiled_rows)``: :meth:`measure_packed_min_rows`, then
+        :meth:`measure_mkl` for ``MKL_ROWS`` rows, then :meth:`measure_tiled`, kept on disk (``$ORTHRUS_CACHE/crossover.json``, or ``path``) under this
         CPU's name and instruction set, the thread count, the torch version, the dtype and the
         model's shape: each later start of the same setup reads it instead of spending seconds
         timing passes. Delete the file (or an entry) to measure again.
@@ -593,21 +636,56 @@ class Transformer(nn.Module):
         file = Path(path) if path is not None else cache_root() / CROSSOVER_CACHE
         entries = read_cache_entries(file)
         hit = entries.get(key)
-        if (isinstance(hit, dict) and isinstance(hit.get("min_rows"), int) and hit["min_rows"] >= 1
-                and isinstance(hit.get("mkl_rows"), int) and hit["mkl_rows"] >= 0):
-            return hit["min_rows"], hit["mkl_rows"]
+        if (isinstance(hit, dict) and all(isinstance(hit.get(f), int) and hit[f] >= low for f, low in
+                                          (("min_rows", 1), ("mkl_rows", 0), ("tiled_rows", 0)))):
+            return hit["min_rows"], hit["mkl_rows"], hit["tiled_rows"]
         n = self.measure_packed_min_rows()
         self._set_packed_min_rows(n)
         mkl = MKL_ROWS if mkl_packing_available() and self.measure_mkl(MKL_ROWS) else 0
+        tl = TILED_ROWS if tiled.available() and self.measure_tiled(TILED_ROWS) else 0
+        if tl:
+            mkl = 0  # the tiled kernel serves those passes now
+            self.pack_mkl(0)
         busy = busy_cores(torch.get_num_threads())
         if busy > BUSY_CORES:
             log.info("the CPU was busy while timing (%.1f of %d cores, 1-minute load average): this "
                      "kernel choice serves this process only and is not cached", busy, torch.get_num_threads())
-            return n, mkl
-        entries[key] = {"min_rows": n, "mkl_rows": mkl, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            return n, mkl, tl
+        entries[key] = {"min_rows": n, "mkl_rows": mkl, "tiled_rows": tl, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                         "busy_cores": round(busy, 2)}
         write_cache_entries(file, entries, "the measured GEMM kernel choice")
-        return n, mkl
+        return n, mkl, tl
+
+    @torch.inference_mode()
+    def measure_tiled(self, rows: int, rounds: int = 3) -> bool:
+        """Whether our row-invariant kernel (:meth:`pack_tiled` for passes of at most ``rows``
+        rows) is at least as fast as the kernels chosen before it, over a 1-row AR pass plus a
+        ``MKL_ROWS``-row verify pass (each with the LM head, 64-token context; the sum is what a
+        decoding cycle pays), interleaved, median of ``rounds`` after a warm-up. The panels are
+        made once and kept only where they win. Needs :meth:`prepare_inference` with packing."""
+        cache = self.new_cache(1, 64 + MKL_ROWS)
+        self.pack_tiled(rows)
+        lins = self._inference_linears()
+        seconds: dict[int, list[float]] = {}
+        for r in range(rounds + 1):
+            for limit in ((rows, 0) if r % 2 else (0, rows)):
+                for lin in lins:  # 0 rows: the panels sit unused
+                    lin.tiled_rows = limit
+                total = 0.0
+                for n in (1, MKL_ROWS):
+                    tokens = torch.zeros(1, n, dtype=torch.long, device=self.device)
+                    positions = (64 + torch.arange(n, device=self.device))[None]
+                    t = time.perf_counter()
+                    self.logits(self(tokens, positions, cache, kv_len=64 + n))
+                    total += time.perf_counter() - t
+                if r:  # round 0 warms up
+                    seconds.setdefault(limit, []).append(total)
+        med = {k: sorted(v)[len(v) // 2] for k, v in seconds.items()}
+        wins = med[rows] <= med[0]
+        self.pack_tiled(rows if wins else 0)
+        log.info("tiled GEMMs for passes of up to %d rows: 1 + %d rows %.1f ms, other kernels %.1f ms: %s",
+                 rows, MKL_ROWS, 1000 * med[rows], 1000 * med[0], "kept" if wins else "not kept")
+        return wins
 
     @torch.inference_mode()
     def measure_mkl(self, rows: int, rounds: int = 3) -> bool:

@@ -1,0 +1,137 @@
+"""Our own fp32 GEMM for passes of few rows on an x86 CPU: row-invariant and flat in the row count.
+
+The kernel (``tiled_gemm.c`` beside this file, built with the machine's C compiler at first use
+and kept under ``$ORTHRUS_CACHE/kernels``) reads a weight packed once into panels of a few dozen
+outputs (:func:`pack`) and computes every output as the same chain of fused multiply-adds over the
+input features, whatever the number of rows. Two properties follow:
+
+* **Row invariance.** A row's outputs do not depend on the other rows of the pass, bit for bit
+  (the vendor kernels round 1 row and 8 differently). Whole passes still differ in the last bits
+  between 1 and K tokens: attention reduces over a different number of cache slots.
+* **Few rows cost about one.** Each weight is streamed once per pass with software prefetch, and
+  the arithmetic of up to 8 rows (AVX-512; 4 on AVX2) runs from registers while the next panel
+  streams in.
+
+Where the kernel is used is measured per CPU (``Transformer.measure_tiled``); ``ORTHRUS_TILED=off``
+turns it off. No C compiler, no AVX2/FMA, or a failed build: :func:`available` is False (logged
+once) and the vendor kernels serve every pass.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from orthrus.paths import cache_root
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("tiled_gemm.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+_width = 0
+
+
+def _cpu_key() -> str:
+    from orthrus.models.quant import cpu_name
+
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line
+                break
+    except OSError:
+        pass
+    return f"{cpu_name()}|{flags}"
+
+
+def _compiler() -> str | None:
+    from shutil import which
+
+    return os.environ.get("CC") or which("gcc") or which("cc")
+
+
+def _build(cc: str) -> Path:
+    """The shared library for this source, CPU and compiler, built once (atomically) into the cache."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout.split("\n")[0]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), _cpu_key(), version, " ".join(FLAGS)]).encode()).hexdigest()[:16]
+    out = cache_root() / "kernels" / f"tiled_gemm-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {(r.stderr or r.stdout).strip()[-500:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.info("built the tiled GEMM kernel (%s)", out)
+    return out
+
+
+def available() -> bool:
+    """Whether the kernel runs here (built and loaded at the first call; False on non-x86 CPUs,
+    without AVX2 + FMA or a C compiler, or with ``ORTHRUS_TILED=off``)."""
+    global _lib, _tried, _width
+    if _tried:
+        return _lib is not None
+    _tried = True
+    if os.environ.get("ORTHRUS_TILED", "").lower() in ("0", "off", "false", "no"):
+        return False
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return False
+    cc = _compiler()
+    if cc is None:
+        log.info("no C compiler (gcc): the tiled GEMM kernel is not available; vendor kernels serve every pass")
+        return False
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        log.warning("the tiled GEMM kernel could not be built (%s); vendor kernels serve every pass", e)
+        return False
+    lib.orthrus_tiled_width.restype = ctypes.c_int
+    lib.orthrus_tiled_gemm.restype = None
+    lib.orthrus_tiled_gemm.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                       ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    _lib, _width = lib, lib.orthrus_tiled_width()
+    return True
+
+
+def pack(w: Tensor) -> Tensor:
+    """``w [N, K]`` (fp32, CPU) -> panels ``[ceil(N / width), K, width]``, zero-padded outputs."""
+    assert available(), "the tiled kernel is not available"
+    n, k = w.shape
+    pad = -n % _width
+    w = w.detach().float()
+    if pad:
+        w = torch.cat([w, w.new_zeros(pad, k)])
+    return w.reshape(-1, _width, k).transpose(1, 2).contiguous()
+
+
+def gemm(x: Tensor, packed: Tensor, n_out: int) -> Tensor:
+    """``x [..., K]`` (fp32) -> ``x @ W^T`` ``[..., n_out]`` with ``packed = pack(W)``."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    m, n = x2.shape[0], packed.shape[0] * packed.shape[2]
+    y = torch.empty(m, n, dtype=torch.float32)
+    _lib.orthrus_tiled_gemm(x2.data_ptr(), m, k, packed.data_ptr(), n, y.data_ptr(), torch.get_num_threads())
+    if n != n_out:
+        y = y[:, :n_out].contiguous()  # padded panels: the real outputs, dense
+    return y.reshape(*x.shape[:-1], n_out)

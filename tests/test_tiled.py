@@ -1,0 +1,146 @@
+"""Our row-invariant GEMM kernel (orthrus/models/tiled_gemm.c): the bits of a row do not depend on
+the rest of the pass, it serves the passes it was kept for, its choice is measured and cached per
+CPU, decoding through it (eager and compiled) gives the tokens AR gives, and without it nothing
+changes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import random_prompts, run_decoder, tiny_adapter, tiny_base
+from orthrus.config import GenerationConfig
+from orthrus.decoding.generator import Decoder
+from orthrus.models import tiled
+from orthrus.models.llama import InferenceLinear, packing_available
+from tiny import hf_model, ours_from_hf
+
+needs_tiled = pytest.mark.skipif(not (packing_available() and tiled.available()),
+                                 reason="no tiled kernel here (x86 AVX2/FMA and a C compiler) or no oneDNN packing")
+VOCAB = 97
+
+
+@needs_tiled
+@pytest.mark.parametrize("n,k", [(40, 24), (64, 576), (100, 33)])
+def test_tiled_rows_are_bitwise_independent_of_the_pass(n, k) -> None:
+    """Outputs not a multiple of the panel width, odd feature counts, 21 rows (full row tiles and a
+    remainder): every prefix of the rows, and every row alone, gets the same bits as in the full
+    pass; close to F.linear; [B, T, K] inputs too."""
+    torch.manual_seed(n + k)
+    w, x = torch.randn(n, k), torch.randn(21, k)
+    p = tiled.pack(w)
+    full = tiled.gemm(x, p, n)
+    assert full.shape == (21, n)
+    assert (full - F.linear(x, w)).abs().max() < 1e-4 * k
+    for m in (1, 2, 3, 5, 8, 9, 16):
+        assert torch.equal(tiled.gemm(x[:m], p, n), full[:m]), m
+    assert all(torch.equal(tiled.gemm(x[i:i + 1], p, n), full[i:i + 1]) for i in range(21))
+    assert torch.equal(tiled.gemm(x.reshape(3, 7, k), p, n), full.reshape(3, 7, n))
+
+
+@needs_tiled
+def test_inference_linear_runs_the_tiled_kernel_for_passes_up_to_its_rows() -> None:
+    """With panels for up to 8 rows: passes of 1-8 rows (any [B, T] shape) go through the tiled
+    kernel (fused weights, bias added); larger ones give the bits they gave before; 0 drops them."""
+    torch.manual_seed(0)
+    ws, bs = [torch.randn(40, 24), torch.randn(8, 24)], [torch.randn(40), None]
+    lin = InferenceLinear(ws, bs, pack=True, min_rows=4)
+    before = InferenceLinear(ws, bs, pack=True, min_rows=4)
+    lin.pack_tiled(8)
+    assert lin.tiled is not None and lin.tiled_rows == 8
+    bias = torch.cat([bs[0], torch.zeros(8)])
+    for shape in ((1, 1, 24), (1, 8, 24), (2, 4, 24), (3, 24)):
+        x = torch.randn(*shape)
+        want = tiled.gemm(x, lin.tiled, 48) + bias
+        assert torch.equal(lin.fused(x), want)
+        assert all(torch.equal(a, b) for a, b in zip(lin(x), want.split([40, 8], -1)))
+    for rows in (9, 16):
+        x = torch.randn(1, rows, 24)
+        assert all(torch.equal(a, b) for a, b in zip(lin(x), before(x))), rows
+    lin.pack_tiled(0)
+    assert lin.tiled is None and lin.tiled_rows == 0
+    x = torch.randn(1, 4, 24)
+    assert all(torch.equal(a, b) for a, b in zip(lin(x), before(x)))
+
+
+@needs_tiled
+def test_the_tiled_choice_is_measured_once_and_cached(tmp_path, monkeypatch) -> None:
+    """prepare_inference() times the tiled kernel after the crossover and MKL (once per CPU,
+    threads and model; kept ones replace the MKL packs and cover the LM head); a later start reads
+    the answer; an entry written before the kernel existed (no tiled_rows) is measured again."""
+    from orthrus.models.llama import CROSSOVER_CACHE, TILED_ROWS
+
+    monkeypatch.setenv("ORTHRUS_CACHE", str(tmp_path))
+    monkeypatch.setattr("orthrus.models.llama.busy_cores", lambda threads: 0.0)
+    calls: list[int] = []
+
+    def prepared(wins: bool):
+        base = ours_from_hf(hf_model("llama", 0))
+        monkeypatch.setattr(base, "measure_packed_min_rows", lambda rounds=3: 4)
+        monkeypatch.setattr(base, "measure_mkl", lambda rows, rounds=3: True)
+
+        def fake(rows, rounds=3):
+            calls.append(rows)
+            base.pack_tiled(rows if wins else 0)
+            return wins
+        monkeypatch.setattr(base, "measure_tiled", fake)
+        base.prepare_inference()
+        return base
+
+    base = prepared(True)
+    assert calls == [TILED_ROWS] and base.tiled_rows == TILED_ROWS and base.mkl_rows == 0
+    assert base.head.tiled is not None and all(lin.tiled is not None for lin in base._inference_linears())
+    assert prepared(False).tiled_rows == TILED_ROWS and calls == [TILED_ROWS]  # read from the cache
+    file = tmp_path / CROSSOVER_CACHE
+    entries = json.loads(file.read_text())
+    for e in entries.values():
+        del e["tiled_rows"]
+    file.write_text(json.dumps(entries))
+    base = prepared(False)  # an old entry: measured again; not kept, the MKL packs stay
+    assert len(calls) == 2 and base.tiled_rows == 0 and base.mkl_rows == 8 and base.head.tiled is None
+    base.prepare_inference(pack=True)  # explicit packing: no tiled kernel unless asked
+    assert base.tiled_rows == 0
+    base.prepare_inference(pack=True, tiled_rows=16)
+    assert base.tiled_rows == 16
+
+
+def test_without_the_kernel_nothing_changes(monkeypatch) -> None:
+    """ORTHRUS_TILED=off: the kernel is not available, prepare_inference keeps the vendor kernels,
+    and asking for panels says why not."""
+    monkeypatch.setenv("ORTHRUS_TILED", "off")
+    monkeypatch.setattr(tiled, "_tried", False)
+    monkeypatch.setattr(tiled, "_lib", None)
+    assert not tiled.available()
+    base = ours_from_hf(hf_model("llama", 0))
+    base.prepare_inference(pack=packing_available())
+    assert base.tiled_rows == 0
+    with pytest.raises(ValueError, match="tiled GEMM kernel is not available"):
+        base.pack_tiled(8)
+
+
+@needs_tiled
+def test_decoding_through_the_tiled_kernel_is_exact_eager_and_compiled() -> None:
+    """A tiny model with every pass of up to 128 rows on the tiled kernel: parallel decoding (chain
+    and tree verification, batch 2) gives AR's tokens, and so does the compiled cycle (the kernel
+    called as an opaque op inside the graph)."""
+    model = tiny_base("llama")[1]
+    model.prepare_inference(pack=True, tiled_rows=128)
+    assert model.tiled_rows == 128
+    adapter = tiny_adapter(model, "full", block_size=4)
+    prompts = random_prompts([6, 9], VOCAB, seed=5)
+    ar, _ = run_decoder(model, adapter, prompts, GenerationConfig(max_new_tokens=40, mode="ar"))
+    for verify in ("chain", "tree"):
+        out, _ = run_decoder(model, adapter, prompts, GenerationConfig(max_new_tokens=40, mode="parallel", verify=verify))
+        assert [r.tokens for r in out] == [r.tokens for r in ar], verify
+
+    class Compiled(Decoder):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw, compile=True)
+
+    out, dec = run_decoder(model, adapter, prompts[:1], GenerationConfig(max_new_tokens=40, mode="parallel", verify="tree"),
+                           decoder_cls=Compiled)
+    assert dec.compiled and len(dec._cycle_fn.compiles) >= 1
+    assert out[0].tokens == ar[0].tokens
