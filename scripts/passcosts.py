@@ -1,6 +1,6 @@
 """Pass costs of the default model on this machine: plain kernels vs the prepared fast path.
 
-    python3 scripts/passcosts.py [--threads N] [--rounds R] [--context C] [--setups plain,prepared,int8]
+    python3 scripts/passcosts.py [--threads N] [--rounds R] [--context C] [--setups plain,prepared,vendor,tiled,int8,compiled]
                                  [--out bench/results/NAME.json]
 
 Times, in one process and interleaved round by round (this machine is noisy), the AR step (1 token
@@ -8,6 +8,8 @@ with the LM head), the verify pass over K tokens and the draft pass of the shipp
 tokens (LM head over K-1 slots), and the one-pass schedule's fused pass (verify K + 2 candidate
 blocks of K, LM head over K + 2(K-1) rows), batch 1, at a ``--context``-token cache, for a model with plain
 kernels (``plain``), one prepared by ``prepare_inference`` (``prepared``: prepacked weights) and one
+the prepared one without our tiled GEMM (``vendor``: oneDNN / MKL / plain kernels as measured) and
+with it for every pass it serves (``tiled``: ``orthrus.models.tiled``), one
 prepared with draft-only int8 weights (``int8``: ``prepare_draft``; its verify and AR passes are the
 prepared ones, its draft pass reads the int8 copies; it also times a self-drafting step, one token
 through the fp16 copy of ``prepare_self_draft``), and the prepared model under ``torch.compile``
@@ -30,10 +32,11 @@ import torch
 from orthrus.adapter import DiffusionAdapter
 from orthrus.models.quant import device_name
 from orthrus.engine import DEFAULT_ADAPTERS, DEFAULT_MODEL
+from orthrus.models.llama import TILED_ROWS
 from orthrus.models.loading import load_base
 
 
-SETUPS = ("plain", "prepared", "int8", "compiled")
+SETUPS = ("plain", "prepared", "vendor", "tiled", "int8", "compiled")
 COMPILED = ("ar", "verify K=8", "draft K=8")  # each shape compiles for tens of seconds: the cycle's passes
 
 
@@ -62,7 +65,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--setups", default="plain,prepared,int8",
-                    help="comma-separated, from plain, prepared, int8, compiled (default: the first three)")
+                    help="comma-separated, from " + ", ".join(SETUPS) + " (default: plain,prepared,int8)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     setups = args.setups.split(",")
@@ -77,7 +80,8 @@ def main() -> None:
         m = base.model
         ad = DiffusionAdapter.load(DEFAULT_ADAPTERS[DEFAULT_MODEL], m, base.fingerprint).eval().requires_grad_(False)
         if setup != "plain":
-            m.prepare_inference()
+            # vendor: the kernel choice without our tiled kernel; tiled: with it wherever it serves
+            m.prepare_inference(tiled_rows={"vendor": 0, "tiled": TILED_ROWS}.get(setup))
             if setup == "int8":
                 m.prepare_draft()
                 m.prepare_self_draft()

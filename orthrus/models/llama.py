@@ -541,7 +541,7 @@ class Transformer(nn.Module):
             tiled_rows: also pack every GEMM, the LM head too, for our row-invariant kernel
                 (:mod:`orthrus.models.tiled`), which then serves every pass of at most this many
                 rows (0: no). None: 0 when ``pack`` is given, else measured after the MKL choice
-                (:meth:`measure_tiled`); kept, it replaces the MKL packs.
+                (:meth:`measure_tiled`). MKL packs for a row count it serves are not made.
         """
         auto = pack is None
         if pack is None:
@@ -558,8 +558,10 @@ class Transformer(nn.Module):
             mkl_rows = mkl if mkl_rows is None else mkl_rows
             tiled_rows = tl if tiled_rows is None else tiled_rows
         self._set_packed_min_rows(min_rows if min_rows is not None else PACKED_MIN_ROWS)
-        self.pack_mkl(mkl_rows or 0)
-        self.pack_tiled(tiled_rows or 0)
+        tiled_rows = tiled_rows or 0
+        # MKL packs serve their row count only where the tiled kernel does not (no idle copy)
+        self.pack_mkl(mkl_rows if mkl_rows and mkl_rows > tiled_rows else 0)
+        self.pack_tiled(tiled_rows)
 
     def _inference_linears(self) -> list[InferenceLinear]:
         out = [self.head] if self.head is not None else []
@@ -643,9 +645,6 @@ class Transformer(nn.Module):
         self._set_packed_min_rows(n)
         mkl = MKL_ROWS if mkl_packing_available() and self.measure_mkl(MKL_ROWS) else 0
         tl = TILED_ROWS if tiled.available() and self.measure_tiled(TILED_ROWS) else 0
-        if tl:
-            mkl = 0  # the tiled kernel serves those passes now
-            self.pack_mkl(0)
         busy = busy_cores(torch.get_num_threads())
         if busy > BUSY_CORES:
             log.info("the CPU was busy while timing (%.1f of %d cores, 1-minute load average): this "
