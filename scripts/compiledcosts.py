@@ -1,14 +1,17 @@
-"""Compiled vs eager decoding, end to end, in one process (this machine is noisy).
+"""Compiled vs eager decoding (and our tiled GEMM vs the vendor kernels), end to end, in one process.
 
     python3 scripts/compiledcosts.py [--prompts humaneval] [--limit 20] [--max-new-tokens 128]
-                                     [--modes ar,parallel,hybrid-self] [--threads 2] [--out FILE.json]
+                                     [--modes ar,parallel,hybrid-self] [--engines eager,compiled]
+                                     [--threads 2] [--out FILE.json]
 
-Two engines of the default model and adapter: one eager, one with every decoding cycle compiled
-(``compile=True``: no timing trial, so the compiled graphs are what is timed). Each mode first
-decodes one extra prompt on both engines (compiling, or loading from Inductor's on-disk cache; the
-seconds are reported), then every prompt, batch 1, greedy, the two engines interleaved (their
-order alternating prompt by prompt). Reports tokens per second per mode and engine, the ratio,
-and how many outputs are identical (compiled vs eager, and each mode vs AR on the same engine).
+Engines of the default model and adapter (this machine is noisy, so they run side by side):
+``eager``; ``compiled`` (every decoding cycle compiled, ``compile=True``: no timing trial, so the
+compiled graphs are what is timed); ``vendor`` (eager, without our tiled GEMM: oneDNN / MKL /
+plain kernels as measured, ``orthrus.models.tiled``). Each mode first decodes one extra prompt on
+every engine (compiling, or loading from Inductor's on-disk cache; the seconds are reported), then
+every prompt, batch 1, greedy, the engines interleaved (their order rotating prompt by prompt).
+Reports tokens per second per mode and engine, the ratio to the first engine, and how many
+outputs are identical (each engine vs the first, and each mode vs AR on the same engine).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from orthrus.models.quant import device_name
 
 MODES = {"ar": dict(mode="ar"), "parallel": dict(mode="parallel", draft="diffusion"),
          "hybrid-self": dict(mode="parallel", draft="hybrid-self")}
+ENGINES = ("eager", "compiled", "vendor")
 
 
 def main() -> None:
@@ -35,16 +39,23 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--modes", default="ar,parallel,hybrid-self")
+    ap.add_argument("--engines", default="eager,compiled")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    modes = args.modes.split(",")
+    modes, names = args.modes.split(","), args.engines.split(",")
     if not modes or any(m not in MODES for m in modes):
         ap.error(f"--modes: a comma-separated list of {', '.join(MODES)}; got {args.modes!r}")
+    if len(names) < 2 or len(set(names)) < len(names) or any(n not in ENGINES for n in names):
+        ap.error(f"--engines: two or more of {', '.join(ENGINES)}; got {args.engines!r}")
     torch.set_num_threads(args.threads)
     prompts = load_prompts(args.prompts, limit=args.limit + 1)
     warm, prompts = prompts[0], prompts[1:]
-    engines = {"eager": Orthrus.from_pretrained(compile=False), "compiled": Orthrus.from_pretrained(compile=True)}
+    engines = {n: Orthrus.from_pretrained(compile=n == "compiled") for n in names}
+    if "vendor" in engines:
+        engines["vendor"].model.prepare_inference(tiled_rows=0)
+    kernels = {n: e.model.gemm_kernels() for n, e in engines.items()}
+    print("kernels:", json.dumps(kernels), flush=True)
     gens = {m: GenerationConfig(max_new_tokens=args.max_new_tokens, **MODES[m]) for m in modes}
     first_s = {}
     for m in modes:
@@ -57,17 +68,18 @@ def main() -> None:
     tokens = {(m, n): [] for m in modes for n in engines}
     for i, p in enumerate(prompts):
         for m in modes:
-            for name in (("eager", "compiled") if i % 2 else ("compiled", "eager")):
+            for name in names[i % len(names):] + names[:i % len(names)]:
                 t = time.perf_counter()
                 out = engines[name].generate([p], gens[m], batch_size=1)[0]
                 seconds[(m, name)] += time.perf_counter() - t
                 tokens[(m, name)].append(out.token_ids)
-    rows = []
+    rows, ref = [], names[0]
     for m in modes:
         rate = {n: sum(map(len, tokens[(m, n)])) / seconds[(m, n)] for n in engines}
-        row = {"mode": m, "eager_tok_s": round(rate["eager"], 2), "compiled_tok_s": round(rate["compiled"], 2),
-               "compiled_x_eager": round(rate["compiled"] / rate["eager"], 3),
-               "identical_compiled_eager": sum(a == b for a, b in zip(tokens[(m, "eager")], tokens[(m, "compiled")])),
+        row = {"mode": m, **{f"{n}_tok_s": round(rate[n], 2) for n in names},
+               **{f"{n}_x_{ref}": round(rate[n] / rate[ref], 3) for n in names[1:]},
+               **{f"identical_{n}_{ref}": sum(a == b for a, b in zip(tokens[(m, ref)], tokens[(m, n)]))
+                  for n in names[1:]},
                "identical_to_ar": {n: sum(a == b for a, b in zip(tokens[(m, n)], tokens[("ar", n)]))
                                    for n in engines} if "ar" in modes else None}
         rows.append(row)
@@ -77,7 +89,7 @@ def main() -> None:
         args.out.write_text(json.dumps({
             "machine": device_name(torch.device("cpu")), "threads": args.threads, "torch": torch.__version__,
             "prompts": args.prompts, "n": len(prompts), "max_new_tokens": args.max_new_tokens,
-            "first_call_seconds": first_s, "results": rows}, indent=1))
+            "engines": names, "kernels": kernels, "first_call_seconds": first_s, "results": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -93,6 +93,7 @@ def test_the_tiled_choice_is_measured_once_and_cached(tmp_path, monkeypatch) -> 
     base = prepared(True)
     assert calls == [TILED_ROWS] and base.tiled_rows == TILED_ROWS and base.mkl_rows == 0
     assert base.head.tiled is not None and all(lin.tiled is not None for lin in base._inference_linears())
+    assert base.gemm_kernels() == {"tiled_rows": TILED_ROWS, "mkl_rows": 0, "packed_min_rows": 4}
     assert prepared(False).tiled_rows == TILED_ROWS and calls == [TILED_ROWS]  # read from the cache
     file = tmp_path / CROSSOVER_CACHE
     entries = json.loads(file.read_text())

@@ -179,7 +179,7 @@ def run_bench(engine: "Orthrus", prompts: list[str], settings: BenchSettings, ou
             "block_size": bench.block if adapter_modes else None, "candidates": settings.candidates,
             "block_size_auto": block_size_auto, "dtype": str(model.dtype).removeprefix("torch."),
             "cuda_graphs": engine.uses_cuda_graphs, "compile": engine.compile,
-            "draft_int8": engine.draft_int8, "greedy": True, "pld_tokens": PLD_TOKENS if "hf-pld" in settings.modes else None,
+            "draft_int8": engine.draft_int8, "gemm_kernels": model.gemm_kernels(), "greedy": True, "pld_tokens": PLD_TOKENS if "hf-pld" in settings.modes else None,
             "timing": "interleaved rounds of batch_size prompts, mode order rotated; warm-up excluded",
         },
         "journal": None if book is None else book.summary(),

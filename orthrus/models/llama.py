@@ -589,6 +589,12 @@ class Transformer(nn.Module):
         for lin in self._inference_linears():
             lin.pack_tiled(rows)
 
+    def gemm_kernels(self) -> dict[str, int | None]:
+        """Which GEMM kernel serves which passes, for reports: the tiled kernel up to ``tiled_rows``
+        rows, MKL's packs for exactly ``mkl_rows``, oneDNN's packs from ``packed_min_rows`` (None:
+        not prepacked), the plain kernel for the rest."""
+        return {"tiled_rows": self.tiled_rows, "mkl_rows": self.mkl_rows, "packed_min_rows": self.packed_min_rows}
+
     @property
     def tiled_rows(self) -> int:
         """Passes of at most this many rows run our row-invariant kernel (0: none)."""
