@@ -93,7 +93,11 @@ def test_the_tiled_choice_is_measured_once_and_cached(tmp_path, monkeypatch) -> 
     base = prepared(True)
     assert calls == [TILED_ROWS] and base.tiled_rows == TILED_ROWS and base.mkl_rows == 0
     assert base.head.tiled is not None and all(lin.tiled is not None for lin in base._inference_linears())
-    assert base.gemm_kernels() == {"tiled_rows": TILED_ROWS, "mkl_rows": 0, "packed_min_rows": 4}
+    # no oneDNN copy beside the panels: passes beyond TILED_ROWS take the plain kernel
+    assert base.gemm_kernels() == {"tiled_rows": TILED_ROWS, "mkl_rows": 0, "packed_min_rows": None}
+    x = torch.randn(1, TILED_ROWS + 1, base.config.hidden_size)
+    lin = base.model.layers[0].mlp.gate_up
+    assert torch.equal(lin.fused(x), torch.cat([F.linear(x, w) for w in lin.weights], -1))
     assert prepared(False).tiled_rows == TILED_ROWS and calls == [TILED_ROWS]  # read from the cache
     file = tmp_path / CROSSOVER_CACHE
     entries = json.loads(file.read_text())

@@ -541,7 +541,8 @@ class Transformer(nn.Module):
             tiled_rows: also pack every GEMM, the LM head too, for our row-invariant kernel
                 (:mod:`orthrus.models.tiled`), which then serves every pass of at most this many
                 rows (0: no). None: 0 when ``pack`` is given, else measured after the MKL choice
-                (:meth:`measure_tiled`). MKL packs for a row count it serves are not made.
+                (:meth:`measure_tiled`). MKL packs for a row count it serves are not made, and
+                where it serves, oneDNN's packs are dropped (longer passes take the plain kernel).
         """
         auto = pack is None
         if pack is None:
@@ -562,6 +563,11 @@ class Transformer(nn.Module):
         # MKL packs serve their row count only where the tiled kernel does not (no idle copy)
         self.pack_mkl(mkl_rows if mkl_rows and mkl_rows > tiled_rows else 0)
         self.pack_tiled(tiled_rows)
+        if tiled_rows:
+            # longer passes (prefill) take the plain kernel: within 2-5% of oneDNN's packs at 256-512
+            # rows on our Xeon, and their copy of the weights (+1x the model) is not kept
+            for lin in self._inference_linears():
+                lin.packed = None
 
     def _inference_linears(self) -> list[InferenceLinear]:
         out = [self.head] if self.head is not None else []
