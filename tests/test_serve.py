@@ -660,6 +660,8 @@ def test_serve_command_builds_the_app(monkeypatch: pytest.MonkeyPatch, real_engi
     seen: dict[str, Any] = {}
     monkeypatch.setattr(serve, "load_engine", lambda args, **kw: real_engine)
     monkeypatch.setattr(runner, "serve", lambda app, **kw: seen.update(app=app, **kw))
+    warmed: list[int] = []
+    monkeypatch.setattr("orthrus.serve.app.Server.warm_up", lambda self, rows: warmed.append(rows))
     monkeypatch.delenv("ORTHRUS_API_KEY", raising=False)
     assert cli.main(["serve", "--adapter", "init", "--port", "0", "--max-batch-size", "2",
                      "--max-seq-len", "64", "--mode", "ar"]) == 0
@@ -677,11 +679,14 @@ def test_serve_command_builds_the_app(monkeypatch: pytest.MonkeyPatch, real_engi
                      "--api-key", "from-flag"]) == 0
     gate = seen["app"].state.server.gate
     assert gate.authorised(b"Bearer from-flag") and not gate.authorised(b"Bearer from-env")
+    assert warmed == []  # an eager engine: no warm-up unless asked
+    assert cli.main(["serve", "--adapter", "init", "--mode", "ar", "--max-seq-len", "64", "--warmup", "4"]) == 0
+    assert warmed == [4]
 
 
 @pytest.mark.parametrize("argv", [["--max-batch-size", "0"], ["--max-seq-len", "1"], ["--port", "-1"],
                                   ["--model", "no-such-model"], ["--api-key", " "], ["--max-body-bytes", "0"],
-                                  ["--drain-timeout", "-1"], ["--drain-timeout", "nan"]])
+                                  ["--drain-timeout", "-1"], ["--drain-timeout", "nan"], ["--warmup", "-1"]])
 def test_serve_command_bad_options(argv: list[str], capsys: pytest.CaptureFixture) -> None:
     from orthrus import cli
 

@@ -49,6 +49,29 @@ def keyed(tiny_chat_engine: Orthrus) -> Iterator[LiveServer]:
     srv.close()
 
 
+def test_warm_up_runs_each_row_count_once_and_leaves_the_slots_free(tiny_chat_engine: Orthrus, monkeypatch) -> None:
+    """serve --warmup: before the scheduler starts, a short request in 1, 2, 4 slots at once (capped
+    at the server's slots) through the server's own decoder; then every slot is free, no request
+    is counted, and the server answers as usual. Once serving, a warm-up is refused."""
+    app = create_app(tiny_chat_engine, model_name=MODEL, mode="parallel", max_batch_size=4, max_seq_len=128)
+    server = app.state.server
+    dec = server.scheduler.decoder
+    live_rows: list[int] = []
+    step = dec.step
+    monkeypatch.setattr(dec, "step", lambda: live_rows.append(sum(r is not None for r in dec.rows)) or step())
+    server.warm_up(16)
+    assert sorted(set(live_rows)) == [1, 2, 4]
+    assert all(r is None for r in dec.rows) and server.scheduler.metrics.requests == 0
+    srv = LiveServer(app)
+    try:
+        r = httpx.post(f"{srv.url}/v1/chat/completions", json=body(max_tokens=6), timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6
+        with pytest.raises(RuntimeError, match="before the scheduler thread starts"):
+            server.scheduler.warm_up(None, 4, 1)
+    finally:
+        srv.close()
+
+
 def body(**kw: Any) -> dict:
     return {"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "temperature": 0, **kw}
 

@@ -50,6 +50,10 @@ def register(subparsers: Any) -> None:
     g.add_argument("--max-seq-len", type=int, default=None, metavar="N",
                    help="prompt + completion tokens per request (default: min(model context, 2048)); "
                         "the KV cache holds N positions per slot")
+    g.add_argument("--warmup", type=int, default=None, metavar="N",
+                   help="before listening, decode a short request in 1, 2, 4, ... up to N slots at once, "
+                        "so that compiled decoding compiles those cycle shapes before the first clients "
+                        "wait on them (0: no warm-up; default: 1 when decoding is compiled, else 0)")
     h = p.add_argument_group("HTTP")
     h.add_argument("--api-key", default=None, metavar="KEY",
                    help=f"require 'Authorization: Bearer KEY' on every /v1 request (else 401); default: "
@@ -74,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         raise OrthrusError(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.max_seq_len is not None and args.max_seq_len < 2:
         raise OrthrusError(f"--max-seq-len must be >= 2, got {args.max_seq_len}")
+    if args.warmup is not None and args.warmup < 0:
+        raise OrthrusError(f"--warmup must be >= 0 (row counts to warm up; 0: none), got {args.warmup}")
     if args.max_body_bytes < 1:
         raise OrthrusError(f"--max-body-bytes must be >= 1, got {args.max_body_bytes}")
     if not args.drain_timeout >= 0:  # also refuses nan
@@ -98,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
                      max_seq_len=args.max_seq_len, block_size=block_size, draft=gen.draft,
                      schedule=gen.schedule, candidates=gen.candidates, verify=gen.verify, max_queue=args.max_queue,
                      api_key=api_key, max_body_bytes=args.max_body_bytes)
+    warmup = args.warmup if args.warmup is not None else int(bool(engine.compile))
+    if warmup:
+        app.state.server.warm_up(warmup)
     log.info("listening on http://%s:%d/v1%s", args.host, args.port, " (API key required)" if api_key else "")
     runner.serve(app, host=args.host, port=args.port, drain_timeout=args.drain_timeout)
     return 0

@@ -141,6 +141,16 @@ class Server:
         except OrthrusError as e:
             raise APIError(400, str(e)) from None
 
+    def warm_up(self, rows: int) -> None:
+        """Before serving: run a short greedy request of the server's settings in 1, 2, 4, ... up to
+        ``rows`` slots (:meth:`Scheduler.warm_up`), so that a compiling engine compiles those cycle
+        shapes now, not while the first clients wait (minutes per shape on an empty cache)."""
+        gen = GenerationConfig(max_new_tokens=3 * self.block_size + 2, temperature=0.0, mode=self.mode,
+                               block_size=self.block_size_override, draft=self.draft, **self.schedule_args)
+        t = time.perf_counter()
+        done = self.scheduler.warm_up(gen, self.block_size, rows)
+        log.info("warmed up %s row(s) at once in %.1f s", ", ".join(map(str, done)), time.perf_counter() - t)
+
     def token_text(self, token_id: int) -> str:
         """A token's text in log-probs (special tokens shown; cached)."""
         text = self._token_texts.get(token_id)

@@ -123,6 +123,26 @@ class Scheduler:
         self._stopping = False
         self._thread: threading.Thread | None = None
 
+    def warm_up(self, gen: GenerationConfig, block_size: int, rows: int) -> list[int]:
+        """Before :meth:`start`: decode one short request (``gen``, a fixed 16-token prompt) in 1, 2,
+        4, ... up to ``rows`` slots at once, through this very decoder, so that the cycle shapes
+        of those row counts are compiled (or read from the on-disk cache) before a client waits
+        on them; the slots are free again after. Returns the row counts run."""
+        if self._thread is not None:
+            raise RuntimeError("warm_up runs before the scheduler thread starts")
+        prompt = list(range(1, 17))
+        done, n = [], 1
+        while n <= min(rows, self.decoder.max_batch):
+            self.decoder.add([(f"warm-up-{n}-{i}", prompt, gen, block_size) for i in range(n)])
+            while any(r is not None and r.finish_reason is None for r in self.decoder.rows):
+                self.decoder.step()
+            for slot, row in enumerate(self.decoder.rows):
+                if row is not None:
+                    self.decoder.release(slot)
+            done.append(n)
+            n *= 2
+        return done
+
     # ---- called from the event loop -----------------------------------------------------------
 
     def start(self) -> None:
