@@ -242,3 +242,36 @@ def test_capturing_a_new_shape_leaves_the_state_alone():
     dec.lengths.copy_(lengths)
     dec.x_t.copy_(x_t)
     assert torch.equal(dec.graphs.run(2, 4, STATIC_MIN_KV, True, False), out)  # replay: same result
+
+
+def test_inductor_vector_isa_probes_are_recorded_once(tmp_path, monkeypatch):
+    """Compiled decoding's start-up: Inductor's per-process vector-ISA probes (child processes, ~1 s)
+    run once per CPU, compiler and torch; their answer is kept under $ORTHRUS_CACHE and a later
+    process with the same candidates skips them. A recorded answer that no longer matches the
+    candidates is probed again."""
+    import json
+
+    from torch._inductor import config as ic
+    from torch._inductor import cpu_vec_isa
+
+    from orthrus.decoding.compiled import VEC_ISA_CACHE, _skip_known_vec_isa_probes
+
+    monkeypatch.setenv("ORTHRUS_CACHE", str(tmp_path))
+    monkeypatch.setattr(ic.cpp, "vec_isa_ok", None)
+    probed = []
+    real = cpu_vec_isa.valid_vec_isa_list
+    monkeypatch.setattr(cpu_vec_isa, "valid_vec_isa_list", functools.wraps(real)(lambda: probed.append(1) or real()))
+    _skip_known_vec_isa_probes()
+    file = tmp_path / VEC_ISA_CACHE
+    if len(real()) == 0:  # no vector ISA here (not x86): nothing to record
+        return
+    entries = json.loads(file.read_text())
+    assert len(probed) == 1 and ic.cpp.vec_isa_ok is True
+    assert list(entries.values()) == [[str(isa) for isa in real()]]
+    ic.cpp.vec_isa_ok = None  # a new process
+    _skip_known_vec_isa_probes()
+    assert len(probed) == 1 and ic.cpp.vec_isa_ok is True  # read back, not probed
+    file.write_text(json.dumps({k: ["something else"] for k in entries}))
+    ic.cpp.vec_isa_ok = None
+    _skip_known_vec_isa_probes()
+    assert len(probed) == 2 and json.loads(file.read_text()) == entries

@@ -19,6 +19,7 @@ graphs on disk and only traces (a few seconds per shape). Every compile is logge
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, Callable
 
@@ -35,15 +36,60 @@ TRIAL_MARGIN = 0.02  # the compiled graph must be this much faster to be kept
 CACHE_LIMIT = 64  # compiled variants per function (dynamo's default, 8, is below our shape count)
 
 
+VEC_ISA_CACHE = "vec_isa.json"  # Inductor's vector-ISA probe results, under $ORTHRUS_CACHE
+
+
 def configure() -> None:
     """Process-wide settings for compiled decoding (idempotent)."""
     import torch._dynamo as dynamo
 
     inductor_cache()
+    _skip_known_vec_isa_probes()
     dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, CACHE_LIMIT)
     sources = [x for x in torch.compiler.config.dynamic_sources.split(",") if x.strip()]
     if DYNAMIC not in sources:
         torch.compiler.config.dynamic_sources = ",".join(sources + [DYNAMIC])
+
+
+def _skip_known_vec_isa_probes() -> None:
+    """Inductor checks each vector instruction set this CPU reports by building a test library and
+    loading it in a child process, in every process: ~1 s of a cached compiled start-up (about a
+    tenth). Once a process has probed and found every candidate valid, that is recorded under
+    ``$ORTHRUS_CACHE/vec_isa.json`` for this CPU, compiler and torch, and later processes with the
+    same candidates skip the probes (``torch._inductor.config.cpp.vec_isa_ok``). A candidate that
+    failed its probe is never recorded, so such a machine keeps probing."""
+    import subprocess
+
+    from torch._inductor import config as ic
+    from torch._inductor import cpu_vec_isa
+
+    from orthrus.models.loading import read_cache_entries, write_cache_entries
+    from orthrus.models.tiled import _cpu_key
+    from orthrus.paths import cache_root
+
+    if ic.cpp.vec_isa_ok is not None:  # decided already (by us or the user)
+        return
+    cxx = ic.cpp.cxx[0] if isinstance(ic.cpp.cxx, tuple) else ic.cpp.cxx
+    cxx = os.environ.get("CXX") or cxx or "g++"
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout.split("\n")[0]
+    except (OSError, subprocess.SubprocessError):
+        return
+    key = f"{_cpu_key()}|{cxx}|{version}|torch={torch.__version__}"
+    ic.cpp.vec_isa_ok = True  # the candidates, as the CPU reports them (no probe)
+    try:
+        candidates = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list.__wrapped__()]
+    finally:
+        ic.cpp.vec_isa_ok = None
+    file = cache_root() / VEC_ISA_CACHE
+    entries = read_cache_entries(file)
+    if entries.get(key) == candidates:
+        ic.cpp.vec_isa_ok = True
+        return
+    if [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()] == candidates:  # probes, once
+        entries[key] = candidates
+        write_cache_entries(file, entries, "Inductor's vector-ISA probes")
+        ic.cpp.vec_isa_ok = True  # as later processes will (the setting is part of Inductor's cache keys)
 
 
 class CompiledCycle:
