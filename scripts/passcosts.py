@@ -5,7 +5,8 @@
 
 Times, in one process and interleaved round by round (this machine is noisy), the AR step (1 token
 with the LM head), the verify pass over K tokens and the draft pass of the shipped adapter over K
-tokens (LM head over K-1 slots), and the one-pass schedule's fused pass (verify K + 2 candidate
+tokens (LM head over K-1 slots), every GEMM of an AR step alone (``ar GEMMs only``: the floor
+that streaming the weights sets; prepared setups), and the one-pass schedule's fused pass (verify K + 2 candidate
 blocks of K, LM head over K + 2(K-1) rows), batch 1, at a ``--context``-token cache, for a model with plain
 kernels (``plain``), one prepared by ``prepare_inference`` (``prepared``: prepacked weights) and one
 the prepared one without our tiled GEMM (``vendor``: oneDNN / MKL / plain kernels as measured) and
@@ -102,6 +103,10 @@ def main() -> None:
             m.logits(torch.cat((hv, hc[:, :, : k - 1].flatten(1, 2)), 1))
 
         fns = {"ar": lambda v=verify: v(1)}
+        if m.prepared:  # every GEMM of an AR step and nothing else: what streaming the weights costs
+            lins = m._inference_linears()
+            xs = {lin.weights[0].shape[1]: torch.randn(1, 1, lin.weights[0].shape[1]) for lin in lins}
+            fns["ar GEMMs only"] = lambda lins=lins, xs=xs: [lin.fused(xs[lin.weights[0].shape[1]]) for lin in lins]
         for k in (4, 8, 16):
             fns[f"verify K={k}"] = lambda k=k, v=verify: v(k)
             fns[f"draft K={k}"] = lambda k=k, d=draft: d(k)
