@@ -149,3 +149,35 @@ def test_decoding_through_the_tiled_kernel_is_exact_eager_and_compiled() -> None
                            decoder_cls=Compiled)
     assert dec.compiled and len(dec._cycle_fn.compiles) >= 1
     assert out[0].tokens == ar[0].tokens
+
+
+@needs_tiled
+def test_half_panels_match_fp16_weights_in_fp32_arithmetic() -> None:
+    """pack(w, half=True): float16 panels (half the bytes), float32 products and sums: each row
+    bit for bit the same in any pass, and close to F.linear over the fp16-rounded weights."""
+    torch.manual_seed(3)
+    w, x = torch.randn(100, 40), torch.randn(11, 40)
+    p = tiled.pack(w, half=True)
+    assert p.dtype == torch.float16
+    full = tiled.gemm(x, p, 100)
+    assert (full - F.linear(x, w.half().float())).abs().max() < 1e-4 * 40
+    assert all(torch.equal(tiled.gemm(x[i:i + 1], p, 100), full[i:i + 1]) for i in range(11))
+
+
+@needs_tiled
+def test_self_drafting_runs_the_tiled_half_kernel_where_the_model_kept_the_tiled_kernel() -> None:
+    """A model that kept the tiled kernel self-drafts through float16 panels of it (TiledFp16Linear),
+    one that did not through fbgemm's fp16 GEMM; a self-drafting row decodes AR's tokens either way."""
+    from orthrus.models.quant import Fp16Linear, TiledFp16Linear, fp16_available
+
+    model = tiny_base("llama")[1]
+    prompts = random_prompts([7], VOCAB, seed=9)
+    ar, _ = run_decoder(model, None, prompts, GenerationConfig(max_new_tokens=30, mode="ar"))
+    for rows in (128,) + ((0,) if fp16_available() else ()):
+        model.prepare_inference(pack=True, tiled_rows=rows)
+        model.self_draft = None
+        model.prepare_self_draft()
+        assert isinstance(model.self_draft.head, TiledFp16Linear if rows else Fp16Linear)
+        out, _ = run_decoder(model, None, prompts, GenerationConfig(max_new_tokens=30, mode="parallel", draft="self",
+                                                                    block_size=4))
+        assert out[0].tokens == ar[0].tokens, rows

@@ -10,6 +10,7 @@ use the same code. Parity with transformers is a test (tests/test_parity.py).
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import time
@@ -771,16 +772,21 @@ class Transformer(nn.Module):
         stay exact. Memory: +1/2 of the fp32 model. Idempotent."""
         if self.self_draft is not None:
             return
-        if not fp16_available() or self.device.type != "cpu" or self.dtype != torch.float32:
-            raise ValueError("self-drafting needs a float32 model on a CPU and a torch with fbgemm (x86)")
+        # our tiled kernel with float16 panels where this CPU kept it for the model (it measured
+        # faster here), else fbgemm's fp16 GEMM: the same arithmetic either way
+        use_tiled = self.tiled_rows > 0
+        if not (fp16_available() or use_tiled) or self.device.type != "cpu" or self.dtype != torch.float32:
+            raise ValueError("self-drafting needs a float32 model on a CPU and a torch with fbgemm (x86) "
+                             "or our tiled kernel")
+        make = functools.partial(fp16_linear, tiled=use_tiled)
         attns = []
         for layer in self.model.layers:
             a = copy.copy(layer.self_attn)  # shares the parameters; only qkv / o are replaced
-            a.qkv = fp16_linear([a.q_proj, a.k_proj, a.v_proj])
-            a.o = fp16_linear([a.o_proj])
+            a.qkv = make([a.q_proj, a.k_proj, a.v_proj])
+            a.o = make([a.o_proj])
             attns.append(a)
-        self.self_draft = SelfDraft(attns, [DraftMLP(layer.mlp, fp16_linear) for layer in self.model.layers],
-                                    fp16_linear([self.lm_head]))
+        self.self_draft = SelfDraft(attns, [DraftMLP(layer.mlp, make) for layer in self.model.layers],
+                                    make([self.lm_head]))
 
     def self_draft_step(self, tokens: Tensor, positions: Tensor, cache: KVCache, kv_len: int) -> Tensor:
         """One self-draft step (after :meth:`prepare_self_draft`): the fp16 copy reads ``tokens

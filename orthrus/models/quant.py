@@ -173,14 +173,31 @@ class Fp16Linear(_DraftLinear):
         return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
 
 
+class TiledFp16Linear(_DraftLinear):
+    """:class:`_DraftLinear` through our tiled GEMM with float16 panels (:mod:`orthrus.models.tiled`):
+    the same arithmetic as :class:`Fp16Linear` (float16 weights, float32 products and sums), with
+    the streaming and prefetch of our kernel. Used for the self-draft where the model kept the
+    tiled kernel (this CPU measured it faster)."""
+
+    def _pack(self, w: Tensor) -> None:
+        from orthrus.models import tiled
+
+        self.packed = tiled.pack(w, half=True)
+
+    def _gemm(self, x: Tensor) -> Tensor:
+        from orthrus.models import tiled
+
+        return tiled.gemm(x, self.packed, sum(self.sizes))
+
+
 def fp16_available() -> bool:
     """Whether this torch has fbgemm's fp16-weight linear (x86 CPUs)."""
     return int8_available() and hasattr(torch.ops.quantized, "linear_prepack_fp16")
 
 
-def fp16_linear(linears: list) -> Fp16Linear:
-    """An :class:`Fp16Linear` of modules with ``weight`` and ``bias``."""
-    return Fp16Linear([m.weight for m in linears], [m.bias for m in linears])
+def fp16_linear(linears: list, tiled: bool = False) -> _DraftLinear:
+    """An :class:`Fp16Linear` (``tiled``: a :class:`TiledFp16Linear`) of modules with ``weight`` and ``bias``."""
+    return (TiledFp16Linear if tiled else Fp16Linear)([m.weight for m in linears], [m.bias for m in linears])
 
 
 def int8_linear(linears: list) -> Int8Linear:

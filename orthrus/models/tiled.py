@@ -105,33 +105,36 @@ def available() -> bool:
         log.warning("the tiled GEMM kernel could not be built (%s); vendor kernels serve every pass", e)
         return False
     lib.orthrus_tiled_width.restype = ctypes.c_int
-    lib.orthrus_tiled_gemm.restype = None
-    lib.orthrus_tiled_gemm.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                       ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    for fn in (lib.orthrus_tiled_gemm, lib.orthrus_tiled_gemm_f16):
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                       ctypes.c_void_p, ctypes.c_int]
     _lib, _width = lib, lib.orthrus_tiled_width()
     return True
 
 
-def pack(w: Tensor) -> Tensor:
-    """``w [N, K]`` (fp32, CPU) -> panels ``[ceil(N / width), K, width]``, zero-padded outputs."""
+def pack(w: Tensor, half: bool = False) -> Tensor:
+    """``w [N, K]`` (CPU) -> panels ``[ceil(N / width), K, width]``, zero-padded outputs, in float32
+    (``half``: float16, half the bytes to stream; products and sums stay float32)."""
     assert available(), "the tiled kernel is not available"
     n, k = w.shape
     pad = -n % _width
-    w = w.detach().float()
+    w = w.detach().to(torch.float16 if half else torch.float32)
     if pad:
         w = torch.cat([w, w.new_zeros(pad, k)])
     return w.reshape(-1, _width, k).transpose(1, 2).contiguous()
 
 
 def gemm(x: Tensor, packed: Tensor, n_out: int) -> Tensor:
-    """``x [..., K]`` (fp32) -> ``x @ W^T`` ``[..., n_out]`` with ``packed = pack(W)``."""
+    """``x [..., K]`` (fp32) -> ``x @ W^T`` ``[..., n_out]`` (fp32) with ``packed = pack(W[, half])``."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     m, n = x2.shape[0], packed.shape[0] * packed.shape[2]
     y = torch.empty(m, n, dtype=torch.float32)
-    _lib.orthrus_tiled_gemm(x2.data_ptr(), m, k, packed.data_ptr(), n, y.data_ptr(), torch.get_num_threads())
+    fn = _lib.orthrus_tiled_gemm_f16 if packed.dtype == torch.float16 else _lib.orthrus_tiled_gemm
+    fn(x2.data_ptr(), m, k, packed.data_ptr(), n, y.data_ptr(), torch.get_num_threads())
     if n != n_out:
         y = y[:, :n_out].contiguous()  # padded panels: the real outputs, dense
     return y.reshape(*x.shape[:-1], n_out)

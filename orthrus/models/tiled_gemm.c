@@ -23,84 +23,98 @@
 #define RMAX 8
 typedef __m512 vec;
 #define VLOAD _mm512_loadu_ps
+#define VLOADH(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
 #define VSET1 _mm512_set1_ps
 #define VFMA _mm512_fmadd_ps
 #define VSTORE _mm512_storeu_ps
 #define VZERO _mm512_setzero_ps
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define VW 8
 #define RMAX 4
 typedef __m256 vec;
 #define VLOAD _mm256_loadu_ps
+#define VLOADH(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
 #define VSET1 _mm256_set1_ps
 #define VFMA _mm256_fmadd_ps
 #define VSTORE _mm256_storeu_ps
 #define VZERO _mm256_setzero_ps
 #else
-#error "tiled_gemm needs AVX-512 or AVX2 with FMA"
+#error "tiled_gemm needs AVX-512, or AVX2 with FMA and F16C"
 #endif
 
 #define G 2               /* vectors per panel row */
 #define GW (G * VW)       /* outputs per panel */
-#define PF_FAR (8192)     /* floats ahead prefetched into L2 (32 KB) */
-#define PF_NEAR (512)     /* floats ahead prefetched into L1 (2 KB) */
 
-static inline __attribute__((always_inline)) void tile(const int R, const float *x, int64_t K,
-                                                      const float *p, float *y, int64_t ldy) {
-  vec acc[RMAX][G];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    acc[r][0] = VZERO();
-    acc[r][1] = VZERO();
+/* One tile: R rows x one panel (GW outputs), accumulators in registers. WT: the packed weight's
+   element type; LOADW(p): VW of them as floats; PF_*: prefetch distances in elements (32 KB into
+   L2, 2 KB into L1 whatever the element size); LINE: elements per 64-byte line. */
+#define DEFINE_TILE(NAME, WT, LOADW, PF_FAR, PF_NEAR, LINE)                                          \
+  static inline __attribute__((always_inline)) void NAME(const int R, const float *x, int64_t K,    \
+                                                          const WT *p, float *y, int64_t ldy) {     \
+    vec acc[8][G]; /* R <= RMAX <= 8 */                                                                           \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {                                           \
+      acc[r][0] = VZERO();                                                                          \
+      acc[r][1] = VZERO();                                                                          \
+    }                                                                                               \
+    for (int64_t k = 0; k < K; ++k) {                                                               \
+      const WT *pk = p + k * GW;                                                                    \
+      _Pragma("GCC unroll 4") for (int l = 0; l < GW; l += LINE) {                                  \
+        _mm_prefetch((const char *)(pk + PF_FAR + l), _MM_HINT_T1);                                 \
+        _mm_prefetch((const char *)(pk + PF_NEAR + l), _MM_HINT_T0);                                \
+      }                                                                                             \
+      vec w0 = LOADW(pk), w1 = LOADW(pk + VW);                                                      \
+      _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {                                         \
+        vec b = VSET1(x[r * K + k]);                                                                \
+        acc[r][0] = VFMA(b, w0, acc[r][0]);                                                         \
+        acc[r][1] = VFMA(b, w1, acc[r][1]);                                                         \
+      }                                                                                             \
+    }                                                                                               \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {                                           \
+      VSTORE(y + r * ldy, acc[r][0]);                                                               \
+      VSTORE(y + r * ldy + VW, acc[r][1]);                                                          \
+    }                                                                                               \
   }
-  for (int64_t k = 0; k < K; ++k) {
-    const float *pk = p + k * GW;
-    _mm_prefetch((const char *)(pk + PF_FAR), _MM_HINT_T1);
-    _mm_prefetch((const char *)(pk + PF_NEAR), _MM_HINT_T0);
-#if GW * 4 > 64
-    _mm_prefetch((const char *)(pk + PF_FAR + 16), _MM_HINT_T1);
-    _mm_prefetch((const char *)(pk + PF_NEAR + 16), _MM_HINT_T0);
-#endif
-    vec w0 = VLOAD(pk), w1 = VLOAD(pk + VW);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      vec b = VSET1(x[r * K + k]);
-      acc[r][0] = VFMA(b, w0, acc[r][0]);
-      acc[r][1] = VFMA(b, w1, acc[r][1]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    VSTORE(y + r * ldy, acc[r][0]);
-    VSTORE(y + r * ldy + VW, acc[r][1]);
-  }
-}
 
-typedef void (*tile_fn)(const float *, int64_t, const float *, float *, int64_t);
-#define TILE(n) \
-  static void tile##n(const float *x, int64_t K, const float *p, float *y, int64_t ldy) { tile(n, x, K, p, y, ldy); }
-TILE(1) TILE(2) TILE(3) TILE(4)
-#if RMAX == 8
-TILE(5) TILE(6) TILE(7) TILE(8)
-static const tile_fn TILES[RMAX + 1] = {0, tile1, tile2, tile3, tile4, tile5, tile6, tile7, tile8};
-#else
-static const tile_fn TILES[RMAX + 1] = {0, tile1, tile2, tile3, tile4};
-#endif
+DEFINE_TILE(tile_f32, float, VLOAD, 8192, 512, 16)
+DEFINE_TILE(tile_f16, uint16_t, VLOADH, 16384, 1024, 32)
+
+typedef void (*tile_f32_fn)(const float *, int64_t, const float *, float *, int64_t);
+typedef void (*tile_f16_fn)(const float *, int64_t, const uint16_t *, float *, int64_t);
+#define TILES_OF(T, WT)                                                                          \
+  static void T##1(const float *x, int64_t K, const WT *p, float *y, int64_t l) { T(1, x, K, p, y, l); } \
+  static void T##2(const float *x, int64_t K, const WT *p, float *y, int64_t l) { T(2, x, K, p, y, l); } \
+  static void T##3(const float *x, int64_t K, const WT *p, float *y, int64_t l) { T(3, x, K, p, y, l); } \
+  static void T##4(const float *x, int64_t K, const WT *p, float *y, int64_t l) { T(4, x, K, p, y, l); } \
+  static void T##5(const float *x, int64_t K, const WT *p, float *y, int64_t l) { T(5, x, K, p, y, l); } \
+  static void T##6(const float *x, int64_t K, const WT *p, float *y, int64_t l) { T(6, x, K, p, y, l); } \
+  static void T##7(const float *x, int64_t K, const WT *p, float *y, int64_t l) { T(7, x, K, p, y, l); } \
+  static void T##8(const float *x, int64_t K, const WT *p, float *y, int64_t l) { T(8, x, K, p, y, l); }
+TILES_OF(tile_f32, float)
+TILES_OF(tile_f16, uint16_t)
+/* RMAX is 8 or 4: the table holds the first RMAX */
+static const tile_f32_fn TILES_F32[9] = {0, tile_f321, tile_f322, tile_f323, tile_f324,
+                                         tile_f325, tile_f326, tile_f327, tile_f328};
+static const tile_f16_fn TILES_F16[9] = {0, tile_f161, tile_f162, tile_f163, tile_f164,
+                                         tile_f165, tile_f166, tile_f167, tile_f168};
 
 /* Outputs per panel: the packed weight is [N / width, K, width], N padded to a multiple. */
 int orthrus_tiled_width(void) { return GW; }
 
 /* x [M, K] (rows contiguous), p the packed weight of N outputs (N a multiple of the width),
-   y [M, N] (rows contiguous). */
-void orthrus_tiled_gemm(const float *x, int64_t M, int64_t K, const float *p, int64_t N, float *y,
-                        int threads) {
-  const int64_t groups = N / GW;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t g = 0; g < groups; ++g) {
-    const float *pg = p + g * K * GW;
-    for (int64_t m = 0; m < M; m += RMAX) {
-      const int64_t r = M - m < RMAX ? M - m : RMAX;
-      TILES[r](x + m * K, K, pg, y + m * N + g * GW, N);
-    }
+   y [M, N] (rows contiguous). _f16: p holds IEEE half floats (converted to float in registers;
+   the products and sums are float32, as for fp32 weights). */
+#define DEFINE_GEMM(NAME, WT, TABLE)                                                              \
+  void NAME(const float *x, int64_t M, int64_t K, const WT *p, int64_t N, float *y, int threads) { \
+    const int64_t groups = N / GW;                                                                \
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")                             \
+    for (int64_t g = 0; g < groups; ++g) {                                                        \
+      const WT *pg = p + g * K * GW;                                                              \
+      for (int64_t m = 0; m < M; m += RMAX) {                                                     \
+        const int64_t r = M - m < RMAX ? M - m : RMAX;                                            \
+        TABLE[r](x + m * K, K, pg, y + m * N + g * GW, N);                                        \
+      }                                                                                           \
+    }                                                                                             \
   }
-}
+
+DEFINE_GEMM(orthrus_tiled_gemm, float, TILES_F32)
+DEFINE_GEMM(orthrus_tiled_gemm_f16, uint16_t, TILES_F16)
