@@ -138,15 +138,15 @@ def test_decoding_through_the_tiled_kernel_is_exact_eager_and_compiled() -> None
     prompts = random_prompts([6, 9], VOCAB, seed=5)
     ar, _ = run_decoder(model, adapter, prompts, GenerationConfig(max_new_tokens=40, mode="ar"))
     for verify in ("chain", "tree"):
-        out, _ = run_decoder(model, adapter, prompts, GenerationConfig(max_new_tokens=40, mode="parallel", verify=verify))
+        gen = GenerationConfig(max_new_tokens=40, mode="parallel", verify=verify)
+        out, _ = run_decoder(model, adapter, prompts, gen)
         assert [r.tokens for r in out] == [r.tokens for r in ar], verify
 
     class Compiled(Decoder):
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw, compile=True)
 
-    out, dec = run_decoder(model, adapter, prompts[:1], GenerationConfig(max_new_tokens=40, mode="parallel", verify="tree"),
-                           decoder_cls=Compiled)
+    out, dec = run_decoder(model, adapter, prompts[:1], gen, decoder_cls=Compiled)  # the tree config
     assert dec.compiled and len(dec._cycle_fn.compiles) >= 1
     assert out[0].tokens == ar[0].tokens
 
@@ -178,6 +178,6 @@ def test_self_drafting_runs_the_tiled_half_kernel_where_the_model_kept_the_tiled
         model.self_draft = None
         model.prepare_self_draft()
         assert isinstance(model.self_draft.head, TiledFp16Linear if rows else Fp16Linear)
-        out, _ = run_decoder(model, None, prompts, GenerationConfig(max_new_tokens=30, mode="parallel", draft="self",
-                                                                    block_size=4))
+        gen = GenerationConfig(max_new_tokens=30, mode="parallel", draft="self", block_size=4)
+        out, _ = run_decoder(model, None, prompts, gen)
         assert out[0].tokens == ar[0].tokens, rows

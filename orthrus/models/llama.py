@@ -630,9 +630,9 @@ class Transformer(nn.Module):
 
     def cached_kernel_choice(self, path: str | None = None) -> tuple[int, int, int]:
         """``(min_rows, mkl_rows, tiled_rows)``: :meth:`measure_packed_min_rows`, then
-        :meth:`measure_mkl` for ``MKL_ROWS`` rows, then :meth:`measure_tiled`, kept on disk (``$ORTHRUS_CACHE/crossover.json``, or ``path``) under this
-        CPU's name and instruction set, the thread count, the torch version, the dtype and the
-        model's shape: each later start of the same setup reads it instead of spending seconds
+        :meth:`measure_mkl` for ``MKL_ROWS`` rows, then :meth:`measure_tiled`, kept on disk
+        (``$ORTHRUS_CACHE/crossover.json``, or ``path``) under this CPU's name and instruction set,
+        the thread count, the torch version, the dtype and the model's shape: each later start of the same setup reads it instead of spending seconds
         timing passes. Delete the file (or an entry) to measure again.
 
         A choice timed while other work kept more than ``BUSY_CORES`` of the cores it runs on

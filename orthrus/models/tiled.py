@@ -65,7 +65,8 @@ def _compiler() -> str | None:
 def _build(cc: str) -> Path:
     """The shared library for this source, CPU and compiler, built once (atomically) into the cache."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout.split("\n")[0]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), _cpu_key(), version, " ".join(FLAGS)]).encode()).hexdigest()[:16]
+    parts = [SOURCE.read_text(), _cpu_key(), version, " ".join(FLAGS)]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     out = cache_root() / "kernels" / f"tiled_gemm-{key}.so"
     if out.exists():
         return out
