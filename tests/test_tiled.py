@@ -112,15 +112,26 @@ def test_the_tiled_choice_is_measured_once_and_cached(tmp_path, monkeypatch) -> 
     assert base.tiled_rows == 16
 
 
-def test_without_the_kernel_nothing_changes(monkeypatch) -> None:
-    """ORTHRUS_TILED=off: the kernel is not available, prepare_inference keeps the vendor kernels,
-    and asking for panels says why not."""
+def test_without_the_kernel_nothing_changes(tmp_path, monkeypatch) -> None:
+    """ORTHRUS_TILED=off: the kernel is not available, prepare_inference keeps the vendor kernels
+    (also where a cached choice, measured before, says tiled), and asking for panels says why not."""
+    from orthrus.models.llama import CROSSOVER_CACHE
+
+    monkeypatch.setenv("ORTHRUS_CACHE", str(tmp_path))
+    monkeypatch.setattr("orthrus.models.llama.busy_cores", lambda threads: 0.0)
+    base = ours_from_hf(hf_model("llama", 0))
+    monkeypatch.setattr(base, "measure_packed_min_rows", lambda rounds=3: 4)
+    monkeypatch.setattr(base, "measure_mkl", lambda rows, rounds=3: False)
+    monkeypatch.setattr(base, "measure_tiled", lambda rows, rounds=3: True)
+    if packing_available():
+        base.cached_kernel_choice()  # a choice with the tiled kernel, on disk
+        assert '"tiled_rows": 128' in (tmp_path / CROSSOVER_CACHE).read_text()
     monkeypatch.setenv("ORTHRUS_TILED", "off")
     monkeypatch.setattr(tiled, "_tried", False)
     monkeypatch.setattr(tiled, "_lib", None)
     assert not tiled.available()
     base = ours_from_hf(hf_model("llama", 0))
-    base.prepare_inference(pack=packing_available())
+    base.prepare_inference()
     assert base.tiled_rows == 0
     with pytest.raises(ValueError, match="tiled GEMM kernel is not available"):
         base.pack_tiled(8)

@@ -558,7 +558,8 @@ class Transformer(nn.Module):
             measured, mkl, tl = self.cached_kernel_choice()
             min_rows = measured if min_rows is None else min_rows
             mkl_rows = mkl if mkl_rows is None else mkl_rows
-            tiled_rows = tl if tiled_rows is None else tiled_rows
+            # a cached choice outlives the kernel (ORTHRUS_TILED=off, no compiler any more): vendor kernels
+            tiled_rows = (tl if tiled.available() else 0) if tiled_rows is None else tiled_rows
         self._set_packed_min_rows(min_rows if min_rows is not None else PACKED_MIN_ROWS)
         tiled_rows = tiled_rows or 0
         # MKL packs serve their row count only where the tiled kernel does not (no idle copy)

@@ -110,8 +110,15 @@ def available() -> bool:
         fn.restype = None
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                        ctypes.c_void_p, ctypes.c_int]
+    lib.orthrus_tiled_single_spells.restype = ctypes.c_int64
     _lib, _width = lib, lib.orthrus_tiled_width()
     return True
+
+
+def single_spells() -> int:
+    """How often this process's kernel fell back to one thread for a while because its other
+    threads kept arriving late (another process held their cores; see ``tiled_gemm.c``)."""
+    return _lib.orthrus_tiled_single_spells() if available() else 0
 
 
 def pack(w: Tensor, half: bool = False) -> Tensor:

@@ -16,6 +16,7 @@
    Built at first use by orthrus/models/tiled.py (gcc -O3 -march=native). */
 
 #include <immintrin.h>
+#include <omp.h>
 #include <stdint.h>
 
 #if defined(__AVX512F__)
@@ -100,18 +101,63 @@ static const tile_f16_fn TILES_F16[9] = {0, tile_f161, tile_f162, tile_f163, til
 /* Outputs per panel: the packed weight is [N / width, K, width], N padded to a multiple. */
 int orthrus_tiled_width(void) { return GW; }
 
+/* Threads on a busy machine. A parallel region ends when its last thread does; if another process
+   holds one of our cores, the helper thread waits for a time slice (milliseconds) on every one of
+   a pass's ~120 GEMMs, and a pass takes ten times longer. So each call times its own share (thread
+   0) and the whole region: three regions in a row whose end came well after thread 0's share
+   (STALL_FACTOR, STALL_NS) make the next SINGLE_CALLS calls run on one thread (no waiting on
+   anyone), then threads are tried again. On an idle machine the helpers arrive in microseconds
+   and this never triggers. The counters are heuristics: a race between callers only shifts them. */
+#include <time.h>
+#define STALL_FACTOR 1.5
+#define STALL_NS 50000.0
+#define STALLS 3
+#define SINGLE_CALLS 4000
+static int stalls = 0;
+static int64_t single_left = 0;
+static int64_t single_spells = 0; /* how often one thread was chosen (for tests and reports) */
+
+static inline double now_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return 1e9 * (double)t.tv_sec + (double)t.tv_nsec;
+}
+
+int64_t orthrus_tiled_single_spells(void) { return single_spells; }
+
 /* x [M, K] (rows contiguous), p the packed weight of N outputs (N a multiple of the width),
    y [M, N] (rows contiguous). _f16: p holds IEEE half floats (converted to float in registers;
-   the products and sums are float32, as for fp32 weights). */
+   the products and sums are float32, as for fp32 weights). Each thread takes a contiguous range
+   of panels. */
 #define DEFINE_GEMM(NAME, WT, TABLE)                                                              \
   void NAME(const float *x, int64_t M, int64_t K, const WT *p, int64_t N, float *y, int threads) { \
     const int64_t groups = N / GW;                                                                \
-    _Pragma("omp parallel for num_threads(threads) schedule(static)")                             \
-    for (int64_t g = 0; g < groups; ++g) {                                                        \
-      const WT *pg = p + g * K * GW;                                                              \
-      for (int64_t m = 0; m < M; m += RMAX) {                                                     \
-        const int64_t r = M - m < RMAX ? M - m : RMAX;                                            \
-        TABLE[r](x + m * K, K, pg, y + m * N + g * GW, N);                                        \
+    int use = threads;                                                                            \
+    if (single_left > 0) {                                                                        \
+      --single_left;                                                                              \
+      use = 1;                                                                                    \
+    }                                                                                             \
+    double own = 0.0;                                                                             \
+    const double t0 = now_ns();                                                                   \
+    _Pragma("omp parallel num_threads(use)") {                                                    \
+      const int nt = omp_get_num_threads(), id = omp_get_thread_num();                            \
+      const int64_t lo = groups * id / nt, hi = groups * (id + 1) / nt;                           \
+      for (int64_t g = lo; g < hi; ++g) {                                                         \
+        const WT *pg = p + g * K * GW;                                                            \
+        for (int64_t m = 0; m < M; m += RMAX) {                                                   \
+          const int64_t r = M - m < RMAX ? M - m : RMAX;                                          \
+          TABLE[r](x + m * K, K, pg, y + m * N + g * GW, N);                                      \
+        }                                                                                         \
+      }                                                                                           \
+      if (id == 0) own = now_ns() - t0;                                                           \
+    }                                                                                             \
+    if (use > 1) {                                                                                \
+      const double total = now_ns() - t0;                                                         \
+      stalls = total > STALL_FACTOR * own + STALL_NS ? stalls + 1 : 0;                            \
+      if (stalls >= STALLS) {                                                                     \
+        stalls = 0;                                                                               \
+        single_left = SINGLE_CALLS;                                                               \
+        ++single_spells;                                                                          \
       }                                                                                           \
     }                                                                                             \
   }
