@@ -180,6 +180,22 @@ def test_one_pass_schedule_is_chosen_only_when_its_measured_rate_wins():
     assert acceptance_curve(DecodeStats(verify_passes=4, slot_accepts=[2, 1])) == [0.5, 0.25]  # one-pass stats
 
 
+def test_tree_verified_cycles_are_decided_on_their_own_timings_and_acceptance():
+    """tree_tokens: the two-pass rates are measured tokens per tree cycle over the tree cycle's
+    time (``times.tree``); the chain's curve and cycle times are not used."""
+    times = PassTimes(ar=1.0, cycle={4: 1.0, 8: 1.0}, tree={4: 2.0, 8: 2.5})
+    chain = decide_block_size(times, [0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9], [4, 8])
+    assert chain.block_size == 8 and chain.verify == "chain"
+    tree = decide_block_size(times, [0.9] * 7, [4, 8], tree_tokens={4: 2.4, 8: 3.5})
+    assert tree.predicted == pytest.approx({1: 1.0, 4: 1.2, 8: 1.4}) and tree.expected_tokens[8] == 3.5
+    assert (tree.block_size, tree.verify, tree.curve) == (8, "tree", []) and "tree" in tree.reason
+    assert tree.to_dict()["verify"] == "tree" and tree.to_dict()["pass_seconds"]["tree"] == {"4": 2.0, "8": 2.5}
+    slow = decide_block_size(PassTimes(ar=1.0, cycle={4: 1.0}, tree={4: 2.4}), [0.9] * 3, [4], tree_tokens={4: 2.4})
+    assert slow.block_size == 1  # 1.0 tok/s: not 5% faster than AR
+    with pytest.raises(ValueError, match="no tree pass timing or tree acceptance for block size 8"):
+        decide_block_size(times, [], [4, 8], tree_tokens={4: 2.4})
+
+
 def test_unknown_slots_count_as_rejected_and_missing_timings_raise():
     assert expected_tokens([0.5, 0.5], 8) == 2.0  # slots beyond the calibration add nothing
     assert expected_tokens([0.5, 0.5], 2) == 1.5
@@ -217,6 +233,27 @@ def test_choose_block_size_wiring(tiny_engine, monkeypatch):
     # no stats: a short greedy calibration run at the largest candidate fills the curve
     choice = choose_block_size(tiny_engine, prompts=PROMPTS[:2], candidates=(2, 4), calibration_tokens=6)
     assert len(choice.curve) == 3 and all(0.0 <= p <= 1.0 for p in choice.curve)
+
+
+def test_choose_block_size_for_tree_verification_calibrates_each_k(tiny_engine, monkeypatch):
+    """tree=True: one tree-verified calibration run per candidate K gives its tokens per cycle, and
+    the tree cycles' timings decide."""
+    seen = {}
+
+    def fake_times(engine, candidates, **kw):
+        seen.update(kw, candidates=list(candidates))
+        return PassTimes(ar=1.0, cycle={k: 100.0 for k in candidates}, tree={k: 0.001 for k in candidates})
+
+    monkeypatch.setattr(blocksize, "measure_pass_times", fake_times)
+    verifies = []
+    generate = tiny_engine.generate
+    monkeypatch.setattr(tiny_engine, "generate", lambda *a, **kw: verifies.append((kw["block_size"], kw["verify"]))
+                        or generate(*a, **kw))
+    choice = choose_block_size(tiny_engine, prompts=PROMPTS[:2], candidates=(2, 4), calibration_tokens=6, tree=True)
+    assert verifies == [(2, "tree"), (4, "tree")] and seen["trees"] is True and seen["candidates"] == [2, 4]
+    assert choice.verify == "tree" and set(choice.expected_tokens) == {1, 2, 4}
+    assert all(1.0 <= choice.expected_tokens[k] <= k for k in (2, 4))
+    assert choice.block_size > 1  # free tree cycles: any acceptance pays (the chain's slow cycles are ignored)
 
 
 def test_measure_pass_times_covers_every_candidate(tiny_engine):
@@ -318,7 +355,8 @@ def test_auto_block_size_is_measured_once_per_setup(tiny_engine, monkeypatch, tm
 
     def fake_choose(engine, batch_size=1, **kw):
         calls.append(batch_size)
-        return BlockSizeChoice(4, reason=f"K=4 measured at batch {batch_size}")
+        return BlockSizeChoice(4, reason=f"K=4 measured at batch {batch_size}",
+                               verify="tree" if kw.get("tree") else "chain")
 
     monkeypatch.setattr(blocksize, "choose_block_size", fake_choose)
     path = tmp_path / "bs.json"
@@ -327,16 +365,19 @@ def test_auto_block_size_is_measured_once_per_setup(tiny_engine, monkeypatch, tm
     assert again.block_size == 4 and "cached" in again.reason and calls == [2]
     blocksize.cached_block_size(tiny_engine, 3, path)
     assert calls == [2, 3] and len(json.loads(path.read_text())) == 2
+    tree = blocksize.cached_block_size(tiny_engine, 3, path, tree=True)  # tree-verified runs: their own entry
+    assert calls == [2, 3, 3] and tree.verify == "tree" and len(json.loads(path.read_text())) == 3
+    assert blocksize.cached_block_size(tiny_engine, 3, path, tree=True).verify == "tree" and calls == [2, 3, 3]
     with torch.no_grad():
         tiny_engine.adapter.mask_embedding.add_(1.0)
     try:
         blocksize.cached_block_size(tiny_engine, 2, path)
-        assert calls == [2, 3, 2]
+        assert calls == [2, 3, 3, 2]
     finally:
         with torch.no_grad():
             tiny_engine.adapter.mask_embedding.sub_(1.0)
     path.write_text("{not json")
-    assert blocksize.cached_block_size(tiny_engine, 2, path).block_size == 4 and calls == [2, 3, 2, 2]
+    assert blocksize.cached_block_size(tiny_engine, 2, path).block_size == 4 and calls == [2, 3, 3, 2, 2]
     assert len(json.loads(path.read_text())) == 1
     assert blocksize.cached_block_size(Orthrus(tiny_engine.base, None), 2, path).block_size == 1
 

@@ -328,6 +328,8 @@ def test_context_length_error(capsys) -> None:
 def test_block_size_auto_applies_the_measured_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     """``--block-size auto``: K = 1 means plain AR; another K becomes the parallel block size."""
     import argparse
+    import dataclasses
+    from types import SimpleNamespace
 
     from orthrus.bench import blocksize
     from orthrus.commands.common import apply_auto_block_size
@@ -336,16 +338,25 @@ def test_block_size_auto_applies_the_measured_choice(monkeypatch: pytest.MonkeyP
     args = argparse.Namespace(block_size="auto", batch_size=2)
     seen = []
     for k, mode, block in ((1, "ar", None), (4, "parallel", 4)):
-        monkeypatch.setattr(blocksize, "cached_block_size", lambda engine, batch_size, candidates, k=k:
+        monkeypatch.setattr(blocksize, "cached_block_size", lambda engine, batch_size, candidates, k=k, **kw:
                             seen.append(batch_size) or blocksize.BlockSizeChoice(k, reason="test"))
         out = apply_auto_block_size(args, object(), gen)
         assert (out.mode, out.block_size) == (mode, block)
     assert apply_auto_block_size(args, object(), gen, n_prompts=1).block_size == 4
     assert seen == [2, 2, 1]  # timed at the batch the run will have: --batch-size, at most the prompts
     assert apply_auto_block_size(argparse.Namespace(block_size=8), object(), gen) is gen
+    # the run's verification is what gets measured: trees for greedy rows with an adapter's rank rates
+    trees = []
+    monkeypatch.setattr(blocksize, "cached_block_size", lambda engine, batch_size, candidates, tree:
+                        trees.append(tree) or blocksize.BlockSizeChoice(4, reason="test"))
+    ranked = SimpleNamespace(adapter=SimpleNamespace(config=SimpleNamespace(draft_ranks=((0.9, 0.1),))))
+    for g in (gen, dataclasses.replace(gen, temperature=0.7), dataclasses.replace(gen, verify="chain")):
+        apply_auto_block_size(args, ranked, g)
+    apply_auto_block_size(args, SimpleNamespace(adapter=None), gen)
+    assert trees == [True, False, False, False]
     # the measured schedule: taken with --schedule auto only; an explicit K is kept (only its schedule measured)
     asked = []
-    monkeypatch.setattr(blocksize, "cached_block_size", lambda engine, batch_size, candidates:
+    monkeypatch.setattr(blocksize, "cached_block_size", lambda engine, batch_size, candidates, **kw:
                         asked.append(tuple(candidates)) or blocksize.BlockSizeChoice(4, "one-pass", 2, reason="t"))
     out = apply_auto_block_size(args, object(), gen)
     assert (out.block_size, out.schedule) == (4, "two-pass")
@@ -385,7 +396,7 @@ def test_default_draft_is_hybrid_self_on_a_cpu_else_hybrid_with_an_adapter(monke
         assert common.resolve_mode(ns(model="without", dtype="bfloat16")) == "ar"
     hyb = GenerationConfig(mode="parallel", draft="hybrid", max_new_tokens=8)
     for k, want in ((1, ("ngram", None)), (4, ("hybrid", 4))):
-        monkeypatch.setattr(blocksize, "cached_block_size", lambda engine, batch_size, candidates, k=k:
+        monkeypatch.setattr(blocksize, "cached_block_size", lambda engine, batch_size, candidates, k=k, **kw:
                             blocksize.BlockSizeChoice(k, reason="test"))
         out = common.apply_auto_block_size(argparse.Namespace(block_size="auto"), object(), hyb)
         assert (out.mode, out.draft, out.block_size) == ("parallel", *want)

@@ -137,8 +137,11 @@ def run_bench(engine: "Orthrus", prompts: list[str], settings: BenchSettings, ou
     adapter_modes = [m for m in settings.modes if m in ADAPTER_MODES]
     if block_size_auto and adapter_modes:
         context = sum(len(x) for x in ids) // len(ids) + settings.max_new_tokens // 2
+        # greedy runs: the parallel and hybrid modes verify by tree where the adapter records rank rates
+        tree = bool(engine.adapter and engine.adapter.config.draft_ranks) and bool(
+            {"parallel", "hybrid"} & set(adapter_modes))
         choice = choose_block_size(engine, prompts[:AUTO_CALIBRATION_PROMPTS], batch_size=settings.batch_size,
-                                   context=context, calibration_tokens=min(64, settings.max_new_tokens))
+                                   context=context, calibration_tokens=min(64, settings.max_new_tokens), tree=tree)
         # the measured K is the adapter's; n-gram drafts keep their own (no draft pass to pay for)
         settings = dataclasses.replace(settings, block_size=choice.block_size,
                                        ngram_block_size=settings.ngram_block_size or NGRAM_BLOCK_SIZE)

@@ -7,7 +7,14 @@ One parallel cycle with block size K costs a draft pass and a verify pass of K t
     rate(K)  = E[a + 1](K) / t_cycle(K)        (t_cycle = draft + verify + consensus)
     rate(AR) = 1 / t_ar
 
-The one-pass schedule (an adapter trained on ``masked`` blocks) is a third option: its cycle is
+Where the run verifies by tree (greedy rows, an adapter that records its rank rates: the
+default), a cycle is a tree-verified one and ``E[a + 1]`` at K is measured by a calibration run
+at that K, since a tree's acceptance depends on its K (its K - 1 nodes spread over depth and
+width)::
+
+    rate(tree, K) = E[a + 1](tree, K) / t_tree(K)
+
+The one-pass schedule (an adapter trained on ``masked`` blocks) is another option: its cycle is
 one pass over the verify segment and the candidate blocks, and its ``E[a + 1]`` is measured by its
 own calibration run (its drafts are the harder, two-ahead kind)::
 
@@ -38,7 +45,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import torch
 
@@ -81,7 +88,8 @@ class PassTimes:
 
     def to_dict(self) -> dict:
         return {"ar": self.ar, "cycle": {str(k): v for k, v in self.cycle.items()},
-                "onepass": {str(k): v for k, v in self.onepass.items()}}
+                "onepass": {str(k): v for k, v in self.onepass.items()},
+                "tree": {str(k): v for k, v in self.tree.items()}}
 
 
 @dataclass(frozen=True)
@@ -92,7 +100,10 @@ class BlockSizeChoice:
         block_size: the chosen K; 1 means AR (no K was predicted to beat it by ``margin``).
         predicted: K -> predicted tokens per second (key 1: AR).
         expected_tokens: K -> predicted tokens per cycle ``E[a + 1]``.
-        curve: ``P(a >= i + 1)`` per draft slot i, as measured.
+        curve: ``P(a >= i + 1)`` per draft slot i, as measured (chain verification; empty when
+            the choice was made for tree verification).
+        verify: ``"tree"`` when the two-pass figures are of tree-verified cycles (their
+            ``expected_tokens`` measured at each K), else ``"chain"``.
         times: the pass timings used (None when no timing was needed, e.g. no adapter).
         reason: one line for logs and reports.
     """
@@ -108,9 +119,11 @@ class BlockSizeChoice:
     reason: str = ""
     onepass_predicted: dict[int, float] = field(default_factory=dict)
     onepass_curve: list[float] = field(default_factory=list)
+    verify: str = "chain"
 
     def to_dict(self) -> dict:
         return {"block_size": self.block_size, "schedule": self.schedule, "candidates": self.candidates,
+                "verify": self.verify,
                 "reason": self.reason, "margin": self.margin,
                 "onepass_predicted_tokens_per_second": {str(k): round(v, 4) for k, v in self.onepass_predicted.items()},
                 "onepass_acceptance_curve": [round(p, 4) for p in self.onepass_curve],
@@ -140,7 +153,8 @@ def expected_tokens(curve: Sequence[float], k: int) -> float:
 
 def decide_block_size(times: PassTimes, curve: Sequence[float], candidates: Sequence[int] = DEFAULT_CANDIDATES,
                       margin: float = 0.05, onepass_curve: Sequence[float] = (),
-                      onepass_candidates: int = 0) -> BlockSizeChoice:
+                      onepass_candidates: int = 0, tree_tokens: Mapping[int, float] | None = None
+                      ) -> BlockSizeChoice:
     """Pick the K (and schedule) with the highest predicted tokens per second, or 1 if none beats
     AR by ``margin``.
 
@@ -152,23 +166,29 @@ def decide_block_size(times: PassTimes, curve: Sequence[float], candidates: Sequ
         margin: a K must be predicted faster than AR by this fraction (timing noise is a few %).
         onepass_curve: the one-pass schedule's curve, measured with ``onepass_candidates``
             candidate blocks per pass; one-pass is considered for the Ks in ``times.onepass``.
+        tree_tokens: K -> measured tokens per tree-verified cycle: the two-pass cycles are
+            tree-verified ones, timed by ``times.tree`` (which must cover every candidate), and
+            ``curve`` is not used.
     """
     if times.ar <= 0:
         raise ValueError(f"AR pass time must be positive, got {times.ar}")
     predicted = {1: 1.0 / times.ar}
     expected = {1: 1.0}
+    cycle = times.tree if tree_tokens is not None else times.cycle
     for k in sorted({int(k) for k in candidates if k >= 2}):
-        if k not in times.cycle:
-            raise ValueError(f"no pass timing for block size {k}")
-        expected[k] = expected_tokens(curve, k)
-        predicted[k] = expected[k] / times.cycle[k]
+        if k not in cycle or (tree_tokens is not None and k not in tree_tokens):
+            raise ValueError(f"no {'tree pass timing or tree acceptance' if tree_tokens is not None else 'pass timing'}"
+                             f" for block size {k}")
+        expected[k] = tree_tokens[k] if tree_tokens is not None else expected_tokens(curve, k)
+        predicted[k] = expected[k] / cycle[k]
     one = {k: expected_tokens(onepass_curve, k) / t for k, t in times.onepass.items()} if onepass_curve else {}
     options = [(predicted[k], -k, 1, k) for k in predicted if k > 1] + [(v, -k, 0, k) for k, v in one.items()]
     rate, _, two, best = max(options, default=(0.0, 0, 1, 1))
     schedule = "two-pass" if two else "one-pass"
     if best > 1 and rate > predicted[1] * (1.0 + margin):
         tokens = expected[best] if two else expected_tokens(onepass_curve, best)
-        reason = (f"K={best} {schedule}: {rate:.2f} tok/s predicted vs AR {predicted[1]:.2f} "
+        reason = (f"K={best} {schedule}{', tree' if two and tree_tokens is not None else ''}: "
+                  f"{rate:.2f} tok/s predicted vs AR {predicted[1]:.2f} "
                   f"({tokens:.2f} tokens per cycle)")
         chosen = best
     else:
@@ -176,7 +196,8 @@ def decide_block_size(times: PassTimes, curve: Sequence[float], candidates: Sequ
                   + (f"; best was K={best} {schedule} at {rate:.2f}" if best > 1 else ""))
         chosen = 1  # (schedule: still the faster parallel one, for a caller whose K is fixed)
     return BlockSizeChoice(chosen, schedule, onepass_candidates if schedule == "one-pass" else 0, predicted,
-                           expected, list(curve), times, margin, reason, one, list(onepass_curve))
+                           expected, list(curve) if tree_tokens is None else [], times, margin, reason, one,
+                           list(onepass_curve), "tree" if tree_tokens is not None else "chain")
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int, warmup: int) -> float:
@@ -251,7 +272,7 @@ def measure_pass_times(engine: "Orthrus", candidates: Sequence[int] = DEFAULT_CA
 def choose_block_size(engine: "Orthrus", prompts: Sequence[str | list[int]] | None = None,
                       candidates: Sequence[int] = DEFAULT_CANDIDATES, batch_size: int = 1,
                       context: int = 256, stats: DecodeStats | None = None, calibration_tokens: int = 64,
-                      margin: float = 0.05, repeats: int = 5) -> BlockSizeChoice:
+                      margin: float = 0.05, repeats: int = 5, tree: bool = False) -> BlockSizeChoice:
     """Measure, then pick the block size that maximises expected tokens per second (1 = AR).
 
     Args:
@@ -265,41 +286,50 @@ def choose_block_size(engine: "Orthrus", prompts: Sequence[str | list[int]] | No
         calibration_tokens: new tokens per calibration prompt.
         margin: how much faster than AR a K must be predicted to be chosen.
         repeats: timed repetitions per pass.
+        tree: the run verifies the drafts as trees (:func:`~orthrus.decoding.tree.verifies_by_tree`):
+            one tree-verified calibration run per candidate K (``stats`` is not used) and timed
+            tree cycles; else one chain-verified run at the largest K, whose per-slot curve holds
+            for every smaller K.
     """
     if engine.adapter is None:
         return BlockSizeChoice(1, reason="AR: no adapter")
     cands = sorted({int(k) for k in candidates if 2 <= k <= engine.adapter.config.block_size})
     if not cands:
         return BlockSizeChoice(1, reason=f"AR: no candidate block size in 2..{engine.adapter.config.block_size}")
-    if stats is None:
+    from orthrus.engine import run_stats
+
+    def calibrate(**kw: object) -> DecodeStats:  # a short greedy parallel run's summed counters
+        runs = engine.generate(list(prompts or CALIBRATION_PROMPTS), mode="parallel",
+                               max_new_tokens=calibration_tokens, batch_size=batch_size, **kw)
+        return run_stats(runs, 0.0)
+
+    tree_tokens: dict[int, float] | None = None
+    if tree:
+        tree_tokens = {}
+        for k in cands:
+            t0 = time.perf_counter()
+            tree_tokens[k] = calibrate(block_size=k, verify="tree").acceptance_length
+            log.info("tree calibration at K=%d: acceptance length %.2f (%.1f s)", k, tree_tokens[k],
+                     time.perf_counter() - t0)
+    elif stats is None:
         t0 = time.perf_counter()
-        # chains: the top-token curve holds for every smaller K (a tree's depends on its K); a
-        # verify tree at the chosen K accepts more on average (orthrus.decoding.tree), so the choice is safe
-        runs = engine.generate(list(prompts or CALIBRATION_PROMPTS), mode="parallel", block_size=max(cands),
-                               max_new_tokens=calibration_tokens, batch_size=batch_size, verify="chain")
-        stats = DecodeStats()
-        for c in runs:
-            stats = stats.merge(c.stats)
+        # a chain's top-token curve holds for every smaller K (a tree's depends on its K)
+        stats = calibrate(block_size=max(cands), verify="chain")
         log.info("calibration at K=%d: acceptance length %.2f over %d cycles (%.1f s)", max(cands),
                  stats.acceptance_length, stats.verify_passes, time.perf_counter() - t0)
-    curve = acceptance_curve(stats)
     onepass_curve: list[float] = []
     n_cand = 0
     if "masked" in engine.adapter.config.block_kinds:  # trained for the one-pass schedule: measure it too
         from orthrus.decoding import generator
 
         n_cand = generator.DEFAULT_CANDIDATES
-        runs = engine.generate(list(prompts or CALIBRATION_PROMPTS), mode="parallel", block_size=max(cands),
-                               schedule="one-pass", candidates=n_cand, max_new_tokens=calibration_tokens,
-                               batch_size=batch_size)
-        one = DecodeStats()
-        for c in runs:
-            one = one.merge(c.stats)
+        one = calibrate(block_size=max(cands), schedule="one-pass", candidates=n_cand)
         onepass_curve = acceptance_curve(one)
         log.info("one-pass calibration at K=%d: %.2f tokens per pass", max(cands), one.tpf)
     times = measure_pass_times(engine, cands, batch_size=batch_size, context=context, repeats=repeats,
-                               onepass_candidates=n_cand)
-    choice = decide_block_size(times, curve, cands, margin, onepass_curve, n_cand)
+                               onepass_candidates=n_cand, trees=tree)
+    curve = acceptance_curve(stats) if stats is not None else []
+    choice = decide_block_size(times, curve, cands, margin, onepass_curve, n_cand, tree_tokens)
     log.info("block size: %s", choice.reason)
     return choice
 
@@ -307,8 +337,10 @@ def choose_block_size(engine: "Orthrus", prompts: Sequence[str | list[int]] | No
 CACHE_FILE = "blocksize.json"
 
 
-def _choice_key(engine: "Orthrus", batch_size: int, candidates: Sequence[int] = DEFAULT_CANDIDATES) -> str:
-    """What a measured choice depends on: model, adapter weights, device, dtype, threads, batch."""
+def _choice_key(engine: "Orthrus", batch_size: int, candidates: Sequence[int] = DEFAULT_CANDIDATES,
+                tree: bool = False) -> str:
+    """What a measured choice depends on: model, adapter weights, device, dtype, threads, batch,
+    candidates, how drafts are verified."""
     from orthrus.models.quant import device_name
 
     h = hashlib.sha256()
@@ -322,24 +354,25 @@ def _choice_key(engine: "Orthrus", batch_size: int, candidates: Sequence[int] = 
                        "threads": torch.get_num_threads(), "batch": batch_size,
                        "cuda_graphs": engine.uses_cuda_graphs, "compile": engine.compile,
                        "draft_int8": engine.draft_int8, "block_kinds": list(engine.adapter.config.block_kinds),
-                       "candidates": sorted(int(k) for k in candidates),
+                       "candidates": sorted(int(k) for k in candidates), "verify": "tree" if tree else "chain",
                        "torch": torch.__version__}, sort_keys=True)
 
 
 def cached_block_size(engine: "Orthrus", batch_size: int = 1, path: str | Path | None = None,
-                      candidates: Sequence[int] = DEFAULT_CANDIDATES) -> BlockSizeChoice:
+                      candidates: Sequence[int] = DEFAULT_CANDIDATES, tree: bool = False) -> BlockSizeChoice:
     """:func:`choose_block_size` with its answer kept on disk (``$ORTHRUS_CACHE/blocksize.json``).
 
     The measurement takes seconds to a minute (on a CPU, mostly the calibration run); its answer
     holds for the same model, adapter weights, device, dtype, thread count and batch size, so it is
-    stored under those and reused. Delete the file (or an entry) to measure again.
+    stored under those (and ``tree``: whether the run verifies drafts as trees) and reused. Delete
+    the file (or an entry) to measure again.
     """
     if engine.adapter is None:
         return BlockSizeChoice(1, reason="AR: no adapter")
     from orthrus.models.loading import cache_root, read_cache_entries, write_cache_entries
 
     path = Path(path) if path is not None else cache_root() / CACHE_FILE
-    key = _choice_key(engine, batch_size, candidates)
+    key = _choice_key(engine, batch_size, candidates, tree)
     entries = read_cache_entries(path)
     hit = entries.get(key)
     if isinstance(hit, dict) and isinstance(hit.get("block_size"), int) and hit["block_size"] >= 1:
@@ -348,8 +381,8 @@ def cached_block_size(engine: "Orthrus", batch_size: int = 1, path: str | Path |
         if schedule not in ("two-pass", "one-pass"):
             schedule = "two-pass"
         return BlockSizeChoice(hit["block_size"], schedule, int(hit.get("candidates") or 0),
-                               reason=f"{hit.get('reason', '')} (cached)")
-    choice = choose_block_size(engine, batch_size=batch_size, candidates=candidates)
+                               reason=f"{hit.get('reason', '')} (cached)", verify="tree" if tree else "chain")
+    choice = choose_block_size(engine, batch_size=batch_size, candidates=candidates, tree=tree)
     entries[key] = {**choice.to_dict(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_cache_entries(path, entries, "the block size choice")
     return choice

@@ -311,15 +311,21 @@ def apply_auto_block_size(args: argparse.Namespace, engine: Orthrus, gen: Genera
     The schedule is measured too when the adapter was trained for one-pass (``masked`` blocks):
     ``--schedule auto`` takes the measured one, an explicit ``--schedule`` is kept (and with it
     the measurement is of that schedule's K only when it is two-pass). ``--schedule auto`` with an
-    explicit ``--block-size K`` picks the faster schedule at that K."""
+    explicit ``--block-size K`` picks the faster schedule at that K. Where the run will verify the
+    drafts as trees (greedy, an adapter with rank rates: the default), tree-verified cycles are
+    what is calibrated and timed, at each candidate K."""
     if not auto_block_size_wanted(args, gen):
         return gen
     from orthrus.bench.blocksize import DEFAULT_CANDIDATES, cached_block_size
+    from orthrus.decoding.tree import verifies_by_tree
 
     batch = min(getattr(args, "batch_size", 1) or 1, n_prompts or 1 << 30, 8)
     fixed = gen.block_size  # an explicit --block-size with --schedule auto
+    adapter = getattr(engine, "adapter", None)
+    tree = verifies_by_tree(gen.verify, gen.schedule, gen.temperature,
+                            adapter.config.draft_ranks if adapter is not None else None)
     choice = cached_block_size(engine, batch_size=batch,  # measured once per setup; logs why
-                               candidates=(fixed,) if fixed else DEFAULT_CANDIDATES)
+                               candidates=(fixed,) if fixed else DEFAULT_CANDIDATES, tree=tree)
     auto_schedule = getattr(args, "schedule", None) == "auto"
     if gen.draft == "hybrid":  # the measured K is that of its diffusion cycles (two-pass)
         if choice.block_size <= 1 and not fixed:  # no diffusion cycle pays here: n-gram alone still does

@@ -50,7 +50,7 @@ from orthrus.decoding.ngram import NGRAM_BLOCK_SIZE, NgramIndex, ngram_drafts
 from orthrus.decoding.sampling import (STREAM_ACCEPT, STREAM_BONUS, STREAM_DRAFT, STREAM_RESIDUAL,
                                        process_logits, sample, uniform)
 from orthrus.decoding.stats import DecodeStats
-from orthrus.decoding.tree import DEFAULT_DRAFT_RANKS, DraftTree, build_tree
+from orthrus.decoding.tree import DEFAULT_DRAFT_RANKS, DraftTree, build_tree, verifies_by_tree
 from orthrus.decoding.verify import greedy_accept, rejection_accept
 from orthrus.models.llama import Transformer
 
@@ -830,14 +830,9 @@ class Decoder:
         return r.gen.draft == "ngram" or (self.adapter is None and not self._uses_self(r))
 
     def _uses_tree(self, r: Row) -> bool:
-        """Whether a row's adapter drafts are verified as a tree: ``verify='tree'``, or ``auto``
-        for a greedy row with an adapter that records its rank rates (``AdapterConfig.draft_ranks``;
-        sampled rows verify trees only when asked: at temperature 1 the top tokens are a poor guess
-        of a sample, and the chain's rejection sampling kept more per pass)."""
-        verify = r.gen.verify
-        return r.gen.schedule != "one-pass" and (verify == "tree" or (
-            verify == "auto" and r.gen.temperature == 0 and self.adapter is not None
-            and bool(self.adapter.config.draft_ranks)))
+        """Whether a row's adapter drafts are verified as a tree (:func:`verifies_by_tree`)."""
+        ranks = self.adapter.config.draft_ranks if self.adapter is not None else None
+        return verifies_by_tree(r.gen.verify, r.gen.schedule, r.gen.temperature, ranks)
 
     @staticmethod
     def _uses_self(r: Row) -> bool:

@@ -80,6 +80,16 @@ def accepted_depth(ranks: tuple[int, ...] | list[int], nodes: set[tuple[int, ...
     return d
 
 
+
+def verifies_by_tree(verify: str, schedule: str, temperature: float, draft_ranks: object) -> bool:
+    """Whether a row's adapter drafts are verified as a tree: ``verify='tree'``, or ``auto`` for a
+    greedy row with an adapter that records its rank rates (``AdapterConfig.draft_ranks``, passed
+    here; falsy without an adapter). Sampled rows verify trees only when asked: at temperature 1
+    the top tokens are a poor guess of a sample, and the chain's rejection sampling kept more per
+    pass. The one-pass schedule never does."""
+    return schedule != "one-pass" and (verify == "tree" or (
+        verify == "auto" and temperature == 0 and bool(draft_ranks)))
+
 @dataclass(frozen=True)
 class DraftTree:
     """A static verify tree of ``rows`` rows (row 0 the anchor, then ``nodes`` breadth-first).
