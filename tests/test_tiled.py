@@ -192,3 +192,34 @@ def test_self_drafting_runs_the_tiled_half_kernel_where_the_model_kept_the_tiled
         gen = GenerationConfig(max_new_tokens=30, mode="parallel", draft="self", block_size=4)
         out, _ = run_decoder(model, None, prompts, gen)
         assert out[0].tokens == ar[0].tokens, rows
+
+
+@needs_tiled
+def test_a_core_held_by_another_process_sends_the_kernel_to_one_thread() -> None:
+    """Busy machine: with every core held by a spinning process, the helper thread arrives late to
+    the regions, and after three late regions in a row the kernel runs a spell of calls on one
+    thread (``single_spells`` counts them); the outputs are the same bits either way."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    w, x = torch.randn(2048, 576), torch.randn(8, 576)
+    p = tiled.pack(w)
+    want = tiled.gemm(x, p, 2048)
+    before = tiled.single_spells()
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
+    try:
+        deadline = time.monotonic() + 30.0
+        while tiled.single_spells() == before and time.monotonic() < deadline:
+            assert torch.equal(tiled.gemm(x, p, 2048), want)
+    finally:
+        for s in spinners:
+            s.kill()
+            s.wait()
+        torch.set_num_threads(threads)
+    assert tiled.single_spells() > before, "no late regions seen in 30 s with every core held by a spinner"
+    assert torch.equal(tiled.gemm(x, p, 2048), want)  # in the one-thread spell: the same bits
