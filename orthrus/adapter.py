@@ -240,8 +240,8 @@ class DiffusionAdapter(nn.Module):
         last = positions[:, -1:]  # [B, 1]: every block query sees slots <= t + K - 1
         mask = causal_mask(last.expand(-1, k), kv_len)  # [B, 1, K, S]
         embeds = self.block_embeds(base, anchors, k)
-        return base.run_layers(embeds, positions, list(self.layers), cached_attend(cache, positions, kv_len, mask),
-                               base.draft_mlps)
+        return base.run_layers(embeds, positions, list(self.layers),
+                               cached_attend(cache, positions, kv_len, mask, base.own_attention(k)), base.draft_mlps)
 
     def verify_and_draft(self, base: Transformer, tokens: Tensor, positions: Tensor, offsets: Tensor,
                          cache: KVCache, kv_len: int) -> tuple[Tensor, Tensor]:
@@ -281,7 +281,8 @@ class DiffusionAdapter(nn.Module):
                             self.mask_embedding.to(base.dtype).expand(b, c * k, -1)), dim=1)
         attns = [a.at(k) for a in self.split_attentions(base)]
         h = base.run_layers(embeds, torch.cat((positions, cand_pos.flatten(1)), dim=1), attns,
-                            cached_attend(cache, torch.cat((positions, scratch), dim=1), kv_len + c * k, mask))
+                            cached_attend(cache, torch.cat((positions, scratch), dim=1), kv_len + c * k, mask,
+                                          base.own_attention(k + c * k)))
         return h[:, :k], h[:, k:].view(b, c, k, -1)
 
     def block_embeds(self, base: Transformer, anchors: Tensor, block_size: int,

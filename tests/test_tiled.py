@@ -139,12 +139,13 @@ def test_without_the_kernel_nothing_changes(tmp_path, monkeypatch) -> None:
 
 @needs_tiled
 def test_decoding_through_the_tiled_kernel_is_exact_eager_and_compiled() -> None:
-    """A tiny model with every pass of up to 128 rows on the tiled kernel: parallel decoding (chain
-    and tree verification, batch 2) gives AR's tokens, and so does the compiled cycle (the kernel
-    called as an opaque op inside the graph)."""
-    model = tiny_base("llama")[1]
+    """A tiny model with every pass of up to 128 rows on the tiled kernel, and its passes of few
+    rows on our attention kernel (heads of 16): parallel decoding (chain and tree verification,
+    batch 2) gives AR's tokens, and so does the compiled cycle (both kernels called as opaque ops
+    inside the graph)."""
+    model = tiny_base("llama", hidden_size=96, head_dim=16)[1]
     model.prepare_inference(pack=True, tiled_rows=128)
-    assert model.tiled_rows == 128
+    assert model.tiled_rows == 128 and model.own_attention(1) and model.own_attention(4)
     adapter = tiny_adapter(model, "full", block_size=4)
     prompts = random_prompts([6, 9], VOCAB, seed=5)
     ar, _ = run_decoder(model, adapter, prompts, GenerationConfig(max_new_tokens=40, mode="ar"))
@@ -223,3 +224,72 @@ def test_a_core_held_by_another_process_sends_the_kernel_to_one_thread() -> None
         torch.set_num_threads(threads)
     assert tiled.single_spells() > before, "no late regions seen in 30 s with every core held by a spinner"
     assert torch.equal(tiled.gemm(x, p, 2048), want)  # in the one-thread spell: the same bits
+
+
+
+def _attention_case(b: int, t: int, s: int, seed: int):
+    """Heads as the decoder has them: q a slice of a bigger tensor, k / v views of a longer cache."""
+    torch.manual_seed(seed)
+    qk = torch.randn(b, 9 + 3, t, 64)
+    kc, vc = torch.randn(b, 3, s + 40, 64), torch.randn(b, 3, s + 40, 64)
+    return qk[:, :9], kc, vc
+
+
+@needs_tiled
+@pytest.mark.parametrize("b,t,s", [(1, 1, 7), (1, 8, 320), (2, 5, 133), (3, 16, 64)])
+def test_our_attention_matches_sdpa_and_each_row_reads_only_its_own_slots(b, t, s) -> None:
+    """Our attention kernel against float64 SDPA (causal rows at different lengths per sequence, a
+    tree-like mask with holes, a row that sees nothing); every row alone, over a cache length that
+    ends at its last slot, gets the same bits as in the whole pass (so a 1-token step and a K-token
+    pass agree on a query); stale slots past a row's last one are never read (NaN there changes
+    nothing)."""
+    q, kc, vc = _attention_case(b, t, s, seed=b * 100 + t)
+    k, v = kc[:, :, :s], vc[:, :, :s]
+    last = torch.tensor([s - 1 - 3 * i for i in range(b)])[:, None] - (t - 1 - torch.arange(t))  # [B, T]
+    last = last.clamp_min(0)
+    allowed = torch.arange(s) <= last[:, None, :, None]  # [B, 1, T, S]
+    if t > 2:  # holes, as a verify tree has (each row sees its ancestors only)
+        allowed[:, :, 2:, s - t:] &= torch.rand(b, 1, t - 2, t) < 0.5
+        for i in range(b):  # each row still sees its own slot
+            allowed[i, 0, torch.arange(t), last[i]] = True
+    mask = torch.zeros(b, 1, t, s).masked_fill_(~allowed, float("-inf"))
+    got = tiled.attention(q, k, v, mask)
+    assert got.shape == (b, 9, t, 64) and got.transpose(1, 2).is_contiguous()  # heads merge as a view
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask.double(), enable_gqa=True)
+    assert (got - want).abs().max() < 2e-6
+    for i in range(b):
+        for j in range(t):
+            n = int(last[i, j]) + 1
+            one = tiled.attention(q[i:i + 1, :, j:j + 1], kc[i:i + 1, :, :n], vc[i:i + 1, :, :n],
+                                  mask[i:i + 1, :, j:j + 1, :n].contiguous())
+            assert torch.equal(one[0, :, 0], got[i, :, j]), (i, j)
+    stale = kc.clone()
+    stale[:, :, s:] = float("nan")
+    assert torch.equal(tiled.attention(q, stale[:, :, :s + 40], vc[:, :, :s + 40],
+                                       F.pad(mask, (0, 40), value=float("-inf"))), got)
+    mask[0, 0, 0] = float("-inf")  # a row that sees nothing (padding) gives zeros, not NaN
+    assert torch.equal(tiled.attention(q, k, v, mask)[0, :, 0], torch.zeros(9, 64))
+
+
+@needs_tiled
+def test_our_attention_serves_few_row_passes_where_the_tiled_kernel_serves() -> None:
+    """own_attention: with the tiled GEMMs (up to attention_rows() rows, heads the kernel takes),
+    not without them, not for longer passes; and a whole forward through it matches SDPA's."""
+    model = tiny_base("llama", hidden_size=96, head_dim=16)[1]
+    model.prepare_inference(pack=True, tiled_rows=0)
+    assert not model.own_attention(1)
+    model.prepare_inference(pack=True, tiled_rows=128)
+    limit = tiled.attention_rows()
+    assert model.own_attention(1) and model.own_attention(limit) and not model.own_attention(limit + 1)
+    narrow = tiny_base("llama")[1]  # heads of 8: the AVX-512 build takes multiples of 16
+    narrow.prepare_inference(pack=True, tiled_rows=128)
+    assert narrow.own_attention(1) == (8 % tiled._attn_width == 0)
+    tokens = torch.randint(3, VOCAB, (2, 24))
+    with torch.inference_mode():
+        cache = model.new_cache(2, 40)
+        model(tokens[:, :20], torch.arange(20).expand(2, -1), cache, kv_len=20)
+        pos = (20 + torch.arange(4)).expand(2, -1)
+        ours = model.logits(model(tokens[:, 20:], pos, cache, kv_len=32))
+        model.own_attention = lambda rows: False
+        sdpa = model.logits(model(tokens[:, 20:], pos, cache, kv_len=32))
+    assert (ours - sdpa).abs().max() < 1e-4

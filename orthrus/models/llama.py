@@ -338,9 +338,12 @@ def causal_mask(positions: Tensor, kv_len: int) -> Tensor:
     return j <= positions[:, None, :, None]  # [B, 1, T, kv_len]
 
 
-def cached_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """SDPA of ``q [B, H, T, D]`` over cache slots ``k, v [B, Hkv, S, D]`` with ``mask [B, 1, T, S]``
-    (bool, or additive float)."""
+def cached_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, ours: bool = False) -> Tensor:
+    """Attention of ``q [B, H, T, D]`` over cache slots ``k, v [B, Hkv, S, D]`` with ``mask [B, 1, T, S]``
+    (bool, or additive float): SDPA, or (``ours``, an additive float mask) our kernel
+    (:func:`orthrus.models.tiled.attention`: each row over its own slots only)."""
+    if ours:
+        return opaque.attention(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
@@ -350,18 +353,19 @@ def additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
-def cached_attend(cache: KVCache, positions: Tensor, kv_len: int,
-                  mask: Tensor) -> Callable[[int, Tensor, Tensor, Tensor], Tensor]:
+def cached_attend(cache: KVCache, positions: Tensor, kv_len: int, mask: Tensor,
+                  ours: bool = False) -> Callable[[int, Tensor, Tensor, Tensor], Tensor]:
     """The ``attend`` of a pass that writes its K/V at ``positions [B, T]`` and attends over cache
     slots ``[0, kv_len)`` with ``mask [B, 1, T, kv_len]`` (bool; AR/verify: causal; draft: the
-    cache below the block plus the whole block). The write index is built once for all layers."""
+    cache below the block plus the whole block). The write index is built once for all layers.
+    ``ours``: through our attention kernel (``Transformer.own_attention`` says when)."""
     idx = cache.index(positions)
     mask = additive(mask, cache.k[0].dtype)
 
     def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         cache.write_at(i, idx, k, v)
         kc, vc = cache.layer(i, kv_len)
-        return cached_attention(q, kc, vc, mask)
+        return cached_attention(q, kc, vc, mask, ours)
 
     return attend
 
@@ -603,6 +607,16 @@ class Transformer(nn.Module):
         not prepacked), the plain kernel for the rest."""
         return {"tiled_rows": self.tiled_rows, "mkl_rows": self.mkl_rows, "packed_min_rows": self.packed_min_rows}
 
+    def own_attention(self, rows: int) -> bool:
+        """Whether a pass of ``rows`` query rows per sequence attends through our kernel
+        (:func:`orthrus.models.tiled.attention`): where the tiled GEMMs serve such passes (their
+        measurement, :meth:`measure_tiled`, times the two together), up to
+        :func:`~orthrus.models.tiled.attention_rows`, on heads the kernel takes."""
+        limit = self.head.tiled_rows if self.head is not None else 0
+        c = self.config
+        return (0 < rows <= min(limit, tiled.attention_rows()) and self.device.type == "cpu"
+                and tiled.attention_takes(c.head_dim, c.num_heads, c.num_kv_heads, self.dtype))
+
     @property
     def tiled_rows(self) -> int:
         """Passes of at most this many rows run our row-invariant kernel (0: none)."""
@@ -797,7 +811,7 @@ class Transformer(nn.Module):
         assert sd is not None, "call prepare_self_draft first"
         mask = causal_mask(positions, kv_len)
         h = self.run_layers(self.model.embed_tokens(tokens), positions, sd.attns,
-                            cached_attend(cache, positions, kv_len, mask), sd.mlps)
+                            cached_attend(cache, positions, kv_len, mask, self.own_attention(1)), sd.mlps)
         return sd.head(h)[0]
 
     def release_inference(self) -> None:
@@ -832,7 +846,8 @@ class Transformer(nn.Module):
         kv_len = cache.capacity if kv_len is None else kv_len
         mask = causal_mask(positions, kv_len) if mask is None else mask  # [B, 1, T, S]
         return self.run_layers(self.model.embed_tokens(tokens), positions, [l.self_attn for l in self.model.layers],
-                               cached_attend(cache, positions if slots is None else slots, kv_len, mask))
+                               cached_attend(cache, positions if slots is None else slots, kv_len, mask,
+                                             self.own_attention(tokens.shape[1])))
 
     def run_layers(self, h: Tensor, positions: Tensor, attns: list[Attention],
                    attend: Callable[[int, Tensor, Tensor, Tensor], Tensor],

@@ -11,6 +11,10 @@ GEMMs; the GEMMs are the eager ones, bit for bit, and the compiled graph reads n
 Inductor's on-disk cache serves any process that packed the same shapes.
 
 Eager code never goes through the op: it calls the kernels directly.
+
+Our attention kernel (:func:`orthrus.models.tiled.attention`) is an opaque op too,
+``torch.ops.orthrus.decode_attention(q, k, v, mask)``, for the same reason: Inductor would
+otherwise see a foreign call it cannot trace.
 """
 
 from __future__ import annotations
@@ -42,6 +46,31 @@ _lib.impl("packed_gemm", _packed_gemm, "CPU")
 @torch.library.register_fake("orthrus::packed_gemm")
 def _packed_gemm_fake(x: Tensor, handle: int, n_out: int) -> Tensor:
     return x.new_empty(*x.shape[:-1], n_out)
+
+
+_lib.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor")
+
+
+def _decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    from orthrus.models import tiled
+
+    return tiled.attention(q, k, v, mask)
+
+
+_lib.impl("decode_attention", _decode_attention, "CPU")
+
+
+@torch.library.register_fake("orthrus::decode_attention")
+def _decode_attention_fake(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    b, h, t, d = q.shape
+    return q.new_empty(b, t, h, d).transpose(1, 2)  # as the kernel lays it out
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Our attention kernel: called directly in eager code, as one opaque op in a compiled graph."""
+    if compiling():
+        return torch.ops.orthrus.decode_attention(q, k, v, mask)
+    return _decode_attention(q, k, v, mask)
 
 
 def register(kernel: Callable[[Tensor], Tensor]) -> int:
