@@ -1,6 +1,7 @@
 """Pass costs of the default model on this machine: plain kernels vs the prepared fast path.
 
-    python3 scripts/passcosts.py [--threads N] [--rounds R] [--context C] [--setups plain,prepared,vendor,tiled,int8,compiled]
+    python3 scripts/passcosts.py [--threads N] [--rounds R] [--context C]
+                                 [--setups plain,prepared,vendor,sdpa,tiled,int8,compiled]
                                  [--out bench/results/NAME.json]
 
 Times, in one process and interleaved round by round (this machine is noisy), the AR step (1 token
@@ -10,7 +11,8 @@ that streaming the weights sets; prepared setups), and the one-pass schedule's f
 blocks of K, LM head over K + 2(K-1) rows), batch 1, at a ``--context``-token cache, for a model with plain
 kernels (``plain``), one prepared by ``prepare_inference`` (``prepared``: prepacked weights) and one
 the prepared one without our tiled GEMM (``vendor``: oneDNN / MKL / plain kernels as measured) and
-with it for every pass it serves (``tiled``: ``orthrus.models.tiled``), one
+with it for every pass it serves (``tiled``: ``orthrus.models.tiled``, with our attention kernel
+for the passes of few rows; ``sdpa``: the same GEMMs with the library's attention), one
 prepared with draft-only int8 weights (``int8``: ``prepare_draft``; its verify and AR passes are the
 prepared ones, its draft pass reads the int8 copies; it also times a self-drafting step, one token
 through the fp16 copy of ``prepare_self_draft``), and the prepared model under ``torch.compile``
@@ -37,7 +39,7 @@ from orthrus.models.llama import TILED_ROWS
 from orthrus.models.loading import load_base
 
 
-SETUPS = ("plain", "prepared", "vendor", "tiled", "int8", "compiled")
+SETUPS = ("plain", "prepared", "vendor", "sdpa", "tiled", "int8", "compiled")
 COMPILED = ("ar", "verify K=8", "draft K=8")  # each shape compiles for tens of seconds: the cycle's passes
 
 
@@ -82,7 +84,9 @@ def main() -> None:
         ad = DiffusionAdapter.load(DEFAULT_ADAPTERS[DEFAULT_MODEL], m, base.fingerprint).eval().requires_grad_(False)
         if setup != "plain":
             # vendor: the kernel choice without our tiled kernel; tiled: with it wherever it serves
-            m.prepare_inference(tiled_rows={"vendor": 0, "tiled": TILED_ROWS}.get(setup))
+            m.prepare_inference(tiled_rows={"vendor": 0, "tiled": TILED_ROWS, "sdpa": TILED_ROWS}.get(setup))
+            if setup == "sdpa":
+                m.own_attention = lambda rows: False
             if setup == "int8":
                 m.prepare_draft()
                 m.prepare_self_draft()

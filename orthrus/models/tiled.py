@@ -181,17 +181,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     with the additive float ``mask [B or 1, 1, T, S]`` (0 / -inf), scale ``1 / sqrt(D)``; returns
     ``[B, H, T, D]`` laid out as ``[B, T, H, D]`` (so merging the heads is a view). Each row reads
     only the slots up to its last unmasked one (:func:`attention_takes` must hold; a CPU)."""
+    assert available(), "the tiled kernels are not available"
     b, h, t, d = q.shape
     s = k.shape[2]
     if mask.dtype != q.dtype or mask.stride(-1) != 1 or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("attention: float32 tensors with a contiguous last dimension and an additive float mask")
     y = torch.empty(b, t, h, d, dtype=q.dtype).transpose(1, 2)
-    msb = mask.stride(0) if mask.shape[0] > 1 else 0
+    qs, ks, vs, ms, ys = q.stride(), k.stride(), v.stride(), mask.stride(), y.stride()  # one call each
     rc = _lib.orthrus_decode_attention(
-        q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
-        v.data_ptr(), v.stride(0), v.stride(1), v.stride(2), mask.data_ptr(), msb, mask.stride(2),
-        y.data_ptr(), y.stride(0), y.stride(1), y.stride(2), b, h, k.shape[1], t, s, d, d ** -0.5,
-        torch.get_num_threads())
+        q.data_ptr(), qs[0], qs[1], qs[2], k.data_ptr(), ks[0], ks[1], ks[2], v.data_ptr(), vs[0], vs[1], vs[2],
+        mask.data_ptr(), ms[0] if mask.shape[0] > 1 else 0, ms[2], y.data_ptr(), ys[0], ys[1], ys[2],
+        b, h, k.shape[1], t, s, d, d ** -0.5, torch.get_num_threads())
     if rc != 0:
         raise MemoryError("attention: no memory for the scores")
     return y
