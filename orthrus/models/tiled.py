@@ -14,7 +14,8 @@ input features, whatever the number of rows. Two properties follow:
 
 The same library holds our attention for passes of few query rows (``attention.c``,
 :func:`attention`): each row alone, over its own slots only, so that a query gets the same bits in a
-1-token step as in a K-token pass, and 1.5-2x faster than the library's SDPA at 1-16 rows.
+1-token step as in a K-token pass; 1.5-1.9x faster than the library's SDPA at 1-16 rows with
+AVX-512 (2 threads).
 
 Where the kernels are used is measured per CPU (``Transformer.measure_tiled``, the GEMMs and the
 attention together); ``ORTHRUS_TILED=off`` turns both off. No C compiler, no AVX2/FMA, or a failed build: :func:`available` is False (logged
