@@ -431,7 +431,10 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                 "eval_rows": len(split_eval(docs, cfg.eval_rows, all_rows=True)[1]),
                 "block_size": trainer.block_size, "eval": ev}
     try:
-        return trainer.train()
+        summary = trainer.train()
+        if trainer.world > 1:  # every rank done before the group goes: a rank that tore it down first
+            dist.barrier()     # sometimes aborted the other in gloo ("terminate called without an active exception")
+        return summary
     finally:
         if trainer.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
