@@ -32,6 +32,7 @@ from orthrus.datasets import load_prompts
 from orthrus.engine import Orthrus
 from orthrus.models.quant import device_name
 
+
 class CompileLog(logging.Handler):
     """Collects the compiled-cycle log records (``orthrus.decoding.compiled``) as they come."""
 

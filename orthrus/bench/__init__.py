@@ -30,6 +30,7 @@ from orthrus.bench.journal import BenchJournal, ids_digest, tensors_digest
 from orthrus.bench.runner import (ADAPTER_MODES, MODES, PLD_TOKENS, Bench, BenchSettings, ModeResult, load_average,
                                   exact_match, parse_modes, peak_rss_bytes, rss_bytes)
 from orthrus.decoding.ngram import NGRAM_BLOCK_SIZE
+from orthrus.decoding.tree import verifies_by_tree
 from orthrus.models.quant import device_name
 
 if TYPE_CHECKING:
@@ -137,9 +138,10 @@ def run_bench(engine: "Orthrus", prompts: list[str], settings: BenchSettings, ou
     adapter_modes = [m for m in settings.modes if m in ADAPTER_MODES]
     if block_size_auto and adapter_modes:
         context = sum(len(x) for x in ids) // len(ids) + settings.max_new_tokens // 2
-        # greedy runs: the parallel and hybrid modes verify by tree where the adapter records rank rates
-        tree = bool(engine.adapter and engine.adapter.config.draft_ranks) and bool(
-            {"parallel", "hybrid"} & set(adapter_modes))
+        # greedy runs: the parallel and hybrid modes verify as the decoder's default ("auto") does
+        ranks = engine.adapter.config.draft_ranks if engine.adapter is not None else None
+        tree = bool({"parallel", "hybrid"} & set(adapter_modes)) and verifies_by_tree(
+            "auto", "two-pass", 0.0, ranks)
         choice = choose_block_size(engine, prompts[:AUTO_CALIBRATION_PROMPTS], batch_size=settings.batch_size,
                                    context=context, calibration_tokens=min(64, settings.max_new_tokens), tree=tree)
         # the measured K is the adapter's; n-gram drafts keep their own (no draft pass to pay for)

@@ -80,7 +80,6 @@ def accepted_depth(ranks: tuple[int, ...] | list[int], nodes: set[tuple[int, ...
     return d
 
 
-
 def verifies_by_tree(verify: str, schedule: str, temperature: float, draft_ranks: object) -> bool:
     """Whether a row's adapter drafts are verified as a tree: ``verify='tree'``, or ``auto`` for a
     greedy row with an adapter that records its rank rates (``AdapterConfig.draft_ranks``, passed
@@ -89,6 +88,7 @@ def verifies_by_tree(verify: str, schedule: str, temperature: float, draft_ranks
     pass. The one-pass schedule never does."""
     return schedule != "one-pass" and (verify == "tree" or (
         verify == "auto" and temperature == 0 and bool(draft_ranks)))
+
 
 @dataclass(frozen=True)
 class DraftTree:

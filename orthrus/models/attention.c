@@ -12,9 +12,9 @@
    length, in blocks that depend on it.)
 
    Speed: the decode passes have few rows (1 to a few dozen) over a few hundred to a few thousand
-   slots; the library kernel's per-call setup and blocking are sized for long queries. Here each
-   row is a stream over K and V of its KV head (in L2 for the rows that share it), threads split
-   the rows, and the exponential is a vector polynomial.
+   slots; the library kernel's per-call setup and blocking are sized for long queries. Here the
+   rows of a KV head go through its slots together, block by block, so each block of K and V is
+   read once for all of them; threads split chunks of rows; the exponential is a vector polynomial.
 
    Built with tiled_gemm.c into one library by orthrus/models/tiled.py. */
 
@@ -37,7 +37,6 @@ typedef __m512 avec;
 #define AMAX _mm512_max_ps
 #define AZERO _mm512_setzero_ps
 #define AHSUM _mm512_reduce_add_ps
-#define AHMAX _mm512_reduce_max_ps
 #define AROUND(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 #define ASCALE(p, n) _mm512_scalef_ps(p, n) /* p * 2^n */
 /* the four sums of a0..a3's lanes, as [sum a0, sum a1, sum a2, sum a3] */
@@ -49,7 +48,8 @@ static inline __m128 hsum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
   const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(b0, b1), _mm256_hadd_ps(b2, b3));
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
-#define ABELOW(x, lim, z, val) _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, lim, _CMP_LT_OQ), val, z) /* x < lim ? z : val */
+/* x < lim ? z : val, lane by lane */
+#define ABELOW(x, lim, z, val) _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, lim, _CMP_LT_OQ), val, z)
 #else
 #define AW 8
 typedef __m256 avec;
@@ -68,18 +68,11 @@ static inline float hsum8(__m256 v) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
-static inline float hmax8(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 static inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
   const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 #define AHSUM hsum8
-#define AHMAX hmax8
 #define AROUND(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 static inline __m256 scale2(__m256 p, __m256 n) { /* p * 2^n, n integral in [-126, 0] */
   __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);

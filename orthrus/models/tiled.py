@@ -18,8 +18,8 @@ The same library holds our attention for passes of few query rows (``attention.c
 AVX-512 (2 threads).
 
 Where the kernels are used is measured per CPU (``Transformer.measure_tiled``, the GEMMs and the
-attention together); ``ORTHRUS_TILED=off`` turns both off. No C compiler, no AVX2/FMA, or a failed build: :func:`available` is False (logged
-once) and the vendor kernels serve every pass.
+attention together); ``ORTHRUS_TILED=off`` turns both off. No C compiler, no AVX2/FMA, or a failed
+build: :func:`available` is False (logged once) and the vendor kernels serve every pass.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def _build(cc: str) -> Path:
 def available() -> bool:
     """Whether the kernel runs here (built and loaded at the first call; False on non-x86 CPUs,
     without AVX2 + FMA or a C compiler, or with ``ORTHRUS_TILED=off``)."""
-    global _lib, _tried, _width
+    global _lib, _tried, _width, _attn_width
     if _tried:
         return _lib is not None
     _tried = True
@@ -125,9 +125,7 @@ def available() -> bool:
     lib.orthrus_decode_attention.argtypes = ([ptr, i64, i64, i64] * 3 + [ptr, i64, i64] + [ptr, i64, i64, i64]
                                              + [i64] * 6 + [ctypes.c_float, ctypes.c_int])
     lib.orthrus_decode_attention_width.restype = ctypes.c_int
-    _lib, _width = lib, lib.orthrus_tiled_width()
-    global _attn_width
-    _attn_width = lib.orthrus_decode_attention_width()
+    _lib, _width, _attn_width = lib, lib.orthrus_tiled_width(), lib.orthrus_decode_attention_width()
     return True
 
 
